@@ -1,0 +1,186 @@
+"""Adversarial attacks in pixel space: FGSM, PGD (L∞, L2) and AutoAttack through the reference code.
+
+Models map x (B, 3, H, W) float in [0, 1] to logits (B, K); ε and step sizes are in [0, 1] units.
+Every attack runs inside `frozen(model)` and so leaves no trace on the model (STYLE habit 4).
+"""
+
+import logging
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridat.errors import HybridatError
+
+STARTS = ("uniform", "normal", "none")
+NORMS = {"linf": "Linf", "l2": "L2"}  # our name -> pyautoattack's name
+AA_VERSIONS = ("standard", "plus", "rand", "custom")
+AA_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")
+
+
+@contextmanager
+def frozen(model: nn.Module):
+    """Eval mode and no parameter gradients for the duration; every module's mode and every
+    parameter's requires_grad are restored afterwards, also on exceptions. BN buffers stay untouched."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)  # backward then computes input gradients only
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training  # per module: a submodule kept in eval by its owner stays in eval
+        for p, requires_grad in flags:
+            p.requires_grad_(requires_grad)
+
+
+def default_step(eps: float) -> float:
+    """The evaluation protocol's PGD step: ε/4."""
+    return eps / 4
+
+
+def _check(x: torch.Tensor, y: torch.Tensor, eps: float) -> None:
+    if eps < 0:
+        raise HybridatError(f"eps must be >= 0, got {eps}.")
+    if x.ndim != 4 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+        raise HybridatError(f"expected x (B, C, H, W) and y (B,), got {tuple(x.shape)} and {tuple(y.shape)}.")
+
+
+def _l2(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(p=2, dim=1).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+
+
+def _start(x, eps, start, norm, generator):
+    """Random start, projected to the ε-ball and [0, 1]."""
+    if start == "none":
+        return x.clone()
+    if start == "normal":  # training protocol: x + 0.001·N(0, 1)
+        delta = 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    elif norm == "linf":  # evaluation protocol: U(-ε, ε) per pixel
+        delta = torch.empty_like(x).uniform_(-eps, eps, generator=generator)
+    else:  # L2: random direction, radius ε·U(0, 1), as torchattacks.PGDL2
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        r = torch.rand((x.shape[0], 1, 1, 1), generator=generator, device=x.device, dtype=x.dtype)
+        delta = direction * r / _l2(direction) * eps
+    return torch.clamp(x + _project(delta, eps, norm), 0, 1)
+
+
+def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return torch.clamp(delta, min=-eps, max=eps)
+    # as torchattacks.PGDL2: scale down to norm ε; clamp_min keeps δ = 0, ε = 0 free of 0/0
+    return delta * torch.clamp(eps / _l2(delta).clamp_min(1e-12), max=1.0)
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float | None = None,
+        steps: int = 10, start: str = "uniform", loss_fn=None, norm: str = "linf",
+        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Projected gradient ascent, Madry et al. 2018 ("Towards Deep Learning Models Resistant to
+    Adversarial Attacks"). Threat model: ‖x_adv − x‖_∞ ≤ ε (norm="linf") or ‖·‖_2 ≤ ε per sample
+    (norm="l2"), x_adv ∈ [0, 1]. x (B, C, H, W) in [0, 1], y (B,) int labels -> x_adv (B, C, H, W), detached.
+    start: "uniform" (evaluation), "normal" (training: x + 0.001·N(0,1)) or "none". loss_fn(logits, y)
+    -> scalar to maximize, default CE summed over the batch. A L∞ step is bit-identical to torchattacks.PGD."""
+    _check(x, y, eps)
+    step = default_step(eps) if step is None else step
+    if steps < 1 or step < 0:
+        raise HybridatError(f"PGD needs steps >= 1 and step >= 0, got steps={steps}, step={step}.")
+    if start not in STARTS or norm not in NORMS:
+        raise HybridatError(f"unknown start {start!r} or norm {norm!r}: starts {STARTS}, norms {tuple(NORMS)}.")
+    loss_fn = partial(F.cross_entropy, reduction="sum") if loss_fn is None else loss_fn
+    x, y = x.detach(), y.detach()
+    with frozen(model), torch.enable_grad():  # also callable from inside a caller's no_grad block
+        adv = _start(x, eps, start, norm, generator).detach()
+        for _ in range(steps):
+            adv.requires_grad_(True)
+            grad = torch.autograd.grad(loss_fn(model(adv), y), adv)[0]
+            if norm == "linf":  # exactly torchattacks.PGD's arithmetic
+                adv = adv.detach() + step * grad.sign()
+            else:  # exactly torchattacks.PGDL2's arithmetic
+                adv = adv.detach() + step * (grad / (_l2(grad) + 1e-10))
+            delta = _project(adv - x, eps, norm)
+            adv = torch.clamp(x + delta, min=0, max=1).detach()
+    return adv
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """Fast gradient sign method, Goodfellow et al. 2015 ("Explaining and Harnessing Adversarial
+    Examples"): x + ε·sign(∇ CE), clipped to [0, 1]. Threat model L∞. x (B, C, H, W), y (B,) -> (B, C, H, W)."""
+    return pgd(model, x, y, eps, step=eps, steps=1, start="none")
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str = "standard",
+               batch_size: int = 500, seed: int = 0, device: torch.device | str | None = None,
+               attacks: list[str] | None = None, norm: str = "linf", quiet: bool = True) -> torch.Tensor:
+    """AutoAttack, Croce & Hein 2020 ("Reliable evaluation of adversarial robustness with an ensemble of
+    diverse parameter-free attacks"), through the reference implementation (pyautoattack). "standard" =
+    APGD-CE, APGD-T, FAB-T, Square; version="custom" runs the given `attacks` (e.g. ["apgd-ce"]).
+    Threat model L∞ (or L2) ball of radius ε, [0, 1]. x (B, C, H, W), y (B,) -> x_adv (B, C, H, W) on x's
+    device. The caller's global RNG state is left as it was (the reference code reseeds it)."""
+    import pyautoattack  # imported here: only evaluation needs it
+
+    _check(x, y, eps)
+    if norm not in NORMS:
+        raise HybridatError(f"unknown norm {norm!r}: choose one of {tuple(NORMS)}.")
+    if (version == "custom") != (attacks is not None) or version not in AA_VERSIONS:
+        raise HybridatError(f"AutoAttack versions are {AA_VERSIONS}; a list of attacks goes with 'custom' only.")
+    if not set(attacks or ()) <= set(AA_ATTACKS):
+        raise HybridatError(f"unknown AutoAttack attack in {attacks}: choose from {AA_ATTACKS}.")
+    device = torch.device(x.device if device is None else device)
+    rng_devices = [device] if device.type == "cuda" else []
+    logger = logging.getLogger("auto-attack")
+    level = logger.level
+    if quiet:  # its sanity-check warnings come once per batch and per attack
+        logger.setLevel(logging.ERROR)
+    try:
+        with frozen(model), torch.random.fork_rng(devices=rng_devices):
+            aa = pyautoattack.AutoAttack(model, attacks=attacks, device=device, eps=eps,
+                                         norm=NORMS[norm], seed=seed, version=version)
+            x_adv, _ = aa.run_standard_evaluation(x.detach(), y.detach(), batch_size=batch_size)
+    finally:
+        logger.setLevel(level)
+    return x_adv.detach()
+
+
+# Uniform signature (model, x, y, eps, step, steps, seed) -> x_adv; step/steps ignored where they do not apply.
+def _clean(model, x, y, eps, step, steps, seed):
+    return x
+
+
+def _fgsm(model, x, y, eps, step, steps, seed):
+    return fgsm(model, x, y, eps)
+
+
+def _pgd(model, x, y, eps, step, steps, seed):  # evaluation protocol: uniform start, step ε/4 by default
+    return pgd(model, x, y, eps, step, steps, start="uniform", generator=torch.Generator(x.device).manual_seed(seed))
+
+
+def _autoattack(model, x, y, eps, step, steps, seed):
+    return autoattack(model, x, y, eps, seed=seed)
+
+
+ATTACKS = {"clean": _clean, "fgsm": _fgsm, "pgd": _pgd, "autoattack": _autoattack}
+
+
+def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, eps: float,
+                    step: float | None = None, steps: int = 10, batch_size: int = 500, seed: int = 0) -> float:
+    """Fraction of x classified correctly after `attack` (a key of ATTACKS), in eval mode. Attacks run
+    batch by batch (batch i seeded with seed + i); AutoAttack gets all of x and batches itself."""
+    if attack not in ATTACKS:
+        raise HybridatError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}.")
+    if x.shape[0] == 0 or batch_size < 1:
+        raise HybridatError(f"need >= 1 input and batch_size >= 1, got {x.shape[0]} and {batch_size}.")
+    x_aa = autoattack(model, x, y, eps, batch_size=batch_size, seed=seed) if attack == "autoattack" else None
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    for i, lo in enumerate(range(0, x.shape[0], batch_size)):
+        xb, yb = x[lo:lo + batch_size], y[lo:lo + batch_size]
+        if x_aa is not None:
+            x_adv = x_aa[lo:lo + batch_size]
+        else:
+            x_adv = ATTACKS[attack](model, xb, yb, eps, step, steps, seed + i)
+        with frozen(model), torch.no_grad():
+            correct += (model(x_adv).argmax(dim=1) == yb).sum()
+    return correct.item() / x.shape[0]  # the one host sync

@@ -1,0 +1,188 @@
+"""The `hybridat` command line: wires flags to library calls, nothing more."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .attacks import ATTACKS
+from .checkpoint import load_checkpoint, save_checkpoint, write_csv
+from .data import DATASETS, load_split, num_classes
+from .errors import HybridatError
+from .evaluate import attack_label, evaluate
+from .models import ARCHS, ModelConfig, build_model
+from .norms import NORMS
+from .train import LOSSES, TrainConfig, check_config, summary, train
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Hybrid adversarial training and the analysis of Dual BN.")
+console = Console(stderr=True)
+
+
+def _choices(name: str, keys) -> type[Enum]:
+    return Enum(name, {k: k for k in keys}, type=str)
+
+
+Norm, Arch, Loss, Dataset = (_choices(n, r) for n, r in
+                             [("Norm", NORMS), ("Arch", ARCHS), ("Loss", LOSSES), ("Dataset", DATASETS)])
+Attack = _choices("Attack", ATTACKS)
+Branch = _choices("Branch", ("adv", "clean"))
+
+DataDir = Annotated[Optional[Path], typer.Option(help="folder holding cifar-10-batches-py/ "
+                                                      "[default: $HYBRIDAT_DATA_DIR or ./data]")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")]
+Eps = Annotated[float, typer.Option(help="L-inf radius in pixel units (8 = 8/255)")]
+Seed = Annotated[int, typer.Option(help="seed of weights, data order, augmentation and attack noise")]
+Ckpt = Annotated[Path, typer.Argument(help="a hybridat .safetensors checkpoint")]
+
+
+def cli_errors(fn):
+    """Bad input ends in one line on stderr and exit code 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HybridatError as e:
+            console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _progress(quiet: bool) -> Progress:
+    return Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), TextColumn("step {task.completed}/"
+                    "{task.total}"), TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
+                    console=console, disable=quiet)
+
+
+@app.command("train")
+@cli_errors
+def train_cmd(
+    out: Annotated[Path, typer.Option(help="run folder: writes model.safetensors and train.csv")],
+    norm: Annotated[Norm, typer.Option(help="normalization variant (SPEC.md)")] = "dual-bn",
+    loss: Annotated[Loss, typer.Option(help="training objective")] = "hybrid",
+    arch: Annotated[Arch, typer.Option()] = "resnet18",
+    width: Annotated[float, typer.Option(help="channel multiplier (1 = the paper's)")] = 1.0,
+    dataset: Annotated[Dataset, typer.Option()] = "cifar10",
+    data_dir: DataDir = None,
+    eps: Eps = 8.0,
+    step: Annotated[float, typer.Option(help="training PGD step in pixel units")] = 2.0,
+    steps: Annotated[int, typer.Option(help="training PGD steps")] = 10,
+    epochs: Annotated[int, typer.Option(help="lr x0.1 at 100/110 and x0.01 at 105/110 of them")] = 110,
+    batch_size: Annotated[int, typer.Option(help="images per branch per step (all GPUs together)")] = 128,
+    lr: float = 0.1,
+    weight_decay: float = 5e-4,
+    clean_weight: Annotated[float, typer.Option(help="hybrid loss weight of the clean branch")] = 0.5,
+    trades_beta: float = 6.0,
+    train_subset: Annotated[Optional[int], typer.Option(help="train on the first N images only")] = None,
+    seed: Seed = 0,
+    device: DeviceOpt = "auto",
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+):
+    """Train a model under Hybrid-AT with any normalization variant."""
+    from .runtime import init_distributed, is_main_process, resolve_device, seed_everything
+
+    cfg = TrainConfig(loss=loss.value, eps=eps, step=step, steps=steps, epochs=epochs, batch_size=batch_size,
+                      lr=lr, weight_decay=weight_decay, clean_weight=clean_weight, trades_beta=trades_beta,
+                      seed=seed, train_subset=train_subset)
+    check_config(cfg, norm.value)
+    dev = resolve_device(device)
+    rank, world = init_distributed(dev)
+    generator = seed_everything(seed)
+    split = load_split(dataset.value, train=True, data_dir=data_dir, device=dev, n=train_subset)
+    config = ModelConfig(arch.value, norm.value, width, num_classes(dataset.value))
+    model = build_model(config).to(dev)
+    meta = {"train": cfg.to_dict() | {"dataset": dataset.value}, "seed": str(seed), "run": out.name}
+    rows, main = [], is_main_process()
+    with _progress(quiet or not main) as progress:
+        task = progress.add_task("train", total=None, epoch=0, stats="")
+
+        def on_step(epoch, i, n, sums):
+            if i % 10 == 0 or i == n:  # a host sync, so not every step
+                s = summary(sums)
+                progress.update(task, epoch=f"{epoch}/{epochs}", completed=i, total=n, stats=f"loss {s['loss']:.3f}  acc adv "
+                                f"{s['acc_adv']:.3f} clean {s['acc_clean']:.3f}  "
+                                f"{s['images'] / (time.perf_counter() - t0):.0f} img/s")
+
+        t0 = time.perf_counter()
+        for row in train(model, split, cfg, generator, rank, world, on_step):
+            t0 = time.perf_counter()
+            if main:
+                digest = save_checkpoint(model, out / "model.safetensors", **meta, epoch=str(row["epoch"]))
+                rows.append({"run": out.name, "seed": seed, "norm": norm.value, "arch": arch.value,
+                             "loss_name": loss.value, "eps": eps, "checkpoint_hash": digest} | row)
+                write_csv(rows, out / "train.csv")
+    if main:
+        last = rows[-1]
+        console.print(f"{out}/model.safetensors  epoch {last['epoch']}  acc adv {last['acc_adv']:.3f} "
+                      f"clean {last['acc_clean']:.3f}  {last['images_per_s']:.0f} img/s", highlight=False)
+
+
+@app.command("attack")
+@cli_errors
+def attack_cmd(
+    checkpoint: Ckpt,
+    out: Annotated[Path, typer.Option(help="tidy CSV, one row per (branch, attack, steps)")],
+    attack: Annotated[list[Attack], typer.Option(help="repeatable")] = ["clean", "pgd"],
+    steps: Annotated[list[int], typer.Option(help="PGD steps, repeatable (10 and 20 = two rows)")] = [10],
+    eps: Eps = 8.0,
+    step: Annotated[Optional[float], typer.Option(help="PGD step in pixel units [default: eps/4]")] = None,
+    branch: Annotated[Optional[list[Branch]], typer.Option(help="repeatable [default: both]")] = None,
+    n: Annotated[Optional[int], typer.Option(help="evaluate the first N test images [default: all]")] = None,
+    batch_size: int = 500,
+    dataset: Annotated[Optional[Dataset], typer.Option(help="[default: the one it was trained on]")] = None,
+    data_dir: DataDir = None,
+    seed: Seed = 0,
+    device: DeviceOpt = "auto",
+):
+    """Evaluate a checkpoint per branch: clean, FGSM, PGD, AutoAttack accuracy."""
+    from .runtime import resolve_device
+
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint, dev)
+    name = dataset.value if dataset else (ckpt.meta("train") or {}).get("dataset", "cifar10")
+    split = load_split(name, train=False, data_dir=data_dir, device=dev, n=n)
+    branches = [b.value for b in branch] if branch else ["adv", "clean"]
+    rows = evaluate(ckpt, split, [a.value for a in attack], branches, eps=eps, step=step, steps=steps,
+                    batch_size=batch_size, seed=seed, on_row=_print_row)
+    write_csv(rows, out)
+
+
+def _print_row(row: dict) -> None:
+    label = attack_label(row["attack"], row["steps"])
+    console.print(f"  {row['branch']:5s} {label:8s} acc {row['accuracy']:.4f}  ({row['seconds']:.1f} s)",
+                  highlight=False)
+
+
+@app.command("info")
+@cli_errors
+def info_cmd(checkpoint: Ckpt):
+    """Print a checkpoint's config, branches and metadata."""
+    ckpt = load_checkpoint(checkpoint)
+    spec = NORMS[ckpt.config.norm]
+    table = Table(title=str(checkpoint), show_header=False)
+    table.add_row("hash", ckpt.hash)
+    for key, value in vars(ckpt.config).items():
+        table.add_row(key, str(value))
+    table.add_row("branches", "adv, clean" if spec.branches == 2 else "one network for both")
+    table.add_row("NS sets / AP sets", f"{spec.ns_sets} / {spec.ap_sets}")
+    table.add_row("parameters", f"{sum(p.numel() for p in ckpt.model.parameters()):,}")
+    for key, value in sorted(ckpt.header.items()):
+        if key not in ("config", "format"):
+            table.add_row(key, value)
+    Console().print(table)
+
+
+def main() -> None:  # console-script entry point
+    sys.exit(app())

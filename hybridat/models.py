@@ -1,0 +1,227 @@
+"""CIFAR networks with a pluggable norm: ResNet-18 (the paper's), PreAct ResNet-18, WRN-34-10, WRN-28-10.
+
+Every model is a `BranchModel`: `model(x, "adv")`, `model(x, "clean")`, or `model(cat[x_adv, x_clean],
+(n_adv, n_clean))` for one fused forward over both branches. Inputs are pixels in [0, 1]: no mean/std
+normalization (SPEC.md). `width` scales every channel count, for small runs on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import HybridatError
+from .norms import BranchAdapter, BranchLinear, BranchNorm, NormSpec, Routed, Router, get_norm
+
+Route = str | tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model; saved as JSON in the checkpoint's metadata."""
+
+    arch: str = "resnet18"
+    norm: str = "dual-bn"
+    width: float = 1.0
+    num_classes: int = 10
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return cls(**json.loads(text))
+
+
+class Parts:
+    """The per-variant building blocks an architecture asks for."""
+
+    def __init__(self, spec: NormSpec, width: float):
+        self.spec, self.width = spec, width
+
+    def ch(self, channels: int) -> int:
+        return max(1, round(channels * self.width))
+
+    def norm(self, channels: int) -> nn.Module:
+        return self.spec.layer(channels)
+
+    def head(self, features: int, classes: int) -> nn.Module:
+        return BranchLinear(features, classes) if self.spec.dual_head else nn.Linear(features, classes)
+
+    def adapter(self, channels: int) -> nn.Module:
+        return BranchAdapter(channels) if self.spec.adapters else nn.Identity()
+
+
+def route_sizes(route: Route, n: int) -> tuple[int, int]:
+    """(n_adv, n_clean) of a batch of n rows ordered cat[adv, clean]."""
+    if route == "adv":
+        return (n, 0)
+    if route == "clean":
+        return (0, n)
+    if isinstance(route, tuple) and len(route) == 2 and sum(route) == n and min(route) >= 0:
+        return (int(route[0]), int(route[1]))
+    raise HybridatError(f"route must be 'adv', 'clean' or (n_adv, n_clean) summing to {n}, got {route!r}")
+
+
+class BranchModel(nn.Module):
+    """Base of every network: sets the shared router's row counts, then runs `logits`."""
+
+    config: ModelConfig
+
+    def share_router(self) -> None:
+        self.router = Router()
+        for m in self.modules():
+            if isinstance(m, Routed):
+                m.router = self.router
+
+    def forward(self, x: torch.Tensor, route: Route = "adv") -> torch.Tensor:
+        self.router.sizes = route_sizes(route, x.shape[0])
+        return self.logits(x)
+
+    def fused(self, x_adv: torch.Tensor, x_clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return fused(self, x_adv, x_clean)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def fused(model: Callable, x_adv: torch.Tensor, x_clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both branches in one forward: (logits of x_adv via adv, logits of x_clean via clean).
+
+    `model` is a BranchModel or a wrapper that passes (x, route) through, such as DDP.
+    """
+    logits = model(torch.cat([x_adv, x_clean]), (len(x_adv), len(x_clean)))
+    return logits[: len(x_adv)], logits[len(x_adv):]
+
+
+class BranchView(nn.Module):
+    """A two-branch model seen through one branch: x -> logits, for attacks and other libraries."""
+
+    def __init__(self, model: BranchModel, branch: str):
+        super().__init__()
+        self.model, self.branch = model, branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, self.branch)
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Post-activation residual block (He et al. 2016)."""
+
+    def __init__(self, parts: Parts, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1, self.bn1 = conv3x3(cin, cout, stride), parts.norm(cout)
+        self.conv2, self.bn2 = conv3x3(cout, cout), parts.norm(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), parts.norm(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation residual block (He et al. 2016b); also the WideResNet block (dropout 0)."""
+
+    def __init__(self, parts: Parts, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1, self.conv1 = parts.norm(cin), conv3x3(cin, cout, stride)
+        self.bn2, self.conv2 = parts.norm(cout), conv3x3(cout, cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return out + skip
+
+
+def stage(block: Callable, parts: Parts, cin: int, cout: int, n: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(*[block(parts, cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)])
+
+
+class ResNet(BranchModel):
+    """ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool); post- or pre-activation blocks."""
+
+    def __init__(self, parts: Parts, num_classes: int, preact: bool = False):
+        super().__init__()
+        block = PreActBlock if preact else BasicBlock
+        widths = [parts.ch(c) for c in (64, 128, 256, 512)]
+        self.conv1 = conv3x3(3, widths[0])
+        self.bn1 = None if preact else parts.norm(widths[0])
+        cins = [widths[0]] + widths[:-1]
+        for i, (cin, cout) in enumerate(zip(cins, widths), start=1):
+            setattr(self, f"layer{i}", stage(block, parts, cin, cout, 2, 1 if i == 1 else 2))
+            setattr(self, f"adapt{i}", parts.adapter(cout))
+        self.bn_final = parts.norm(widths[-1]) if preact else None
+        self.linear = parts.head(widths[-1], num_classes)
+        self.preact = preact
+
+    def logits(self, x):  # (B, 3, 32, 32) -> (B, K)
+        out = self.conv1(x)
+        if self.bn1 is not None:
+            out = F.relu(self.bn1(out))
+        for i in range(1, 5):
+            out = getattr(self, f"adapt{i}")(getattr(self, f"layer{i}")(out))
+        if self.bn_final is not None:
+            out = F.relu(self.bn_final(out))
+        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+class WideResNet(BranchModel):
+    """WideResNet-depth-k (Zagoruyko & Komodakis 2016), as used by TRADES: pre-activation, no dropout."""
+
+    def __init__(self, parts: Parts, num_classes: int, depth: int, widen: int):
+        super().__init__()
+        n = (depth - 4) // 6
+        widths = [parts.ch(c) for c in (16, 16 * widen, 32 * widen, 64 * widen)]
+        self.conv1 = conv3x3(3, widths[0])
+        for i in range(1, 4):
+            setattr(self, f"block{i}", stage(PreActBlock, parts, widths[i - 1], widths[i], n, 1 if i == 1 else 2))
+            setattr(self, f"adapt{i}", parts.adapter(widths[i]))
+        self.bn1 = parts.norm(widths[3])
+        self.fc = parts.head(widths[3], num_classes)
+
+    def logits(self, x):  # (B, 3, 32, 32) -> (B, K)
+        out = self.conv1(x)
+        for i in range(1, 4):
+            out = getattr(self, f"adapt{i}")(getattr(self, f"block{i}")(out))
+        out = F.relu(self.bn1(out))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+ARCHS: dict[str, Callable[[Parts, int], BranchModel]] = {
+    "resnet18": lambda parts, k: ResNet(parts, k),
+    "preact18": lambda parts, k: ResNet(parts, k, preact=True),
+    "wrn34-10": lambda parts, k: WideResNet(parts, k, depth=34, widen=10),
+    "wrn28-10": lambda parts, k: WideResNet(parts, k, depth=28, widen=10),
+}
+
+
+def build_model(config: ModelConfig) -> BranchModel:
+    if config.arch not in ARCHS:
+        raise HybridatError(f"unknown arch {config.arch!r}; choose one of: {', '.join(ARCHS)}")
+    if not config.width > 0:
+        raise HybridatError(f"width must be positive, got {config.width}")
+    model = ARCHS[config.arch](Parts(get_norm(config.norm), config.width), config.num_classes)
+    model.config = config
+    model.share_router()
+    return model
+
+
+def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every norm layer, in order of construction (depth order)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, BranchNorm)]

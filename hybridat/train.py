@@ -1,0 +1,187 @@
+"""Hybrid adversarial training: the losses, the step and the epoch loop (SPEC.md "Training").
+
+One step: craft x_adv through the adv branch in eval mode (parameters frozen, so the attack computes input
+gradients only), then one fused train-mode forward over cat[x_adv, x] and one backward.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from .attacks import frozen, pgd
+from .data import Split, train_batches
+from .errors import HybridatError
+from .models import BranchModel, BranchView, fused
+from .norms import NORMS
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The paper's protocol by default. eps and step are in pixel units (8 means 8/255)."""
+
+    loss: str = "hybrid"
+    eps: float = 8.0
+    step: float = 2.0
+    steps: int = 10
+    epochs: int = 110
+    batch_size: int = 128  # per branch, global over all ranks
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    clean_weight: float = 0.5  # hybrid: w * CE(clean branch, x) + (1 - w) * CE(adv branch, x_adv)
+    trades_beta: float = 6.0
+    seed: int = 0
+    train_subset: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y)
+
+
+def trades_kl(logits_adv: torch.Tensor, p_clean: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
+    """KL(p_clean || p_adv) as TRADES' reference code computes it (KLDivLoss(log p_adv, p_clean))."""
+    return F.kl_div(F.log_softmax(logits_adv, dim=1), p_clean, reduction=reduction)
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A training objective: which branches it trains and what the training attack maximizes."""
+
+    branches: tuple[str, ...]
+    objective: Callable  # (logits by branch, y, cfg) -> scalar loss
+    doc: str
+
+
+def _hybrid(logits, y, cfg):
+    w = cfg.clean_weight
+    return w * cross_entropy(logits["clean"], y) + (1 - w) * cross_entropy(logits["adv"], y)
+
+
+def _trades(logits, y, cfg):
+    p_clean = F.softmax(logits["clean"], dim=1)
+    return cross_entropy(logits["clean"], y) + cfg.trades_beta * trades_kl(logits["adv"], p_clean)
+
+
+LOSSES: dict[str, Loss] = {
+    "hybrid": Loss(("adv", "clean"), _hybrid, "w*CE(clean branch, x) + (1-w)*CE(adv branch, x_adv)"),
+    "madry": Loss(("adv",), lambda lg, y, cfg: cross_entropy(lg["adv"], y), "CE(adv branch, x_adv)"),
+    "trades": Loss(("adv", "clean"), _trades, "CE(clean, x) + beta*KL(clean on x || adv on x_adv)"),
+    "clean": Loss(("clean",), lambda lg, y, cfg: cross_entropy(lg["clean"], y), "CE(clean branch, x)"),
+}
+
+
+def check_config(cfg: TrainConfig, norm: str) -> None:
+    """Reject impossible settings before any work is done."""
+    if cfg.loss not in LOSSES:
+        raise HybridatError(f"unknown loss {cfg.loss!r}; choose one of: {', '.join(LOSSES)}")
+    if norm in ("bn-mix", "dual-ap", "cross-bn") and len(LOSSES[cfg.loss].branches) < 2:
+        raise HybridatError(f"norm {norm} mixes both branches in one batch; use --loss hybrid or trades")
+    for name in ("eps", "step", "lr", "momentum", "weight_decay", "trades_beta"):
+        if getattr(cfg, name) < 0:
+            raise HybridatError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.epochs < 1 or cfg.steps < 0 or cfg.batch_size < 1:
+        raise HybridatError("epochs and batch size must be >= 1 and steps >= 0")
+    if not 0 <= cfg.clean_weight <= 1:
+        raise HybridatError(f"clean weight must be in [0, 1], got {cfg.clean_weight}")
+
+
+def craft(model: BranchModel, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The training attack: PGD from x + 0.001*N(0,1) through the adv branch, in eval mode."""
+    adv = BranchView(model, "adv")
+    loss_fn = None  # cross-entropy
+    if cfg.loss == "trades":
+        with torch.no_grad(), frozen(model):
+            p_clean = F.softmax(model(x, "clean"), dim=1)
+        loss_fn = lambda logits, _: trades_kl(logits, p_clean, reduction="sum")  # noqa: E731
+    return pgd(adv, x, y, cfg.eps / 255, cfg.step / 255, cfg.steps, start="normal", loss_fn=loss_fn)
+
+
+def train_step(net, model: BranchModel, x, y, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """One Hybrid-AT step (no optimizer call). `net` is `model` or its DDP wrapper."""
+    spec = LOSSES[cfg.loss]
+    x_adv = craft(model, x, y, cfg) if "adv" in spec.branches else None
+    if spec.branches == ("adv", "clean"):
+        logits_adv, logits_clean = fused(net, x_adv, x)
+        logits = {"adv": logits_adv, "clean": logits_clean}
+    elif spec.branches == ("adv",):
+        logits = {"adv": net(x_adv, "adv")}
+    else:
+        logits = {"clean": net(x, "clean")}
+    return spec.objective(logits, y, cfg), logits
+
+
+def lr_factor(epoch: int, epochs: int) -> float:
+    """The paper's schedule scaled to `epochs`: x0.1 at 100/110 of training, x0.01 at 105/110."""
+    return 0.1 ** ((epoch >= round(epochs * 100 / 110)) + (epoch >= round(epochs * 105 / 110)))
+
+
+def make_optimizer(model: BranchModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def train(model: BranchModel, split: Split, cfg: TrainConfig, generator: torch.Generator,
+          rank: int = 0, world: int = 1, on_step: Callable | None = None) -> Iterator[dict]:
+    """Train for cfg.epochs; yields one metrics row per epoch. `on_step(epoch, step, n_steps, sums)` reports progress."""
+    check_config(cfg, model.config.norm)
+    net = model
+    if world > 1:
+        two = NORMS[model.config.norm].branches == 2 and len(LOSSES[cfg.loss].branches) == 1
+        net = DistributedDataParallel(model, find_unused_parameters=two)  # one branch leaves the other idle
+    optimizer = make_optimizer(model, cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg.epochs))
+    for epoch in range(cfg.epochs):
+        model.train()
+        start, sums = time.perf_counter(), None
+        n_steps = math.ceil(len(split) / cfg.batch_size)
+        for i, (x, y) in enumerate(train_batches(split, cfg.batch_size, generator, rank=rank, world_size=world)):
+            loss, logits = train_step(net, model, x, y, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums = _accumulate(sums, loss, logits, y)  # stays on the device: no host sync per step
+            if on_step is not None:
+                on_step(epoch + 1, i + 1, n_steps, sums)
+        row = epoch_row(sums, world) | {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        row["seconds"] = time.perf_counter() - start
+        row["images_per_s"] = row["images"] / row["seconds"]  # training images, each counted once
+        schedule.step()
+        yield row
+
+
+def _accumulate(sums, loss, logits, y) -> torch.Tensor:
+    """Running sums (loss*n, n, loss_b*n, correct_b per branch) as one device tensor."""
+    n = torch.tensor(float(len(y)), device=y.device)
+    parts = [loss.detach() * n, n]
+    for b in ("adv", "clean"):
+        if b in logits:
+            parts += [F.cross_entropy(logits[b].detach(), y, reduction="sum"),
+                      (logits[b].detach().argmax(1) == y).sum().float()]
+        else:
+            parts += [torch.full((), float("nan"), device=y.device)] * 2
+    new = torch.stack(parts)
+    return new if sums is None else sums + new
+
+
+def summary(sums: torch.Tensor) -> dict[str, float]:
+    """Mean loss and per-branch loss and accuracy from the running sums (one host sync)."""
+    s = sums.tolist()
+    n = s[1]
+    return {"images": int(n), "loss": s[0] / n, "loss_adv": s[2] / n, "acc_adv": s[3] / n,
+            "loss_clean": s[4] / n, "acc_clean": s[5] / n}
+
+
+def epoch_row(sums: torch.Tensor, world: int) -> dict[str, float]:
+    if world > 1:
+        dist.all_reduce(sums)
+    return summary(sums)

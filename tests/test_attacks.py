@@ -1,0 +1,258 @@
+"""Attacks: threat-model bounds, no trace left on the model, exact agreement with torchattacks, behaviour."""
+
+import logging
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchattacks
+from torch import nn
+
+from hybridat.attacks import ATTACKS, autoattack, default_step, fgsm, frozen, pgd, robust_accuracy
+from hybridat.errors import HybridatError
+
+EPS = 8 / 255
+
+
+def tiny_net(seed: int = 0) -> nn.Sequential:
+    """conv-BN-ReLU-pool-fc: (B, 3, 8, 8) -> (B, 10)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+def data(n: int = 16, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 8, 8, generator=g)
+    x[:, :, 0, :] = 0.0  # pixels on the box boundary: the [0, 1] clamp must act
+    x[:, :, 1, :] = 1.0
+    return x, torch.randint(0, 10, (n,), generator=g)
+
+
+def synthetic(n: int, seed: int):
+    """Two classes: class 1 has channel 0 brighter by 0.1; per-pixel noise std 0.1."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = 0.5 + 0.1 * torch.randn(n, 3, 8, 8, generator=g)
+    x[:, 0] += 0.1 * y.view(-1, 1, 1).float()
+    return x.clamp(0, 1), y
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny net trained to high clean accuracy on the synthetic task, returned in eval mode."""
+    model = tiny_net(3)
+    x, y = synthetic(512, 0)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    for _ in range(80):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    xt, yt = synthetic(128, 1)
+    return model, xt, yt
+
+
+def accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def assert_in_ball(x_adv, x, eps, norm="linf"):
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+    assert not x_adv.requires_grad and x_adv.grad_fn is None
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    if norm == "linf":
+        assert (x_adv - x).abs().max() <= eps + 1e-6
+    else:
+        assert ((x_adv - x).flatten(1).norm(dim=1) <= eps + 1e-5).all()
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", EPS), ("l2", 0.5)])
+@pytest.mark.parametrize("start", ["uniform", "normal", "none"])
+def test_pgd_stays_in_ball_and_box(norm, eps, start):
+    model, (x, y) = tiny_net(), data()
+    x_adv = pgd(model, x, y, eps, default_step(eps), 5, start=start, norm=norm)
+    assert_in_ball(x_adv, x, eps, norm)
+    assert not torch.equal(x_adv, x)  # it moved
+
+
+def test_fgsm_stays_in_ball_and_matches_torchattacks():
+    model, (x, y) = tiny_net(), data()
+    x_adv = fgsm(model, x, y, EPS)
+    assert_in_ball(x_adv, x, EPS)
+    ref = torchattacks.FGSM(model, eps=EPS)(x, y)
+    torch.testing.assert_close(x_adv, ref, atol=1e-6, rtol=0)
+
+
+def test_random_starts_differ_and_generator_reproduces():
+    model, (x, y) = tiny_net(), data()
+    a = pgd(model, x, y, EPS, steps=1, generator=torch.Generator().manual_seed(0))
+    b = pgd(model, x, y, EPS, steps=1, generator=torch.Generator().manual_seed(0))
+    c = pgd(model, x, y, EPS, steps=1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_pgd_matches_torchattacks_bit_for_bit():
+    model, (x, y) = tiny_net(), data(16)  # batch of 16: mean-CE and sum-CE gradients have equal signs exactly
+    model.train()  # torchattacks switches to eval itself, as we do
+    ours = pgd(model, x, y, EPS, 2 / 255, 10, start="none")
+    ref = torchattacks.PGD(model, eps=EPS, alpha=2 / 255, steps=10, random_start=False)(x, y)
+    assert torch.equal(ours, ref)
+    with torch.no_grad():  # an evaluation loop may call it under no_grad
+        assert torch.equal(pgd(model, x, y, EPS, 2 / 255, 10, start="none"), ref)
+
+
+def test_pgd_l2_matches_torchattacks_with_the_same_loss():
+    model, (x, y) = tiny_net(), data(16)
+    mean_ce = lambda logits, y: F.cross_entropy(logits, y)  # PGDL2 normalizes the gradient after a mean loss
+    ours = pgd(model, x, y, 0.5, 0.1, 10, start="none", loss_fn=mean_ce, norm="l2")
+    ref = torchattacks.PGDL2(model, eps=0.5, alpha=0.1, steps=10, random_start=False)(x, y)
+    assert torch.equal(ours, ref)
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd-normal", "pgd-l2", "autoattack-apgd"])
+def test_attacks_leave_no_trace(attack):
+    model, (x, y) = tiny_net(), data(8)
+    model.train()
+    model[1].eval()  # mixed modes: BN kept in eval by its owner, the rest in train
+    model[0].bias.requires_grad_(False)  # one parameter frozen by its owner
+    modes = [m.training for m in model.modules()]
+    before = snapshot(model)
+    if attack == "fgsm":
+        fgsm(model, x, y, EPS)
+    elif attack == "pgd-normal":
+        pgd(model, x, y, EPS, 2 / 255, 3, start="normal")
+    elif attack == "pgd-l2":
+        pgd(model, x, y, 0.5, 0.1, 3, norm="l2")
+    else:
+        autoattack(model, x, y, EPS, version="custom", attacks=["apgd-ce"])
+    after = snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats and counters untouched
+    assert all(p.grad is None for p in model.parameters())
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == [True, False, True, True, True, True]
+
+
+def test_bn_buffers_untouched_from_full_train_mode():
+    model, (x, y) = tiny_net(), data(8)
+    model.train()
+    before = snapshot(model)
+    pgd(model, x, y, EPS, 2 / 255, 3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(m.training for m in model.modules())
+
+
+def test_frozen_restores_on_exception():
+    model = tiny_net()
+    model.train()
+    model[5].eval()
+    with pytest.raises(RuntimeError):
+        with frozen(model):
+            assert not any(m.training for m in model.modules())
+            assert not any(p.requires_grad for p in model.parameters())
+            raise RuntimeError("boom")
+    assert [m.training for m in model.modules()] == [True, True, True, True, True, True, False]
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_pgd_lowers_accuracy_and_raises_loss(trained):
+    model, x, y = trained
+    clean = accuracy(model, x, y)
+    assert clean > 0.9
+    x_adv = pgd(model, x, y, 0.08, 0.02, 10)
+    assert accuracy(model, x_adv, y) < clean - 0.5
+    with torch.no_grad():
+        assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y) + 1.0
+    assert accuracy(model, fgsm(model, x, y, 0.08), y) < clean - 0.3
+
+
+def test_loss_fn_is_pluggable(trained):
+    model, x, y = trained
+    calls = []
+
+    def toward_class_0(logits, y):  # targeted: maximizing −CE(·, 0) pushes every input toward class 0
+        calls.append(1)
+        return -F.cross_entropy(logits, torch.zeros_like(y), reduction="sum")
+
+    default = pgd(model, x, y, 0.08, 0.02, 7, start="none")
+    targeted = pgd(model, x, y, 0.08, 0.02, 7, start="none", loss_fn=toward_class_0)
+    assert len(calls) == 7 and not torch.equal(default, targeted)
+    with torch.no_grad():
+        assert (model(targeted).argmax(1) == 0).float().mean() > 0.9
+
+
+def test_autoattack_custom_runs_in_ball_and_keeps_global_rng(trained):
+    model, x, y = trained
+    x, y = x[:8], y[:8]
+    rng = torch.get_rng_state()
+    x_adv = autoattack(model, x, y, 0.08, version="custom", attacks=["apgd-ce"], seed=0)
+    assert torch.equal(torch.get_rng_state(), rng)  # the reference code reseeds the global RNG; we undo it
+    assert_in_ball(x_adv, x, 0.08)
+    assert accuracy(model, x_adv, y) < accuracy(model, x, y)
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_registry_uniform_signature(trained, name):
+    """Every entry takes (model, x, y, eps, step, steps, seed); "autoattack" is the standard version."""
+    model, x, y = trained
+    x, y = x[:4], y[:4]
+    start = time.perf_counter()
+    x_adv = ATTACKS[name](model, x, y, EPS, None, 3, 0)
+    assert time.perf_counter() - start < 30
+    assert name == name.lower()
+    assert_in_ball(x_adv, x, EPS)
+    assert torch.equal(x_adv, x) == (name == "clean")
+
+
+def test_robust_accuracy(trained):
+    model, x, y = trained
+    assert robust_accuracy(model, x, y, "clean", EPS, batch_size=50) == pytest.approx(accuracy(model, x, y))
+    a = robust_accuracy(model, x, y, "pgd", 0.08, steps=5, batch_size=50, seed=3)
+    assert a == robust_accuracy(model, x, y, "pgd", 0.08, steps=5, batch_size=50, seed=3)  # seeded
+    assert a < accuracy(model, x, y) - 0.5
+
+
+def test_bad_input_raises():
+    model, (x, y) = tiny_net(), data(4)
+    with pytest.raises(HybridatError, match="clean, fgsm, pgd, autoattack"):
+        robust_accuracy(model, x, y, "cw", EPS)
+    for kwargs in [dict(eps=-0.1), dict(eps=EPS, steps=0), dict(eps=EPS, step=-1.0),
+                   dict(eps=EPS, start="zeros"), dict(eps=EPS, norm="l1")]:
+        with pytest.raises(HybridatError):
+            pgd(model, x, y, **kwargs)
+    with pytest.raises(HybridatError):
+        pgd(model, x, y[:3], EPS)
+    with pytest.raises(HybridatError):
+        autoattack(model, x, y, EPS, attacks=["apgd-ce"])  # a list needs version="custom"
+    with pytest.raises(HybridatError):
+        autoattack(model, x, y, EPS, version="custom", attacks=["cw"])
+    with pytest.raises(HybridatError):
+        autoattack(model, x, y, -EPS)
+
+
+def test_random_start_distributions():
+    """With step 0 the output is the projected start: N(0, 0.001²) for "normal", U(−ε, ε) for "uniform"."""
+    model = tiny_net()
+    x, y = torch.full((64, 3, 8, 8), 0.5), torch.zeros(64, dtype=torch.long)
+    normal = pgd(model, x, y, EPS, 0.0, 1, start="normal") - x
+    assert 0.0009 < normal.std() < 0.0011
+    uniform = pgd(model, x, y, EPS, 0.0, 1, start="uniform") - x
+    assert uniform.abs().max() > 0.99 * EPS and uniform.std() == pytest.approx(EPS / 3**0.5, rel=0.05)
+    assert torch.equal(pgd(model, x, y, EPS, 0.0, 1, start="none"), x)
+
+
+def test_autoattack_logger_is_quiet_only_when_asked(caplog):
+    """A model that outputs probabilities instead of logits: the reference code warns about it."""
+    model, (x, y) = nn.Sequential(tiny_net(), nn.Softmax(dim=1)), data(4)
+    for quiet in (True, False):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            autoattack(model, x, y, EPS, version="custom", attacks=["apgd-ce"], quiet=quiet)
+        assert any(r.name == "auto-attack" for r in caplog.records) == (not quiet)
+    assert logging.getLogger("auto-attack").level == logging.NOTSET  # restored
