@@ -1,0 +1,171 @@
+"""Test-time recombination of a two-branch model's norm layers (SPEC.md "Test-time recombination", `swap-bn`).
+
+A branch's NS is the running set it reads in eval (`eval_key`): its own domain's set, or for cross-bn the other
+domain's. So "adv takes clean's NS" always means: afterwards the adv branch reads the statistics the clean branch
+read before, whatever the variant. Every function returns a new model (a deep copy); the input is never changed.
+Layer indices are positions in `norm_layers(model)` (depth order).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .analysis import DOMAINS, check_choice, perturb, train_pass
+from .checkpoint import Checkpoint, save_checkpoint
+from .data import Split, train_batches
+from .errors import HybridatError
+from .models import norm_layers
+from .norms import AP_PARAMS, BRANCHES, NS_BUFFERS, BranchBatchNorm, set_name
+
+SWAP = {"adv": "clean", "clean": "adv"}
+PARENT_ONLY = ("format", "config", "versions", "operation", "parent")  # header keys a derived file writes anew
+
+
+def _norm(model) -> str:
+    return getattr(getattr(model, "config", None), "norm", "given")
+
+
+def _mapping(mapping: dict | None, what: str) -> dict[str, str]:
+    """target branch -> source branch for both branches; a branch left out keeps its own set."""
+    mapping = dict(mapping or {})
+    for target, source in mapping.items():
+        if target not in BRANCHES or source not in BRANCHES:
+            raise HybridatError(f"{what} mapping {mapping} must map branches ({', '.join(BRANCHES)}) to branches")
+    return {b: mapping.get(b, b) for b in BRANCHES}
+
+
+def deeper_than(model, k: int) -> list[int]:
+    """Indices of the norm layers at depth >= k (k counts in `norm_layers` order, from 0)."""
+    n = len(norm_layers(model))
+    if not 0 <= k < n:
+        raise HybridatError(f"layer index {k} is out of range: the model has {n} norm layers (0 to {n - 1})")
+    return list(range(k, n))
+
+
+def _chosen(model, layers: Iterable[int] | None) -> list[tuple[int, str, torch.nn.Module]]:
+    all_layers = norm_layers(model)
+    if layers is None:
+        return [(i, name, m) for i, (name, m) in enumerate(all_layers)]
+    out = []
+    for i in sorted(set(layers)):
+        if not (isinstance(i, int) and 0 <= i < len(all_layers)):
+            raise HybridatError(f"layer index {i} is out of range: the model has {len(all_layers)} norm layers "
+                                f"(0 to {len(all_layers) - 1})")
+        out.append((i, *all_layers[i]))
+    return out
+
+
+@torch.no_grad()
+def _move(layer, bases: tuple[str, ...], mapping: dict[str, str], key_of) -> None:
+    """Tensor set read by branch b := the old set read by branch mapping[b], for every base name."""
+    old = {(base, b): getattr(layer, set_name(base, key_of(b))).clone() for base in bases for b in BRANCHES}
+    for target, source in mapping.items():
+        for base in bases:
+            getattr(layer, set_name(base, key_of(target))).copy_(old[(base, source)])
+
+
+def recombine(model, ns: dict | None = None, ap: dict | None = None, layers: Iterable[int] | None = None):
+    """A copy in which branch b reads the running NS of branch ns[b] and the AP of branch ap[b] (branches left out
+    keep their own), in the norm layers `layers` (indices; None = all, see `deeper_than`). Needs two NS sets per
+    chosen layer when ns moves anything and two AP sets when ap does."""
+    ns, ap = _mapping(ns, "ns"), _mapping(ap, "ap")
+    new = copy.deepcopy(model)
+    for index, name, layer in _chosen(new, layers):
+        if any(s != t for t, s in ns.items()):
+            if not (isinstance(layer, BranchBatchNorm) and len(layer.ns_keys) == 2):
+                raise HybridatError(f"the {_norm(model)} model has no per-branch running NS at layer {index} "
+                                    f"({name}), so a branch cannot take the other branch's NS")
+            _move(layer, NS_BUFFERS, ns, layer.eval_key)
+        if any(s != t for t, s in ap.items()):
+            if len(layer.ap_keys) != 2:
+                raise HybridatError(f"the {_norm(model)} model has no two AP sets at layer {index} ({name}), "
+                                    "so a branch cannot take the other branch's AP")
+            _move(layer, AP_PARAMS, ap, layer.ap_key)
+    return new
+
+
+def cross(model, layers: Iterable[int] | None = None):
+    """Each branch keeps its AP and takes the running NS the other branch used (`--cross`)."""
+    return recombine(model, ns=SWAP, layers=layers)
+
+
+def swap_ap(model, layers: Iterable[int] | None = None):
+    """Each branch keeps its running NS and takes the other branch's AP (`--swap-ap`)."""
+    return recombine(model, ap=SWAP, layers=layers)
+
+
+@torch.no_grad()
+def _reset(layer: BranchBatchNorm, key: str) -> None:
+    mean, var = layer.running(key)
+    mean.zero_()
+    var.fill_(1.0)
+    getattr(layer, set_name("num_batches_tracked", key)).zero_()
+
+
+@torch.no_grad()
+def _copy_set(dst: BranchBatchNorm, dst_key: str, src: BranchBatchNorm, src_key: str) -> None:
+    for base in NS_BUFFERS:
+        getattr(dst, set_name(base, dst_key)).copy_(getattr(src, set_name(base, src_key)))
+
+
+def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int = 128, n_batches: int | None = None,
+               n_images: int | None = None, eps: float = 8.0, step: float = 2.0, steps: int = 10, seed: int = 0,
+               augment_data: bool = True, attack_branch: str | None = None):
+    """A copy whose `branch` reads running NS recomputed from one pass over `domain` data of `split`.
+
+    The pass draws training batches (seed: order, augmentation and attack noise; the first n_images, at most
+    n_batches batches) and moves each into the domain (adv: PGD as in training, start x + 0.001·N(0,1),
+    through `attack_branch` (default `branch`) of the INPUT model in eval mode; noise: x + U(-ε, ε); eps, step
+    in pixel units). The result then goes through `branch` in train mode, and the branch's running set becomes
+    the cumulative average of the batch statistics (momentum None). Only that set changes, AP and every other
+    buffer stay bit-identical. In a shared-NS model (bn, bn-mix, dual-ap, ...) that set is the one both branches
+    read. In cross-bn the set the branch reads (the other domain's) is the one refilled, from rows normalized by
+    their own batch statistics (see `train_pass`).
+    """
+    check_choice(branch, BRANCHES, "branch")
+    check_choice(domain, DOMAINS, "domain")
+    attack_branch = check_choice(attack_branch or branch, BRANCHES, "attack branch")
+    if n_batches is not None and n_batches < 1:
+        raise HybridatError(f"n_batches must be >= 1, got {n_batches}")
+    new = copy.deepcopy(model)
+    pairs = [(m, o) for (_, m), (_, o) in zip(norm_layers(new), norm_layers(model)) if isinstance(m, BranchBatchNorm)]
+    if not pairs:
+        raise HybridatError(f"the {_norm(model)} model has no running NS to re-estimate")
+    momenta = [m.momentum for m, _ in pairs]
+    for m, _ in pairs:
+        m.momentum = None  # _update then averages: momentum 1/num_batches_tracked
+        _reset(m, m.ns_key(branch))
+    data = split.subset(n_images) if n_images is not None else split
+    generator = torch.Generator(device=split.images.device).manual_seed(seed)
+    batches = train_batches(data, batch_size, torch.Generator().manual_seed(seed), augment_data)
+    for i, (x, y) in enumerate(batches):
+        if n_batches is not None and i >= n_batches:
+            break
+        x = perturb(model, x, y, domain, attack_branch, eps, step=step, steps=steps, start="normal",
+                    generator=generator)
+        with train_pass(new), torch.no_grad():
+            new(x, branch)
+    for (m, original), momentum in zip(pairs, momenta):
+        m.momentum = momentum
+        source, target = m.ns_key(branch), m.eval_key(branch)
+        if source != target:  # cross-bn: the rows updated their own domain's set; the branch reads the other one
+            _copy_set(m, target, m, source)
+            _copy_set(m, source, original, source)
+    return new
+
+
+def save_derived(ckpt: Checkpoint, new_model, out_path, operation: dict) -> str:
+    """Write `new_model` as a new checkpoint recording `operation` (JSON) and `parent` (the parent's hash), with
+    the parent's other metadata (run, seed, train, ...); returns the new file's hash. Never writes over the input."""
+    out = Path(out_path)
+    if out.resolve() == Path(ckpt.path).resolve() or (out.exists() and os.path.samefile(out, ckpt.path)):
+        raise HybridatError(f"{out} is the input checkpoint; a derived checkpoint must go to a new file")
+    if getattr(new_model, "config", None) != ckpt.config:
+        raise HybridatError("the derived model's config differs from its parent's")
+    meta = {k: v for k, v in ckpt.header.items() if k not in PARENT_ONLY}
+    return save_checkpoint(new_model, out, **meta, operation=dict(operation), parent=ckpt.hash)

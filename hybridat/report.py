@@ -1,0 +1,355 @@
+"""Tidy CSVs -> the paper's five tables (Markdown, LaTeX, CSV) and the NS-gap plot.
+
+`report` only reads and aggregates what `attack`, `train` and `ns-gap` wrote: it never recomputes a number
+and never opens a model. A cell is the mean ± sample std over seeds with n shown; a cell without rows is "—".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from rich.table import Table
+
+from .checkpoint import atomic_path, write_csv
+from .errors import HybridatError
+from .evaluate import attack_label
+
+MISSING = "—"
+
+# The columns that identify each kind of CSV (a file may carry more).
+SCHEMAS = {
+    "eval": {"checkpoint_hash", "parent_hash", "operation", "norm", "arch", "width", "seed", "train_eps",
+             "loss_name", "branch", "attack", "eps", "steps", "accuracy"},
+    "train": {"run", "seed", "norm", "loss_name", "eps", "epoch", "loss", "acc_adv", "acc_clean", "seconds"},
+    "nsgap": {"checkpoint_hash", "seed", "norm", "kind", "layer", "layer_name", "pair", "statistic", "measure",
+              "distance", "fix_ap", "branch", "eps"},
+}
+NUMERIC = {"width", "seed", "train_eps", "eps", "step", "steps", "n", "accuracy", "seconds", "eval_seed", "images",
+           "loss", "loss_adv", "acc_adv", "loss_clean", "acc_clean", "epoch", "lr", "images_per_s", "layer",
+           "distance"}
+LABELS = {"norm", "loss", "train ε", "operation", "ε", "layer", "name"}  # row-label columns, the rest are cells
+
+BOTH = [(b, c) for b in ("adv", "clean") for c in ("clean", "PGD-10", "AA")]  # (branch, attack column)
+PAPER = [("adv", "clean"), ("adv", "PGD-10"), ("adv", "AA"), ("clean", "clean")]  # table 2's cells per ε
+CROSS, SWAP_AP = (json.dumps({"op": op}) for op in ("cross", "swap-ap"))
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+
+def load_runs(paths: list[Path]) -> dict[str, pd.DataFrame]:
+    """Read the eval, train and ns-gap CSVs among `paths` (files, or folders searched recursively).
+
+    A file named directly must match a known schema; other CSVs found in a folder (raw per-channel NS, an
+    earlier report) are skipped. Returns {"eval" | "train" | "nsgap": all rows of that kind} for kinds found.
+    """
+    found: dict[str, list[pd.DataFrame]] = {kind: [] for kind in SCHEMAS}
+    seen: set[Path] = set()
+    for path in map(Path, paths):
+        if not path.exists():
+            raise HybridatError(f"no such file or folder: {path}")
+        for file in sorted(path.rglob("*.csv")) if path.is_dir() else [path]:
+            if not file.is_file() or file.resolve() in seen:
+                continue
+            seen.add(file.resolve())
+            kind, frame = _read(file)
+            if kind is None and not path.is_dir():
+                raise HybridatError(f"{file} is not an eval, train or ns-gap CSV: its columns match no known schema")
+            if kind is not None:
+                found[kind].append(frame)
+    if not any(found.values()):
+        raise HybridatError(f"found no eval, train or ns-gap CSV in {', '.join(map(str, paths))}")
+    return {kind: _numeric(pd.concat(frames, ignore_index=True)) for kind, frames in found.items() if frames}
+
+
+def _read(file: Path) -> tuple[str | None, pd.DataFrame]:
+    try:
+        frame = pd.read_csv(file, dtype=str, keep_default_na=False)  # empty stays "", numbers converted later
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise HybridatError(f"{file} is not a readable CSV ({type(e).__name__}: {e})".strip()) from None
+    return next((kind for kind, cols in SCHEMAS.items() if cols <= set(frame.columns)), None), frame
+
+
+def _numeric(frame: pd.DataFrame) -> pd.DataFrame:
+    for col in NUMERIC & set(frame.columns):
+        frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    return frame
+
+
+# ---- cells -----------------------------------------------------------------------------------------------
+
+def cell(values: pd.Series, scale: float = 100.0, digits: int = 1) -> str:
+    """One value per seed -> "84.3 ± 0.4 (n=3)" (accuracy in [0,1] shown in %, sample std); none -> "—"."""
+    values = pd.to_numeric(pd.Series(values), errors="coerce").dropna() * scale
+    if values.empty:
+        return MISSING
+    if len(values) == 1:
+        return f"{values.iloc[0]:.{digits}f} (n=1)"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f} (n={len(values)})"
+
+
+def _match(frame: pd.DataFrame, **match) -> pd.DataFrame:
+    for col, want in match.items():
+        frame = frame[frame[col] == want]
+    return frame
+
+
+def _pick(frame: pd.DataFrame, value: str, scale: float = 100.0, digits: int = 1, **match) -> str:
+    """The cell of the rows matching every column=value; several rows of one seed are averaged first."""
+    return cell(_match(frame, **match).groupby("unit")[value].mean(), scale, digits)
+
+
+def _units(frame: pd.DataFrame) -> pd.Series:
+    """What a cell's n counts: the seed, or the checkpoint where the seed is unknown."""
+    return frame.seed.map(lambda s: f"seed {s:g}").where(frame.seed.notna(), frame.checkpoint_hash)
+
+
+def _num(x) -> str:
+    return "" if pd.isna(x) else f"{x:g}"
+
+
+def _op_key(operation) -> str:
+    """Canonical form of a swap-bn operation (its JSON with sorted keys); "" for a trained model."""
+    if not isinstance(operation, str) or not operation.strip():
+        return ""
+    try:
+        return json.dumps(json.loads(operation), sort_keys=True)
+    except json.JSONDecodeError:
+        return operation.strip()
+
+
+def op_label(key: str) -> str:
+    """Readable name of an operation: "cross", "swap-ap", "reestimate adv NS on adv data"."""
+    try:
+        op = json.loads(key) if key else None
+    except json.JSONDecodeError:
+        return key
+    if not isinstance(op, dict):
+        return "as trained" if op is None else key
+    name = str(op.pop("op", "?"))
+    if name == "reestimate":
+        who = f" {op.pop('branch')}" if "branch" in op else ""
+        name = f"reestimate{who} NS" + (f" on {op.pop('domain')} data" if "domain" in op else "")
+    rest = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(op.items())]
+    return " ".join([name, *rest])
+
+
+# ---- tables ----------------------------------------------------------------------------------------------
+
+def _eval(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Eval rows ready for tables: derived checkpoints inherit training metadata, robust rows at train ε only."""
+    ev = frames.get("eval", pd.DataFrame(columns=sorted(SCHEMAS["eval"]))).copy()
+    settings = sorted({f"{a} width {_num(w)}" for a, w in zip(ev.arch, ev.width)})
+    if len(settings) > 1:
+        raise HybridatError(f"the eval CSVs mix model settings ({', '.join(settings)}); report one at a time")
+    for _ in range(3):  # one generation per pass: a re-estimate of a cross checkpoint is two deep
+        parent = ev.drop_duplicates("checkpoint_hash").set_index("checkpoint_hash")
+        for col in ("seed", "train_eps", "loss_name"):
+            missing = ev[col].isna() | (ev[col].astype(str) == "")
+            ev[col] = ev[col].where(~missing, ev.parent_hash.map(parent[col]))
+    ev["column"] = [attack_label(a, None if pd.isna(k) else int(k)) for a, k in zip(ev.attack, ev.steps)]
+    ev["op"] = ev.operation.map(_op_key)
+    ev["unit"] = _units(ev)
+    at_train_eps = (ev.attack == "clean") | ev.train_eps.isna() | (ev.eps == ev.train_eps)
+    # a re-run of the same evaluation replaces the earlier one
+    return ev[at_train_eps].drop_duplicates(["checkpoint_hash", "branch", "column"], keep="last")
+
+
+def _cells(rows: pd.DataFrame, spec: list[tuple[str, str]], prefix: str = "") -> dict[str, str]:
+    return {f"{prefix}{branch}: {col}": _pick(rows, "accuracy", branch=branch, column=col) for branch, col in spec}
+
+
+def _levels(*values: pd.Series, always=()) -> list[float]:
+    """The train ε values to show: those in the data plus the paper's."""
+    return sorted(set(always).union(*(v.dropna() for v in values)))
+
+
+def table_cross_bn(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Table 1: Cross-BN vs Self-BN (dual-bn), hybrid loss, each branch under clean / PGD-10 / AA."""
+    ev = _eval(frames)
+    ev = ev[(ev.op == "") & (ev.loss_name == "hybrid")]
+    rows = []
+    for eps in _levels(ev.train_eps[ev.norm.isin(["cross-bn", "dual-bn"])], always=[8]):
+        for norm, label in [("cross-bn", "cross-bn"), ("dual-bn", "dual-bn (Self-BN)")]:
+            rows.append({"norm": label, "train ε": _num(eps),
+                         **_cells(ev[(ev.norm == norm) & (ev.train_eps == eps)], BOTH)})
+    return pd.DataFrame(rows)
+
+
+def _eps_grid(frames: dict[str, pd.DataFrame], pairs: list[tuple[str, str]], show_loss: bool) -> pd.DataFrame:
+    """One row per (norm, loss) of trained models; table 2's four cells for each train ε (8 and 16 at least)."""
+    ev = _eval(frames)
+    ev = ev[ev.op == ""]
+    mine = {(norm, loss): ev[(ev.norm == norm) & (ev.loss_name == loss)] for norm, loss in pairs}
+    levels = _levels(*(m.train_eps for m in mine.values()), always=[8, 16])
+    rows = []
+    for (norm, loss), m in mine.items():
+        row = {"norm": norm, "loss": loss} if show_loss else {"norm": norm}
+        for eps in levels:
+            row |= _cells(m[m.train_eps == eps], PAPER, f"ε={_num(eps)} ")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def table_ns_vs_ap(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Table 2: which of NS and AP has to be split, hybrid loss, at train ε = 8 and 16."""
+    return _eps_grid(frames, [(n, "hybrid") for n in ("bn", "bn-mix", "dual-bn", "dual-ap", "dual-ns")], False)
+
+
+def table_two_task(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Table 3: two-task models (two heads, adapters) and TRADES with one or two BNs, next to table 2's."""
+    pairs = [("dual-linear", "hybrid"), ("dual-adapter", "hybrid"), ("bn", "trades"), ("dual-bn", "trades"),
+             ("bn", "hybrid"), ("dual-bn", "hybrid")]
+    return _eps_grid(frames, pairs, True)
+
+
+def table_test_time(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Table 4: the dual-bn hybrid model as trained and under each swap-bn operation found."""
+    ev = _eval(frames)
+    ev = ev[(ev.norm == "dual-bn") & (ev.loss_name == "hybrid")]
+    ops = list(dict.fromkeys(["", CROSS, SWAP_AP, *sorted(set(ev.op), key=op_label)]))
+    spec = BOTH if (ev.column == "AA").any() else [s for s in BOTH if s[1] != "AA"]
+    return pd.DataFrame([{"operation": op_label(op), "train ε": _num(eps),
+                          **_cells(ev[(ev.op == op) & (ev.train_eps == eps)], spec)}
+                         for eps in _levels(ev.train_eps, always=[8]) for op in ops])
+
+
+def _ns(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    ns = frames.get("nsgap", pd.DataFrame(columns=sorted(SCHEMAS["nsgap"])))
+    ns = ns[ns.measure == "wasserstein"].copy()
+    ns["fix"] = ns.fix_ap.astype(str).str.strip().str.lower().isin(["true", "1", "1.0"])
+    ns["unit"] = _units(ns)
+    return ns
+
+
+def _ns_specs(ns: pd.DataFrame) -> list[tuple[str, dict]]:
+    """(column, match): NS gaps with each domain through its own branch, then all through one branch, then AP."""
+    fixed = sorted(set(ns.branch[ns.fix & (ns.kind == "ns")])) or ["adv"]
+    settings = [("own branch", {"fix": False})] + [(f"fix-AP {b}", {"fix": True, "branch": b}) for b in fixed]
+    specs = [(f"{name}: {pair} {stat}", {"kind": "ns", "pair": pair, "statistic": stat, **match})
+             for name, match in settings for stat in ("mean", "std") for pair in ("adv-clean", "noise-clean")]
+    return specs + [(f"AP gap: {stat}", {"kind": "ap", "statistic": stat}) for stat in ("weight", "bias")]
+
+
+def table_ns_gap(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Table 5: per layer, 1-D Wasserstein distance between domains' channel NS, and between branches' AP."""
+    ns = _ns(frames)
+    specs = _ns_specs(ns)
+    rows = [{"norm": norm, "ε": _num(eps), "layer": _num(layer), "name": name,
+             **{col: _pick(g, "distance", 1.0, 3, **match) for col, match in specs}}
+            for (norm, eps, layer, name), g in ns.groupby(["norm", "eps", "layer", "layer_name"], dropna=False)]
+    return pd.DataFrame(rows, columns=["norm", "ε", "layer", "name", *(col for col, _ in specs)])
+
+
+TABLES = {"cross-bn": table_cross_bn, "ns-vs-ap": table_ns_vs_ap, "two-task": table_two_task,
+          "test-time": table_test_time, "ns-gap": table_ns_gap}
+TITLES = {
+    "cross-bn": "Table 1. Cross-BN vs Self-BN (hybrid AT; accuracy %, mean ± std over seeds)",
+    "ns-vs-ap": "Table 2. Disentangling NS vs AP (hybrid AT; accuracy %, by train ε)",
+    "two-task": "Table 3. Two-task hypothesis, next to single and Dual BN (accuracy %, by train ε)",
+    "test-time": "Table 4. Test-time Dual BN: the dual-bn hybrid model under swap-bn operations (accuracy %)",
+    "ns-gap": "Table 5. NS gap and AP gap by depth (1-D Wasserstein distance over channels)",
+}
+
+
+def build_tables(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    return {key: make(frames) for key, make in TABLES.items()}
+
+
+# ---- rendering -------------------------------------------------------------------------------------------
+
+def render_markdown(table: pd.DataFrame, title: str) -> str:
+    def line(values) -> str:
+        return "| " + " | ".join(str(v).replace("|", r"\|") for v in values) + " |"
+    rule = "|" + "|".join(":---" if c in LABELS else "---:" for c in table.columns) + "|"
+    rows = [line(r) for r in table.itertuples(index=False)]
+    return "\n".join([f"## {title}", "", line(table.columns), rule, *rows]) + "\n"
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "ε": r"$\varepsilon$",
+        "—": "---", "–": "--"}
+
+
+def _tex(text) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(text))
+
+
+def render_latex(table: pd.DataFrame, title: str) -> str:
+    """A booktabs tabular (needs \\usepackage{booktabs}) to \\input inside the paper's own table."""
+    align = "".join("l" if c in LABELS else "r" for c in table.columns)
+    rows = [" & ".join(map(_tex, r)) + r" \\" for r in table.itertuples(index=False)]
+    head = " & ".join(map(_tex, table.columns)) + r" \\"
+    lines = [f"% {title}", rf"\begin{{tabular}}{{{align}}}", r"\toprule", head, r"\midrule", *rows,
+             r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def _series(ax, rows: pd.DataFrame, match: dict, **style) -> None:
+    """Mean over seeds per layer, std over seeds as error bars."""
+    rows = _match(rows, **match)
+    if not rows.empty:
+        stats = rows.groupby(["layer", "unit"]).distance.mean().groupby("layer").agg(["mean", "std"])
+        ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", ms=3, capsize=2, **style)
+
+
+def plot_ns_gap(frames: dict[str, pd.DataFrame]) -> Figure | None:
+    """Distance vs depth, one row per (norm, ε): NS mean gap, NS std gap, AP gap. None without NS-gap rows."""
+    ns = _ns(frames)
+    if ns.empty:
+        return None
+    groups = list(ns.groupby(["norm", "eps"], dropna=False))
+    fig = Figure(figsize=(14, 3.6 * len(groups)), layout="constrained")
+    for ((norm, eps), g), axes in zip(groups, fig.subplots(len(groups), 3, squeeze=False)):
+        for ax, stat in zip(axes, ("mean", "std")):
+            for i, (col, match) in enumerate(c for c in _ns_specs(g) if c[1]["kind"] == "ns"):
+                if match["statistic"] == stat:  # colour = domain pair, line style = which AP the domains met
+                    color = "C3" if match["pair"] == "adv-clean" else "C0"
+                    _series(ax, g, match, color=color, ls=["-", "--", ":"][min(i // 4, 2)], label=col.split(": ")[0]
+                            + " " + match["pair"])
+            ax.set(title=f"{norm} ε={_num(eps)}: NS {stat} gap", xlabel="layer", ylabel="Wasserstein distance")
+        for stat, color in (("weight", "C2"), ("bias", "C4")):
+            _series(axes[2], g, {"kind": "ap", "statistic": stat}, color=color, label=f"AP {stat}")
+        axes[2].set(title=f"{norm}: AP gap between branches", xlabel="layer", ylabel="Wasserstein distance")
+        for ax in axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layer indices
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    return fig
+
+
+def write_report(frames: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
+    """Write <key>.md, <key>.tex and <key>.csv per table, report.md with all tables, and ns-gap.png when there
+    are NS-gap rows. Everything is rendered before the first file is written; each file is written atomically."""
+    tables = build_tables(frames)
+    files: dict[str, str | pd.DataFrame | Figure] = {}
+    for key, table in tables.items():
+        files |= {f"{key}.md": render_markdown(table, TITLES[key]), f"{key}.tex": render_latex(table, TITLES[key]),
+                  f"{key}.csv": table}
+    files["report.md"] = "# hybridat report\n\n" + "\n".join(files[f"{key}.md"] for key in tables)
+    if (figure := plot_ns_gap(frames)) is not None:
+        files["ns-gap.png"] = figure
+    for name, content in files.items():
+        if isinstance(content, pd.DataFrame):
+            write_csv(content, Path(out_dir) / name)
+            continue
+        with atomic_path(Path(out_dir) / name) as tmp:
+            if isinstance(content, str):
+                tmp.write_text(content, encoding="utf-8")
+            else:
+                content.savefig(tmp, format="png", dpi=150)  # the temp name ends in .tmp: say the format
+    return [Path(out_dir) / name for name in files]
+
+
+def print_tables(tables: dict[str, pd.DataFrame], console) -> None:
+    """Each table as a rich Table on `console` (a rich.console.Console)."""
+    for key, table in tables.items():
+        view = Table(title=TITLES.get(key, key))
+        for col in table.columns:
+            view.add_column(str(col), justify="left" if col in LABELS else "right")
+        for row in table.itertuples(index=False):
+            view.add_row(*map(str, row))
+        console.print(view)

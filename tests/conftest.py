@@ -1,0 +1,33 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybridat.models import ModelConfig, build_model
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The folder holding cifar-10-batches-py/: $HYBRIDAT_DATA_DIR, else ../shared/data beside the checkout."""
+    default = Path(__file__).resolve().parents[2] / "shared" / "data"
+    path = Path(os.environ.get("HYBRIDAT_DATA_DIR", default))
+    assert (path / "cifar-10-batches-py").is_dir(), f"real CIFAR-10 expected under {path}"
+    return path
+
+
+def tiny(norm: str = "dual-bn", arch: str = "resnet18", seed: int = 0):
+    """A ResNet at 1/16 width: every layer type, a few thousand parameters."""
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(arch, norm, width=0.0625))
+
+
+def perturb(model, scale: float = 0.5, seed: int = 1):
+    """Move every parameter and running buffer away from its init so per-branch sets differ."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.dtype.is_floating_point:
+                noise = torch.rand(t.shape, generator=g) * scale
+                t.add_(noise) if "var" not in name else t.mul_(1 + noise)
+    return model

@@ -1,0 +1,75 @@
+"""Checkpoints rebuild their model exactly; bad files give one clear error; writes are atomic."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hybridat.checkpoint import atomic_path, file_hash, load_checkpoint, read_header, save_checkpoint, write_csv
+from hybridat.errors import HybridatError
+
+from conftest import perturb, tiny
+
+
+def test_round_trip_is_exact(tmp_path):
+    model = perturb(tiny("cross-bn"))
+    path = tmp_path / "m.safetensors"
+    digest = save_checkpoint(model, path, seed="3", train={"loss": "hybrid", "eps": 8})
+    ckpt = load_checkpoint(path)
+    assert ckpt.hash == digest == file_hash(path)
+    assert ckpt.config == model.config
+    assert ckpt.meta("train") == {"loss": "hybrid", "eps": 8} and ckpt.meta("seed") == 3
+    assert json.loads(ckpt.header["versions"])["torch"] == torch.__version__
+    for (k, v), w in zip(model.state_dict().items(), ckpt.model.state_dict().values()):
+        assert torch.equal(v, w), k
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x, "adv"), ckpt.model(x, "adv"), rtol=0, atol=0)
+    assert not ckpt.model.training
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(HybridatError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "none.safetensors")
+
+
+def test_corrupt_file(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(HybridatError, match="not a readable safetensors"):
+        load_checkpoint(path)
+
+
+def test_foreign_safetensors_is_the_wrong_kind(tmp_path):
+    path = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, path, metadata={"format": "pt"})
+    with pytest.raises(HybridatError, match="not a hybridat model checkpoint"):
+        read_header(path)
+
+
+def test_weights_that_do_not_match_the_config(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(tiny("dual-bn"), path)
+    header = read_header(path)
+    config = json.loads(header["config"])
+    config["norm"] = "bn"
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    meta["hybridat.config"] = json.dumps(config)
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(HybridatError, match="do not match"):
+        load_checkpoint(path)
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "out.csv"
+    write_csv([{"a": 1}], target)
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "a\n1\n"  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]  # no temp file left

@@ -1,0 +1,88 @@
+"""The command line on real CIFAR-10: train -> attack -> info, and one-line errors for bad input."""
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from hybridat.checkpoint import load_checkpoint
+from hybridat.cli import app
+
+SMALL = ["--width", "0.0625", "--train-subset", "256", "--epochs", "2", "--batch-size", "64", "--steps", "2",
+         "--step", "4", "--quiet", "--device", "cpu"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("runs") / "dual"
+    result = invoke("train", "--norm", "dual-bn", "--data-dir", data_dir, "--out", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_train_writes_checkpoint_and_epoch_rows(trained):
+    frame = pd.read_csv(trained / "train.csv")
+    assert list(frame["epoch"]) == [1, 2]
+    assert (frame["images"] == 256).all()
+    assert frame[["acc_adv", "acc_clean"]].notna().all().all()
+    ckpt = load_checkpoint(trained / "model.safetensors")
+    assert ckpt.config.norm == "dual-bn" and ckpt.config.width == 0.0625
+    assert ckpt.meta("train")["steps"] == 2 and ckpt.meta("seed") == 0
+    assert frame["checkpoint_hash"].iloc[-1] == ckpt.hash
+
+
+def test_attack_writes_one_row_per_branch_and_attack(trained, tmp_path, data_dir):
+    out = tmp_path / "eval.csv"
+    result = invoke("attack", trained / "model.safetensors", "--n", "64", "--attack", "clean", "--attack", "pgd",
+                    "--steps", "2", "--steps", "3", "--data-dir", data_dir, "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out)
+    assert len(frame) == 6  # 2 branches x (clean, PGD-2, PGD-3)
+    assert set(frame["branch"]) == {"adv", "clean"}
+    assert sorted(frame["steps"].dropna().astype(int)) == [2, 2, 3, 3]
+    assert (frame["n"] == 64).all() and frame["accuracy"].between(0, 1).all()
+    assert (frame["checkpoint_hash"] == load_checkpoint(trained / "model.safetensors").hash).all()
+    clean, pgd = (frame[(frame.attack == a) & (frame.branch == "adv")]["accuracy"].iloc[0] for a in ("clean", "pgd"))
+    assert pgd <= clean
+
+
+def test_info_prints_config(trained):
+    result = invoke("info", trained / "model.safetensors")
+    assert result.exit_code == 0
+    assert "dual-bn" in result.output and "adv, clean" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["attack", "missing.safetensors", "--out", "x.csv"], "no checkpoint"),
+    (["info", "README.md"], "not a readable safetensors"),
+    (["train", "--norm", "cross-bn", "--loss", "madry", "--out", "never"], "use --loss hybrid"),
+    (["train", "--epochs", "0", "--out", "never"], "epochs"),
+])
+def test_bad_input_is_one_line_and_exit_1(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("not a checkpoint")
+    result = invoke(*args)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
+    assert not (tmp_path / "never").exists() and not (tmp_path / "x.csv").exists()
+
+
+def test_torchrun_ddp_on_cpu(tmp_path, data_dir):
+    """Two gloo processes train one model through DistributedDataParallel; rank 0 writes."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hybridat",
+           "train", "--norm", "dual-bn", "--loss", "madry", "--data-dir", str(data_dir), "--out", str(out), *SMALL]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    frame = pd.read_csv(out / "train.csv")
+    assert list(frame["epoch"]) == [1, 2] and (frame["images"] == 256).all()  # both ranks' images counted
+    assert load_checkpoint(out / "model.safetensors").config.norm == "dual-bn"

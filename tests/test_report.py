@@ -1,0 +1,222 @@
+"""`report` turns tidy CSVs into the paper's tables: exact cells, "—" for what is missing, atomic files.
+
+The fixture (tests/fixtures/report/) has cells with 3, 2 and 1 seeds and cells with none; the expected
+Markdown of tables 1 and 2 is in fixtures/report/expected/, with the hand computation in its README.
+"""
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from hybridat import report
+from hybridat.errors import HybridatError
+from hybridat.report import (TABLES, TITLES, build_tables, cell, load_runs, op_label, print_tables, render_latex,
+                             render_markdown, write_report)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "report"
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return load_runs([FIXTURES])
+
+
+@pytest.fixture(scope="module")
+def tables(frames):
+    return build_tables(frames)
+
+
+def test_cell_is_mean_sample_std_and_n():
+    assert cell(pd.Series([0.80, 0.82])) == "81.0 ± 1.4 (n=2)"
+    assert cell(pd.Series([0.843])) == "84.3 (n=1)"
+    assert cell(pd.Series([0.81, 0.82, 0.83])) == "82.0 ± 1.0 (n=3)"
+    assert cell(pd.Series([0.5, float("nan")])) == "50.0 (n=1)"
+    assert cell(pd.Series([], dtype=float)) == "—"
+    assert cell(pd.Series([0.1, 0.12]), scale=1.0, digits=3) == "0.110 ± 0.014 (n=2)"
+
+
+def test_registry_keys():
+    assert list(TABLES) == ["cross-bn", "ns-vs-ap", "two-task", "test-time", "ns-gap"]
+    assert set(TITLES) == set(TABLES) and all(k == k.lower() for k in TABLES)
+
+
+def test_load_runs_classifies_by_columns(frames):
+    assert set(frames) == {"eval", "train", "nsgap"}
+    assert len(frames["eval"]) == 51 and len(frames["train"]) == 1 and len(frames["nsgap"]) == 70
+    assert frames["eval"].accuracy.dtype.kind == "f" and frames["nsgap"].layer.dtype.kind in "iuf"
+    # files and folders mix; a file reached twice is read once
+    again = load_runs([FIXTURES / "eval.csv", FIXTURES])
+    assert len(again["eval"]) == 51
+    only = load_runs([FIXTURES / "nsgap.csv"])
+    assert set(only) == {"nsgap"}
+
+
+def test_load_runs_errors_name_the_file(tmp_path):
+    with pytest.raises(HybridatError, match="no such file or folder: .*nowhere"):
+        load_runs([tmp_path / "nowhere"])
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(HybridatError, match=r"empty\.csv is not a readable CSV"):
+        load_runs([tmp_path / "empty.csv"])
+    (tmp_path / "ragged.csv").write_text("a,b\n1,2\n1,2,3,4\n")
+    with pytest.raises(HybridatError, match=r"ragged\.csv is not a readable CSV"):
+        load_runs([tmp_path / "ragged.csv"])
+    (tmp_path / "other.csv").write_text("x,y\n1,2\n")
+    with pytest.raises(HybridatError, match=r"other\.csv is not an eval, train or ns-gap CSV"):
+        load_runs([tmp_path / "other.csv"])
+
+
+def test_folders_skip_unknown_csvs_but_not_nothing(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "ns-raw.csv").write_text("layer,channel,mean\n0,0,0.1\n")
+    with pytest.raises(HybridatError, match="found no eval, train or ns-gap CSV"):
+        load_runs([tmp_path])
+    shutil.copy(FIXTURES / "nsgap.csv", tmp_path / "raw" / "gap.csv")
+    assert set(load_runs([tmp_path])) == {"nsgap"}
+
+
+@pytest.mark.parametrize("key", ["cross-bn", "ns-vs-ap"])
+def test_markdown_matches_hand_computed(tables, key):
+    expected = (FIXTURES / "expected" / f"{key}.md").read_text(encoding="utf-8")
+    assert render_markdown(tables[key], TITLES[key]) == expected
+
+
+def test_two_task_rows_sit_next_to_table_2(tables):
+    t = tables["two-task"].set_index(["norm", "loss"])
+    assert list(t.index) == [("dual-linear", "hybrid"), ("dual-adapter", "hybrid"), ("bn", "trades"),
+                             ("dual-bn", "trades"), ("bn", "hybrid"), ("dual-bn", "hybrid")]
+    assert t.loc[("dual-bn", "trades"), "ε=8 adv: PGD-10"] == "52.0 (n=1)"
+    assert set(t.loc[("dual-linear", "hybrid")]) == {"—"}
+    two = tables["ns-vs-ap"].set_index("norm")
+    assert (t.loc[("bn", "hybrid")] == two.loc["bn"]).all()
+
+
+def test_test_time_operations_and_inheritance(tables):
+    t = tables["test-time"]
+    eight = t[t["train ε"] == "8"].set_index("operation")
+    assert list(eight.index) == ["as trained", "cross", "swap-ap", "reestimate adv NS on adv data",
+                                 "reestimate clean NS on clean data"]
+    # the cross checkpoint has no seed/loss/ε of its own: they come from its parent; the second re-estimate
+    # is a child of the cross checkpoint, two generations from the trained model
+    assert eight.loc["cross", "adv: clean"] == "70.0 (n=1)" and eight.loc["cross", "clean: PGD-10"] == "5.0 (n=1)"
+    assert eight.loc["reestimate clean NS on clean data", "adv: clean"] == "72.0 (n=1)"
+    assert set(eight.loc["swap-ap"]) == {"8", "—"}
+    assert eight.loc["as trained", "adv: AA"] == "44.0 (n=1)"
+
+
+def test_test_time_drops_aa_columns_without_aa(frames):
+    no_aa = {"eval": frames["eval"][frames["eval"].attack != "autoattack"]}
+    t = build_tables(no_aa)["test-time"]
+    assert list(t.columns) == ["operation", "train ε", "adv: clean", "adv: PGD-10", "clean: clean", "clean: PGD-10"]
+
+
+def test_op_label():
+    assert op_label("") == "as trained"
+    assert op_label('{"op": "cross"}') == "cross"
+    assert op_label('{"branch": "adv", "domain": "noise", "op": "reestimate"}') == "reestimate adv NS on noise data"
+    assert op_label('{"ap": "clean", "layers": [1, 2], "op": "recombine"}') == "recombine ap=clean layers=[1, 2]"
+    assert op_label("not json") == "not json"
+
+
+def test_ns_gap_table(tables):
+    t = tables["ns-gap"].set_index("layer")
+    assert list(t.index) == ["0", "1"] and list(t["name"]) == ["conv1.bn", "layer1.0.bn1"]
+    # wasserstein rows only (the "mad" rows hold 9.0); seeds 0 and 1 differ by 0.02
+    assert t.loc["0", "own branch: adv-clean mean"] == "0.110 ± 0.014 (n=2)"
+    assert t.loc["0", "own branch: noise-clean std"] == "0.050 ± 0.014 (n=2)"
+    assert t.loc["1", "fix-AP adv: adv-clean std"] == "0.170 ± 0.014 (n=2)"
+    assert t.loc["0", "AP gap: weight"] == "0.310 ± 0.014 (n=2)"
+    assert t.loc["1", "AP gap: bias"] == "0.300 (n=1)"
+
+
+def test_no_data_gives_missing_cells_not_numbers():
+    tables = build_tables({})
+    assert set(tables) == set(TABLES)
+    for key in ("cross-bn", "ns-vs-ap", "two-task", "test-time"):
+        labels = [c for c in tables[key].columns if c in report.LABELS]
+        assert len(tables[key]) > 0 and set(tables[key].drop(columns=labels).stack()) == {"—"}
+    assert tables["ns-gap"].empty and "own branch: adv-clean mean" in tables["ns-gap"].columns
+
+
+def test_mixed_model_settings_are_refused(frames):
+    ev = frames["eval"].copy()
+    ev.loc[ev.index[:3], "width"] = 0.25
+    with pytest.raises(HybridatError, match="mix model settings"):
+        build_tables({"eval": ev})
+
+
+def test_latex_escapes_and_booktabs():
+    table = pd.DataFrame({"norm": ["a&b_c"], "100% ε": ["81.0 ± 1.4 (n=2)"], "x": ["—"]})
+    assert render_latex(table, "T") == (
+        "% T\n"
+        "\\begin{tabular}{lrr}\n"
+        "\\toprule\n"
+        "norm & 100\\% $\\varepsilon$ & x \\\\\n"
+        "\\midrule\n"
+        "a\\&b\\_c & 81.0 $\\pm$ 1.4 (n=2) & --- \\\\\n"
+        "\\bottomrule\n"
+        "\\end{tabular}\n")
+
+
+def test_markdown_escapes_pipes():
+    table = pd.DataFrame({"operation": ["a|b"], "adv: clean": ["—"]})
+    assert render_markdown(table, "T").splitlines()[-1] == r"| a\|b | — |"
+
+
+def test_write_report_writes_every_file(frames, tables, tmp_path):
+    written = write_report(frames, tmp_path / "out")
+    names = [p.name for p in written]
+    expected = [f"{k}.{ext}" for k in TABLES for ext in ("md", "tex", "csv")] + ["report.md", "ns-gap.png"]
+    assert names == expected
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(expected)  # no temp files left
+    for key, table in tables.items():
+        assert (tmp_path / "out" / f"{key}.md").read_text(encoding="utf-8") == render_markdown(table, TITLES[key])
+        assert (tmp_path / "out" / f"{key}.tex").read_text(encoding="utf-8") == render_latex(table, TITLES[key])
+        back = pd.read_csv(tmp_path / "out" / f"{key}.csv", dtype=str, keep_default_na=False)
+        assert back.equals(table.astype(str))
+    full = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert all(TITLES[k] in full for k in TABLES)
+    assert (FIXTURES / "expected" / "ns-vs-ap.md").read_text(encoding="utf-8") in full
+    assert (tmp_path / "out" / "ns-gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_write_report_without_ns_gap_has_no_plot(frames, tmp_path):
+    names = [p.name for p in write_report({"eval": frames["eval"]}, tmp_path)]
+    assert "ns-gap.png" not in names and "ns-gap.md" in names
+
+
+def test_write_report_renders_everything_before_writing(frames, tmp_path, monkeypatch):
+    def broken(frames):
+        raise RuntimeError("plot failed")
+    monkeypatch.setattr(report, "plot_ns_gap", broken)
+    with pytest.raises(RuntimeError):
+        write_report(frames, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_write_report_failure_leaves_no_half_file(frames, tables, tmp_path, monkeypatch):
+    real = report.write_csv
+
+    def failing(frame, path):  # dies halfway through writing the third table's CSV
+        if Path(path).name == "two-task.csv":
+            with report.atomic_path(path) as tmp:
+                tmp.write_text("norm,lo")
+                raise OSError("disk full")
+        real(frame, path)
+    monkeypatch.setattr(report, "write_csv", failing)
+    with pytest.raises(OSError):
+        write_report(frames, tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    done = [f"{k}.{e}" for k in ("cross-bn", "ns-vs-ap") for e in ("md", "tex", "csv")]
+    assert left == sorted(done + ["two-task.md", "two-task.tex"])  # and no two-task.csv, whole or partial
+    assert (tmp_path / "ns-vs-ap.md").read_text(encoding="utf-8") == render_markdown(tables["ns-vs-ap"],
+                                                                                   TITLES["ns-vs-ap"])
+
+
+def test_print_tables(tables):
+    console = Console(record=True, width=400)
+    print_tables(tables, console)
+    text = console.export_text()
+    assert TITLES["cross-bn"] in text and "81.0 ± 1.4 (n=2)" in text and "0.600 (n=1)" in text

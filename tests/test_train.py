@@ -1,0 +1,114 @@
+"""The Hybrid-AT step: the training attack leaves no trace, losses are what SPEC.md says, runs repeat."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridat.attacks import pgd
+from hybridat.data import Split
+from hybridat.errors import HybridatError
+from hybridat.models import BranchView
+from hybridat.train import LOSSES, TrainConfig, check_config, craft, lr_factor, train, train_step
+
+from conftest import perturb, tiny
+
+
+def batch(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.mark.parametrize("loss", ["hybrid", "trades", "madry"])
+def test_training_attack_leaves_no_trace(loss):
+    model = perturb(tiny("dual-bn")).train()
+    before = copy.deepcopy(model.state_dict())
+    x, y = batch()
+    x_adv = craft(model, x, y, TrainConfig(loss=loss, steps=3))
+    assert model.training
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert not torch.equal(x_adv, x)
+
+
+def test_training_attack_goes_through_the_adv_branch_in_eval_mode():
+    model = perturb(tiny("dual-bn")).train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight_clean"):
+                p.neg_()  # the clean branch now sees a very different network
+    x, y = batch()
+    torch.manual_seed(5)
+    got = craft(model, x, y, TrainConfig(steps=2))
+    reference = copy.deepcopy(model).eval()
+    torch.manual_seed(5)
+    want = pgd(BranchView(reference, "adv"), x, y, 8 / 255, 2 / 255, 2, start="normal")
+    assert torch.equal(got, want)
+    torch.manual_seed(5)
+    via_clean = pgd(BranchView(reference, "clean"), x, y, 8 / 255, 2 / 255, 2, start="normal")
+    assert not torch.equal(got, via_clean)
+
+
+@pytest.mark.parametrize("loss,idle", [("madry", "clean"), ("clean", "adv")])
+def test_single_branch_losses_train_one_branch(loss, idle):
+    model = perturb(tiny("dual-bn")).train()
+    x, y = batch()
+    out, logits = train_step(model, model, x, y, TrainConfig(loss=loss, steps=1))
+    assert set(logits) == set(LOSSES[loss].branches)
+    out.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is None for n, g in grads.items() if n.endswith(f"_{idle}"))
+    assert all(g is not None for n, g in grads.items() if n.endswith(f"_{'adv' if idle == 'clean' else 'clean'}"))
+
+
+def test_hybrid_and_trades_objectives():
+    model = perturb(tiny("dual-bn")).train()
+    x, y = batch()
+    torch.manual_seed(0)
+    cfg = TrainConfig(loss="hybrid", clean_weight=0.3, steps=1)
+    loss, lg = train_step(model, model, x, y, cfg)
+    want = 0.3 * F.cross_entropy(lg["clean"], y) + 0.7 * F.cross_entropy(lg["adv"], y)
+    torch.testing.assert_close(loss, want)
+    cfg = TrainConfig(loss="trades", trades_beta=6.0, steps=1)
+    loss, lg = train_step(model, model, x, y, cfg)
+    p_clean = F.softmax(lg["clean"], 1)
+    kl = (p_clean * (p_clean.log() - F.log_softmax(lg["adv"], 1))).sum(1).mean()  # KL(clean || adv)
+    torch.testing.assert_close(loss, F.cross_entropy(lg["clean"], y) + 6.0 * kl)
+
+
+def test_lr_schedule_is_the_papers():
+    assert [lr_factor(e, 110) for e in (0, 99, 100, 104, 105, 109)] == [1, 1, 0.1, 0.1, 0.1 ** 2, 0.1 ** 2]
+    assert lr_factor(0, 1) == 1
+
+
+@pytest.mark.parametrize("norm,loss", [("cross-bn", "madry"), ("dual-ap", "clean"), ("bn", "nope")])
+def test_impossible_combinations_are_rejected(norm, loss):
+    with pytest.raises(HybridatError):
+        check_config(TrainConfig(loss=loss), norm)
+
+
+def test_bad_numbers_are_rejected():
+    for cfg in (TrainConfig(eps=-1), TrainConfig(epochs=0), TrainConfig(clean_weight=2)):
+        with pytest.raises(HybridatError):
+            check_config(cfg, "bn")
+
+
+def test_training_is_deterministic_for_a_seed_and_learns():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = (images.float().mean((1, 2, 3)) > 127.5).long()  # a learnable rule
+    split = Split(images, labels)
+    cfg = TrainConfig(epochs=3, batch_size=16, steps=1, lr=0.05)
+    states, rows = [], []
+    for _ in range(2):
+        model = tiny("dual-bn", seed=0)
+        rows = list(train(model, split, cfg, torch.Generator().manual_seed(1)))
+        states.append(model.state_dict())
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert all(r["images"] == 32 for r in rows)
+    assert {"loss", "loss_adv", "acc_adv", "loss_clean", "acc_clean", "seconds", "lr"} <= set(rows[0])
