@@ -11,8 +11,9 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 SHARED_DATA := $(abspath ../shared/data)
 export HYBRIDAT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/cifar-10-batches-py),$(SHARED_DATA),$(CURDIR)/data)
 
-.PHONY: install test demo clean-demo
+.PHONY: install test demo mini tables bench clean-demo
 .DELETE_ON_ERROR:
+.SECONDEXPANSION:
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -24,23 +25,91 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
-# ---- demo: ResNet-18 at 1/8 width, 2,000 training images, PGD-3 training, PGD-10 evaluation on 500 images
-DEMO ?= demo
-DEMO_NORMS ?= bn dual-bn
-DEMO_TRAIN ?= --arch resnet18 --width 0.125 --train-subset 2000 --epochs 4 --batch-size 64 --steps 3 --step 3 --lr 0.05
-DEMO_EVAL ?= --n 500 --attack clean --attack pgd --steps 10 --batch-size 250
+# ---- the paper's grid. A run folder is named NORM_LOSS_EPS_sSEED; everything below derives from the name.
+# make tables: paper scale on a GPU (110 epochs, full test set, PGD-10/20, AutoAttack on the first 1,000).
+# make mini:   the same grid at a CPU scale (about 2 hours on 2 cores).  make demo: a few minutes.
+SEEDS ?= 0
+NORMS_8 := bn bn-mix dual-bn dual-ap dual-ns cross-bn dual-linear dual-adapter
+NORMS_16 := bn bn-mix dual-bn dual-ap dual-ns
+TRADES_NORMS := bn dual-bn
+grid_runs = $(foreach s,$(SEEDS),$(foreach n,$(NORMS_8),$(n)_hybrid_8_s$(s)) \
+            $(foreach n,$(NORMS_16),$(n)_hybrid_16_s$(s)) $(foreach n,$(TRADES_NORMS),$(n)_trades_8_s$(s)))
+# test-time recombinations of the dual-bn model (table 4): NAME:swap-bn flags
+DERIVED ?= cross:--cross swap-ap:--swap-ap reest-adv-on-clean:--reestimate=clean@adv \
+           reest-clean-on-adv:--reestimate=adv@clean reest-adv-on-noise:--reestimate=noise@adv
+derived_names = $(foreach d,$(DERIVED),$(word 1,$(subst :, ,$(d))))
+derived_flags = $(subst @, --branch ,$(word 2,$(subst :, ,$(filter $(1):%,$(DERIVED)))))
 
-demo: $(DEMO)/summary.txt
+field = $(word $(1),$(subst _, ,$(2)))
+# the seed of a run or derived name ending in _sSEED
+seed_of = $(patsubst s%,%,$(lastword $(subst _, ,$(1))))
+
+# $(1) = root folder, $(2) = runs. Defines the rules of one pipeline; the scale comes from $(1)'s variables.
+define pipeline
+.PRECIOUS: $(1)/runs/%/model.safetensors $(1)/derived/%/model.safetensors  # intermediate, but never deleted
+$(1)/runs/%/model.safetensors: | install
+	$$(HYBRIDAT) train --norm $$(call field,1,$$*) --loss $$(call field,2,$$*) --eps $$(call field,3,$$*) \
+	    --step $$(shell awk 'BEGIN{print $$(call field,3,$$*) * $$($(1)_STEP_PER_EPS)}') \
+	    --seed $$(call seed_of,$$*) $$($(1)_TRAIN) --quiet --out $$(@D)
+$(1)/runs/%/eval.csv: $(1)/runs/%/model.safetensors
+	$$(HYBRIDAT) attack $$< --eps $$(call field,3,$$*) $$($(1)_EVAL) --out $$@
+$(1)/runs/%/aa.csv: $(1)/runs/%/model.safetensors
+	$$(HYBRIDAT) attack $$< --eps $$(call field,3,$$*) --attack autoattack $$($(1)_AA) --out $$@
+$(1)/derived/%/model.safetensors: $(1)/runs/dual-bn_hybrid_8_s$$$$(call seed_of,$$$$*)/model.safetensors
+	$$(HYBRIDAT) swap-bn $$< $$(call derived_flags,$$(call field,1,$$*)) \
+	    $$(if $$(findstring reestimate,$$(call derived_flags,$$(call field,1,$$*))),$$($(1)_REEST)) --out $$@
+$(1)/derived/%/eval.csv: $(1)/derived/%/model.safetensors
+	$$(HYBRIDAT) attack $$< --eps 8 $$($(1)_EVAL) --out $$@
+$(1)/nsgap/%.csv: $(1)/runs/dual-bn_hybrid_8_s$$$$(call seed_of,$$$$*)/model.safetensors
+	$$(HYBRIDAT) ns-gap $$< $$(if $$(findstring fixap,$$*),--fix-ap) $$($(1)_NSGAP) --out $$@
+$(1)/report/report.md: $(2)
+	$$(HYBRIDAT) report $(1)/runs $(1)/derived $(1)/nsgap --out $$(@D)
+endef
+
+pipeline_files = $(foreach r,$(2),$(1)/runs/$(r)/eval.csv $(if $(3),$(1)/runs/$(r)/aa.csv)) \
+    $(foreach s,$(SEEDS),$(foreach d,$(derived_names),$(1)/derived/$(d)_s$(s)/eval.csv) \
+                         $(1)/nsgap/own_s$(s).csv $(1)/nsgap/fixap_s$(s).csv)
+
+# ---- paper scale (GPU)
+TABLES ?= tables
+$(TABLES)_STEP_PER_EPS := 0.25
+$(TABLES)_TRAIN ?= --epochs 110
+$(TABLES)_EVAL ?= --attack clean --attack pgd --steps 10 --steps 20
+$(TABLES)_AA ?= --n 1000
+$(TABLES)_REEST ?= --n 10000
+$(TABLES)_NSGAP ?= --eps 16 --n 512
+$(eval $(call pipeline,$(TABLES),$(call pipeline_files,$(TABLES),$(grid_runs),aa)))
+tables: $(TABLES)/report/report.md
 	@cat $<
 
-$(DEMO)/%/model.safetensors: | install
-	$(HYBRIDAT) train --norm $* $(DEMO_TRAIN) --out $(DEMO)/$* --quiet
+# ---- CPU scale: ResNet-18 at 1/8 width, 10,000 images, 5 epochs, PGD-3 training
+MINI ?= mini
+$(MINI)_STEP_PER_EPS := 0.8333
+$(MINI)_TRAIN ?= --width 0.125 --train-subset 10000 --epochs 5 --steps 3 --device cpu
+$(MINI)_EVAL ?= --n 1000 --attack clean --attack pgd --steps 10 --device cpu
+$(MINI)_AA ?= --n 100 --device cpu
+$(MINI)_REEST ?= --n 2000 --steps 3 --step 6.667 --device cpu
+$(MINI)_NSGAP ?= --eps 16 --n 256 --device cpu
+$(eval $(call pipeline,$(MINI),$(call pipeline_files,$(MINI),$(grid_runs),aa)))
+mini: $(MINI)/report/report.md
+	@cat $<
 
-$(DEMO)/%/eval.csv: $(DEMO)/%/model.safetensors
-	$(HYBRIDAT) attack $< $(DEMO_EVAL) --out $@
+# ---- demo: bn, dual-bn and cross-bn at 1/8 width on 3,000 images; every stage at least once, no AutoAttack
+DEMO ?= demo
+DEMO_RUNS := bn_hybrid_8_s0 dual-bn_hybrid_8_s0 cross-bn_hybrid_8_s0
+DEMO_DERIVED := cross_s0 swap-ap_s0 reest-adv-on-clean_s0
+$(DEMO)_STEP_PER_EPS := 0.375
+$(DEMO)_TRAIN ?= --width 0.125 --train-subset 3000 --epochs 4 --batch-size 64 --steps 3 --lr 0.05
+$(DEMO)_EVAL ?= --n 500 --attack clean --attack pgd --steps 10 --batch-size 250
+$(DEMO)_REEST ?= --n 1000 --steps 3 --step 3
+$(DEMO)_NSGAP ?= --eps 16 --n 256
+$(eval $(call pipeline,$(DEMO),$(foreach r,$(DEMO_RUNS),$(DEMO)/runs/$(r)/eval.csv) \
+    $(foreach d,$(DEMO_DERIVED),$(DEMO)/derived/$(d)/eval.csv) $(DEMO)/nsgap/own_s0.csv $(DEMO)/nsgap/fixap_s0.csv))
+demo: $(DEMO)/report/report.md
+	@cat $<
 
-$(DEMO)/summary.txt: $(foreach n,$(DEMO_NORMS),$(DEMO)/$(n)/eval.csv)
-	$(PY) -m hybridat.summary $^ > $@.tmp && mv $@.tmp $@
+bench: install
+	$(HYBRIDAT) bench --quick --out bench/bench.csv
 
 clean-demo:
 	rm -rf $(DEMO)

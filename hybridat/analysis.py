@@ -39,8 +39,8 @@ def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
 def perturb(model, x: torch.Tensor, y: torch.Tensor, domain: str, branch: str, eps: float, *,
             step: float | None = None, steps: int = 10, start: str = "uniform", noise: str = "uniform",
             generator: torch.Generator | None = None) -> torch.Tensor:
-    """x (B, 3, H, W) in [0, 1] moved into `domain`: clean = x; adv = L∞ PGD through `branch` in eval mode (no
-    trace on the model; step None = ε/4); noise = x + U(-ε, ε), or Gaussian of the same std ε/√3; all in [0, 1]."""
+    """x (B, 3, H, W) in [0, 1] moved into `domain`: clean = x; adv = L∞ PGD through `branch` in eval mode
+    (no trace on the model; step None = ε/4); noise = x + U(-ε, ε), or Gaussian of the same std ε/√3; in [0, 1]."""
     check_choice(domain, DOMAINS, "domain")
     check_choice(noise, NOISES, "noise")
     if eps < 0:
@@ -54,7 +54,8 @@ def perturb(model, x: torch.Tensor, y: torch.Tensor, domain: str, branch: str, e
     if noise == "uniform":
         delta = torch.empty_like(x).uniform_(-eps / 255, eps / 255, generator=generator)
     else:
-        delta = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * (eps / 255 / math.sqrt(3))
+        std = eps / 255 / math.sqrt(3)  # the std of U(-ε, ε)
+        delta = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * std
     return (x + delta).clamp(0, 1)
 
 
@@ -197,7 +198,8 @@ def plot_gap_by_depth(rows, path, measure: str = "wasserstein") -> None:
     for r in _records(rows):
         if r["measure"] == measure:
             setting = "AP" if r["kind"] == "ap" else (f"fix AP: {r['branch']}" if r["fix_ap"] else "own branch")
-            lines.setdefault(r["statistic"], {}).setdefault((r["pair"], setting), []).append((r["layer"], r["distance"]))
+            points = lines.setdefault(r["statistic"], {}).setdefault((r["pair"], setting), [])
+            points.append((r["layer"], r["distance"]))
     if not lines:
         raise HybridatError(f"no {measure} rows to plot")
     stats = [s for s in ("mean", "std", "weight", "bias") if s in lines]
@@ -218,7 +220,8 @@ def plot_channels(channel_rows, layer: int, path) -> None:
     panels: dict[tuple, dict[str, list]] = {}  # (fix_ap, branch) -> domain -> [(channel, mean)]
     for r in _records(channel_rows):
         if r["layer"] == layer:
-            panels.setdefault((r["fix_ap"], r["branch"]), {}).setdefault(r["domain"], []).append((r["channel"], r["mean"]))
+            bars = panels.setdefault((r["fix_ap"], r["branch"]), {}).setdefault(r["domain"], [])
+            bars.append((r["channel"], r["mean"]))
     if not panels:
         raise HybridatError(f"no channel statistics for layer {layer}")
     fig = Figure(figsize=(10, 3 * len(panels)), layout="constrained")

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from .attacks import ATTACKS
 from .checkpoint import load_checkpoint, save_checkpoint, write_csv
-from .data import DATASETS, load_split, num_classes
+from .data import DATASETS, load_split, num_classes, to_float
 from .errors import HybridatError
 from .evaluate import attack_label, evaluate
 from .models import ARCHS, ModelConfig, build_model
@@ -163,6 +163,128 @@ def _print_row(row: dict) -> None:
     label = attack_label(row["attack"], row["steps"])
     console.print(f"  {row['branch']:5s} {label:8s} acc {row['accuracy']:.4f}  ({row['seconds']:.1f} s)",
                   highlight=False)
+
+
+def _mapping(pairs: list[str] | None, flag: str) -> dict[str, str]:
+    """['adv=clean'] -> {'adv': 'clean'}: the target branch takes the source branch's set."""
+    mapping = {}
+    for pair in pairs or []:
+        target, _, source = pair.partition("=")
+        if not source:
+            raise HybridatError(f"{flag} takes BRANCH=SOURCE (e.g. adv=clean), got {pair!r}")
+        mapping[target] = source
+    return mapping
+
+
+@app.command("swap-bn")
+@cli_errors
+def swap_bn_cmd(
+    checkpoint: Ckpt,
+    out: Annotated[Path, typer.Option(help="the NEW checkpoint (never the input)")],
+    cross: Annotated[bool, typer.Option("--cross", help="each branch keeps its AP, takes the other's NS")] = False,
+    swap_ap: Annotated[bool, typer.Option("--swap-ap", help="each branch keeps its NS, takes the other's AP")] = False,
+    ns: Annotated[Optional[list[str]], typer.Option(help="general form: BRANCH=SOURCE NS, e.g. adv=clean")] = None,
+    ap: Annotated[Optional[list[str]], typer.Option(help="general form: BRANCH=SOURCE AP, e.g. clean=adv")] = None,
+    from_layer: Annotated[Optional[int], typer.Option(help="only norm layers with index >= K (0 = first)")] = None,
+    reestimate: Annotated[Optional[str], typer.Option(help="recompute --branch's running NS on clean, adv "
+                                                            "or noise training data")] = None,
+    branch: Annotated[Branch, typer.Option(help="the branch whose NS --reestimate recomputes")] = "adv",
+    n: Annotated[int, typer.Option(help="--reestimate: training images in the pass")] = 10000,
+    eps: Eps = 8.0,
+    step: Annotated[float, typer.Option(help="--reestimate adv: PGD step in pixel units")] = 2.0,
+    steps: Annotated[int, typer.Option(help="--reestimate adv: PGD steps")] = 10,
+    batch_size: int = 128,
+    data_dir: DataDir = None,
+    seed: Seed = 0,
+    device: DeviceOpt = "auto",
+):
+    """Recombine a two-branch checkpoint's NS and AP at test time; writes a new checkpoint."""
+    from .recombine import cross as cross_fn, deeper_than, recombine, reestimate as reestimate_fn, save_derived
+    from .runtime import resolve_device
+
+    chosen = [name for name, on in [("--cross", cross), ("--swap-ap", swap_ap), ("--ns/--ap", ns or ap),
+                                    ("--reestimate", reestimate)] if on]
+    if len(chosen) != 1:
+        raise HybridatError("give exactly one of --cross, --swap-ap, --ns/--ap, --reestimate")
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint, dev)
+    layers = None if from_layer is None else deeper_than(ckpt.model, from_layer)
+    op = {"op": {"--ns/--ap": "recombine"}.get(chosen[0], chosen[0].lstrip("-")), "layers": layers}
+    if cross:
+        new = cross_fn(ckpt.model, layers)
+    elif swap_ap or ns or ap:
+        mapping = {"ns": _mapping(ns, "--ns"), "ap": _mapping(ap, "--ap" if ap else "--swap-ap")}
+        if swap_ap:
+            mapping["ap"] = {"adv": "clean", "clean": "adv"}
+        new = recombine(ckpt.model, layers=layers, **mapping)
+        op |= mapping if not swap_ap else {}
+    else:
+        name = (ckpt.meta("train") or {}).get("dataset", "cifar10")
+        split = load_split(name, train=True, data_dir=data_dir, device=dev)
+        new = reestimate_fn(ckpt.model, branch.value, reestimate, split, batch_size=batch_size, n_images=n,
+                            eps=eps, step=step, steps=steps, seed=seed)
+        op |= {"branch": branch.value, "domain": reestimate, "n_images": n, "eps": eps, "seed": seed}
+        if NORMS[ckpt.config.norm].ns_sets == 1:
+            console.print(f"note: {ckpt.config.norm} has one NS set, so both branches read the new statistics")
+    digest = save_derived(ckpt, new, out, {k: v for k, v in op.items() if v is not None})
+    console.print(f"{out}  {op['op']}  parent {ckpt.hash} -> {digest}", highlight=False)
+
+
+@app.command("ns-gap")
+@cli_errors
+def ns_gap_cmd(
+    checkpoint: Ckpt,
+    out: Annotated[Path, typer.Option(help="tidy CSV; FILE-channels.csv and FILE-*.png are written beside it")],
+    fix_ap: Annotated[bool, typer.Option("--fix-ap", help="all domains through the same branch (same AP)")] = False,
+    branch: Annotated[Branch, typer.Option(help="branch of the PGD examples, and of every domain with --fix-ap")]
+    = "adv",
+    eps: Eps = 16.0,
+    steps: Annotated[int, typer.Option(help="PGD steps of the adversarial domain")] = 10,
+    n: Annotated[int, typer.Option(help="test images in the batch")] = 512,
+    noise: Annotated[str, typer.Option(help="uniform U(-eps, eps) or gaussian of the same std")] = "uniform",
+    layer: Annotated[Optional[int], typer.Option(help="layer of the per-channel plot [default: the last]")] = None,
+    data_dir: DataDir = None,
+    seed: Seed = 0,
+    device: DeviceOpt = "auto",
+):
+    """Per-layer NS distance between adversarial, noisy and clean versions of the same test images."""
+    from .analysis import ap_gap, ns_gap, plot_channels, plot_gap_by_depth
+    from .runtime import resolve_device
+
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint, dev)
+    name = (ckpt.meta("train") or {}).get("dataset", "cifar10")
+    split = load_split(name, train=False, data_dir=data_dir, device=dev, n=n)
+    rows, channels = ns_gap(ckpt.model, to_float(split.images), split.labels, eps=eps, fix_ap=fix_ap,
+                            branch=branch.value, steps=steps, noise=noise, seed=seed)
+    try:
+        rows += ap_gap(ckpt.model)
+    except HybridatError as e:
+        console.print(f"note: no AP gap ({e})", highlight=False)
+    ids = {"run": ckpt.header.get("run", ""), "seed": ckpt.meta("seed", ""), "norm": ckpt.config.norm,
+           "checkpoint_hash": ckpt.hash}
+    stem = out.with_suffix("")
+    layer = max(r["layer"] for r in channels) if layer is None else layer
+    plot_gap_by_depth(rows, f"{stem}-depth.png")
+    plot_channels(channels, layer, f"{stem}-channels.png")
+    write_csv([ids | r for r in channels], f"{stem}-channels.csv")
+    write_csv([ids | r for r in rows], out)
+    console.print(f"{out}: {len(rows)} rows; plots {stem}-depth.png, {stem}-channels.png", highlight=False)
+
+
+@app.command("report")
+@cli_errors
+def report_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="CSV files or folders searched for them")],
+    out: Annotated[Path, typer.Option(help="folder for the tables (.md, .tex, .csv), report.md and plots")],
+):
+    """Render SPEC.md's five tables from tidy CSVs (mean ± std over seeds); never recomputes anything."""
+    from .report import build_tables, load_runs, print_tables, write_report
+
+    frames = load_runs(runs)
+    print_tables(build_tables(frames), Console())
+    written = write_report(frames, out)
+    console.print(f"{len(written)} files in {out}", highlight=False)
 
 
 @app.command("info")

@@ -222,7 +222,12 @@ def _ns(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     ns = ns[ns.measure == "wasserstein"].copy()
     ns["fix"] = ns.fix_ap.astype(str).str.strip().str.lower().isin(["true", "1", "1.0"])
     ns["unit"] = _units(ns)
-    return ns
+    # the AP gap belongs to the checkpoint, not to an ε: show it beside each ε its NS gap was measured at
+    ap, ns = ns[ns.kind == "ap"], ns[ns.kind != "ap"]
+    eps_of = ns[["checkpoint_hash", "eps"]].drop_duplicates()
+    ap = pd.concat([ap.drop(columns="eps").merge(eps_of, on="checkpoint_hash", how="inner"),
+                    ap[~ap.checkpoint_hash.isin(eps_of.checkpoint_hash)]])
+    return pd.concat([ns, ap], ignore_index=True)
 
 
 def _ns_specs(ns: pd.DataFrame) -> list[tuple[str, dict]]:
@@ -305,11 +310,11 @@ def plot_ns_gap(frames: dict[str, pd.DataFrame]) -> Figure | None:
     fig = Figure(figsize=(14, 3.6 * len(groups)), layout="constrained")
     for ((norm, eps), g), axes in zip(groups, fig.subplots(len(groups), 3, squeeze=False)):
         for ax, stat in zip(axes, ("mean", "std")):
-            for i, (col, match) in enumerate(c for c in _ns_specs(g) if c[1]["kind"] == "ns"):
-                if match["statistic"] == stat:  # colour = domain pair, line style = which AP the domains met
-                    color = "C3" if match["pair"] == "adv-clean" else "C0"
-                    _series(ax, g, match, color=color, ls=["-", "--", ":"][min(i // 4, 2)], label=col.split(": ")[0]
-                            + " " + match["pair"])
+            for col, match in _ns_specs(g):
+                if match["kind"] == "ns" and match["statistic"] == stat:
+                    # colour = domain pair; line style = whether the domains met their own AP or one fixed AP
+                    _series(ax, g, match, color="C3" if match["pair"] == "adv-clean" else "C0",
+                            ls="--" if match["fix"] else "-", label=f"{col.split(': ')[0]} {match['pair']}")
             ax.set(title=f"{norm} ε={_num(eps)}: NS {stat} gap", xlabel="layer", ylabel="Wasserstein distance")
         for stat, color in (("weight", "C2"), ("bias", "C4")):
             _series(axes[2], g, {"kind": "ap", "statistic": stat}, color=color, label=f"AP {stat}")

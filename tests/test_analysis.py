@@ -97,7 +97,7 @@ def test_batch_ns_reads_each_layers_input_with_batch_statistics_upstream():
 
 def test_ns_gap_is_exactly_zero_for_identical_domains():
     x, y = batch()
-    rows, channel_rows = ns_gap(make("dual-bn"), x, y, eps=0, fix_ap=True, branch="clean")
+    rows, channel_rows = ns_gap(make("dual-bn"), x, y, eps=0, fix_ap=True, branch="clean", steps=1)
     assert len(rows) == 20 * 2 * 2 * 2  # layers x pairs x (mean, std) x (wasserstein, mad)
     assert all(list(r) == COLUMNS for r in rows) and all(list(r) == CHANNEL_COLUMNS for r in channel_rows)
     assert all(r["distance"] == 0.0 and r["fix_ap"] is True and r["branch"] == "clean" and r["eps"] == 0
@@ -108,8 +108,8 @@ def test_ns_gap_is_exactly_zero_for_identical_domains():
 def test_fix_ap_separates_the_data_gap_from_the_ap_gap():
     """eps = 0: the domains hold the same images, so any gap without --fix-ap comes from the branches' AP."""
     model, (x, y) = make("dual-bn"), batch()
-    fixed, _ = ns_gap(model, x, y, eps=0, fix_ap=True)
-    own, _ = ns_gap(model, x, y, eps=0, fix_ap=False)
+    fixed, _ = ns_gap(model, x, y, eps=0, fix_ap=True, steps=1)
+    own, _ = ns_gap(model, x, y, eps=0, fix_ap=False, steps=1)
     assert all(r["distance"] == 0 for r in fixed)
     assert all(r["branch"] == "own" and r["fix_ap"] is False for r in own)
     adv_clean = [r for r in own if r["pair"] == "adv-clean"]

@@ -131,6 +131,15 @@ def test_ns_gap_table(tables):
     assert t.loc["1", "AP gap: bias"] == "0.300 (n=1)"
 
 
+def test_ap_gap_without_eps_joins_the_ns_rows_of_its_checkpoint(frames):
+    """ns-gap writes AP rows with an empty ε (AP belong to the checkpoint): they sit beside every ε measured."""
+    ns = frames["nsgap"].copy()
+    ns.loc[ns.kind == "ap", "eps"] = float("nan")
+    t = build_tables({"nsgap": ns})["ns-gap"]
+    assert set(t["ε"]) == {"8"}  # no extra rows with an empty ε
+    assert t.set_index("layer").loc["0", "AP gap: weight"] == "0.310 ± 0.014 (n=2)"
+
+
 def test_no_data_gives_missing_cells_not_numbers():
     tables = build_tables({})
     assert set(tables) == set(TABLES)
