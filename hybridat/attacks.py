@@ -166,14 +166,17 @@ ATTACKS = {"clean": _clean, "fgsm": _fgsm, "pgd": _pgd, "autoattack": _autoattac
 
 
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, eps: float,
-                    step: float | None = None, steps: int = 10, batch_size: int = 500, seed: int = 0) -> float:
+                    step: float | None = None, steps: int = 10, batch_size: int = 500, seed: int = 0,
+                    aa_version: str = "standard") -> float:
     """Fraction of x classified correctly after `attack` (a key of ATTACKS), in eval mode. Attacks run
-    batch by batch (batch i seeded with seed + i); AutoAttack gets all of x and batches itself."""
+    batch by batch (batch i seeded with seed + i); AutoAttack (`aa_version`) gets all of x and batches itself."""
     if attack not in ATTACKS:
         raise HybridatError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}.")
     if x.shape[0] == 0 or batch_size < 1:
         raise HybridatError(f"need >= 1 input and batch_size >= 1, got {x.shape[0]} and {batch_size}.")
-    x_aa = autoattack(model, x, y, eps, batch_size=batch_size, seed=seed) if attack == "autoattack" else None
+    x_aa = None
+    if attack == "autoattack":
+        x_aa = autoattack(model, x, y, eps, version=aa_version, batch_size=batch_size, seed=seed)
     correct = torch.zeros((), dtype=torch.long, device=x.device)
     for i, lo in enumerate(range(0, x.shape[0], batch_size)):
         xb, yb = x[lo:lo + batch_size], y[lo:lo + batch_size]

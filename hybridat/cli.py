@@ -36,6 +36,7 @@ def _choices(name: str, keys) -> type[Enum]:
 Norm, Arch, Loss, Dataset = (_choices(n, r) for n, r in
                              [("Norm", NORMS), ("Arch", ARCHS), ("Loss", LOSSES), ("Dataset", DATASETS)])
 Attack = _choices("Attack", ATTACKS)
+AAVersion = _choices("AAVersion", ("standard", "plus", "rand"))
 Branch = _choices("Branch", ("adv", "clean"))
 
 DataDir = Annotated[Optional[Path], typer.Option(help="folder holding cifar-10-batches-py/ "
@@ -141,6 +142,8 @@ def attack_cmd(
     branch: Annotated[Optional[list[Branch]], typer.Option(help="repeatable [default: both]")] = None,
     n: Annotated[Optional[int], typer.Option(help="evaluate the first N test images [default: all]")] = None,
     batch_size: int = 500,
+    aa_version: Annotated[AAVersion, typer.Option(help="AutoAttack version (reference implementation)")]
+    = "standard",
     dataset: Annotated[Optional[Dataset], typer.Option(help="[default: the one it was trained on]")] = None,
     data_dir: DataDir = None,
     seed: Seed = 0,
@@ -155,7 +158,7 @@ def attack_cmd(
     split = load_split(name, train=False, data_dir=data_dir, device=dev, n=n)
     branches = [b.value for b in branch] if branch else ["adv", "clean"]
     rows = evaluate(ckpt, split, [a.value for a in attack], branches, eps=eps, step=step, steps=steps,
-                    batch_size=batch_size, seed=seed, on_row=_print_row)
+                    batch_size=batch_size, seed=seed, aa_version=aa_version.value, on_row=_print_row)
     write_csv(rows, out)
 
 

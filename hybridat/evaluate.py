@@ -14,7 +14,9 @@ from .norms import NORMS
 
 
 def attack_label(attack: str, steps: int | None) -> str:
-    """Column name in tables: clean, FGSM, PGD-10, AA."""
+    """Column name in tables: clean, FGSM, PGD-10, AA (AA-plus, AA-rand for the other AutoAttack versions)."""
+    if attack.startswith("autoattack-"):
+        return "AA-" + attack.removeprefix("autoattack-")
     return {"clean": "clean", "fgsm": "FGSM", "autoattack": "AA"}.get(attack, f"PGD-{steps}")
 
 
@@ -33,7 +35,7 @@ def attack_plan(attacks: list[str], steps: list[int]) -> list[tuple[str, int | N
 
 def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[str], *, eps: float,
              step: float | None = None, steps: list[int] = (10,), batch_size: int = 500, seed: int = 0,
-             on_row: Callable[[dict], None] | None = None) -> list[dict]:
+             aa_version: str = "standard", on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Accuracy under each attack through each branch. eps/step in pixel units; step defaults to eps/4.
 
     A single-branch model is one network for both branches: it is attacked once and reported under each.
@@ -51,10 +53,11 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
                 t0 = time.perf_counter()
                 acc = robust_accuracy(BranchView(ckpt.model, branch), x, y, attack, eps=eps / 255,
                                       step=None if step is None else step / 255, steps=k or 1,
-                                      batch_size=batch_size, seed=seed)
+                                      batch_size=batch_size, seed=seed, aa_version=aa_version)
                 done[key] = (acc, time.perf_counter() - t0)
             acc, seconds = done[key]
-            row = _row(ckpt, branch, attack, k, eps, step, len(y), acc, seconds, seed)
+            name = f"autoattack-{aa_version}" if attack == "autoattack" and aa_version != "standard" else attack
+            row = _row(ckpt, branch, name, k, eps, step, len(y), acc, seconds, seed)
             rows.append(row)
             if on_row is not None:
                 on_row(row)

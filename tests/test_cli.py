@@ -86,3 +86,50 @@ def test_torchrun_ddp_on_cpu(tmp_path, data_dir):
     frame = pd.read_csv(out / "train.csv")
     assert list(frame["epoch"]) == [1, 2] and (frame["images"] == 256).all()  # both ranks' images counted
     assert load_checkpoint(out / "model.safetensors").config.norm == "dual-bn"
+
+
+def test_all_five_commands_chain(trained, tmp_path, data_dir):
+    """train (fixture) -> swap-bn -> attack -> ns-gap -> report, on real CIFAR-10."""
+    runs = tmp_path / "runs"
+    parent = trained / "model.safetensors"
+    crossed = runs / "cross" / "model.safetensors"
+    assert invoke("swap-bn", parent, "--cross", "--out", crossed, "--device", "cpu").exit_code == 0
+    reest = runs / "reest" / "model.safetensors"
+    result = invoke("swap-bn", parent, "--reestimate", "adv", "--branch", "clean", "--n", "64", "--steps", "1",
+                    "--data-dir", data_dir, "--device", "cpu", "--out", reest)
+    assert result.exit_code == 0, result.output
+    for ckpt in (parent, crossed, reest):
+        out = runs / ckpt.parent.name / "eval.csv"
+        result = invoke("attack", ckpt, "--n", "32", "--steps", "2", "--data-dir", data_dir, "--device", "cpu",
+                        "--out", out)
+        assert result.exit_code == 0, result.output
+    gap = runs / "nsgap" / "fixap.csv"
+    result = invoke("ns-gap", parent, "--fix-ap", "--eps", "16", "--n", "32", "--steps", "2", "--data-dir",
+                    data_dir, "--device", "cpu", "--out", gap)
+    assert result.exit_code == 0, result.output
+    assert (runs / "nsgap" / "fixap-depth.png").stat().st_size > 0
+    frame = pd.read_csv(gap)
+    assert {"ns", "ap"} == set(frame["kind"]) and (frame["checkpoint_hash"] == load_checkpoint(parent).hash).all()
+
+    result = invoke("report", runs, "--out", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    table4 = pd.read_csv(tmp_path / "report" / "test-time.csv").set_index("operation")
+    assert table4.loc["as trained", "adv: clean"] != "—" and table4.loc["cross", "adv: clean"] != "—"
+    assert any(op.startswith("reestimate clean NS on adv data") for op in table4.index)
+    table5 = pd.read_csv(tmp_path / "report" / "ns-gap.csv")
+    assert len(table5) == 20 and (table5["fix-AP adv: adv-clean mean"] != "—").all()
+    assert (tmp_path / "report" / "ns-gap.png").exists() and (tmp_path / "report" / "report.md").exists()
+
+
+def test_swap_bn_refuses_its_input_and_single_branch_models(trained, tmp_path, data_dir):
+    parent = trained / "model.safetensors"
+    before = parent.read_bytes()
+    result = invoke("swap-bn", parent, "--cross", "--out", parent)
+    assert result.exit_code == 1 and "error:" in result.output and parent.read_bytes() == before
+    single = tmp_path / "bn"
+    assert invoke("train", "--norm", "bn", "--data-dir", data_dir, "--out", single, *SMALL).exit_code == 0
+    result = invoke("swap-bn", single / "model.safetensors", "--cross", "--out", tmp_path / "x.safetensors")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x.safetensors").exists()
+    result = invoke("swap-bn", parent, "--cross", "--swap-ap", "--out", tmp_path / "y.safetensors")
+    assert result.exit_code == 1 and "exactly one" in result.output
