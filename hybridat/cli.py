@@ -22,6 +22,7 @@ from .errors import HybridatError
 from .evaluate import attack_label, evaluate
 from .models import ARCHS, ModelConfig, build_model
 from .norms import NORMS
+from .runtime import resolve_device
 from .train import LOSSES, TrainConfig, check_config, summary, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -61,6 +62,12 @@ def cli_errors(fn):
     return wrapper
 
 
+def _split_for(ckpt, data_dir: Path | None, *, train: bool, n: int | None = None, dataset: str | None = None):
+    """A split of the dataset the checkpoint was trained on (unless given), on the checkpoint's device."""
+    name = dataset or (ckpt.meta("train") or {}).get("dataset", "cifar10")
+    return load_split(name, train=train, data_dir=data_dir, device=next(ckpt.model.parameters()).device, n=n)
+
+
 def _progress(quiet: bool) -> Progress:
     return Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), TextColumn("step {task.completed}/"
                     "{task.total}"), TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
@@ -92,7 +99,7 @@ def train_cmd(
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ):
     """Train a model under Hybrid-AT with any normalization variant."""
-    from .runtime import init_distributed, is_main_process, resolve_device, seed_everything
+    from .runtime import init_distributed, is_main_process, seed_everything
 
     cfg = TrainConfig(loss=loss.value, eps=eps, step=step, steps=steps, epochs=epochs, batch_size=batch_size,
                       lr=lr, weight_decay=weight_decay, clean_weight=clean_weight, trades_beta=trades_beta,
@@ -150,12 +157,8 @@ def attack_cmd(
     device: DeviceOpt = "auto",
 ):
     """Evaluate a checkpoint per branch: clean, FGSM, PGD, AutoAttack accuracy."""
-    from .runtime import resolve_device
-
-    dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint, dev)
-    name = dataset.value if dataset else (ckpt.meta("train") or {}).get("dataset", "cifar10")
-    split = load_split(name, train=False, data_dir=data_dir, device=dev, n=n)
+    ckpt = load_checkpoint(checkpoint, resolve_device(device))
+    split = _split_for(ckpt, data_dir, train=False, n=n, dataset=dataset and dataset.value)
     branches = [b.value for b in branch] if branch else ["adv", "clean"]
     rows = evaluate(ckpt, split, [a.value for a in attack], branches, eps=eps, step=step, steps=steps,
                     batch_size=batch_size, seed=seed, aa_version=aa_version.value, on_row=_print_row)
@@ -203,14 +206,12 @@ def swap_bn_cmd(
 ):
     """Recombine a two-branch checkpoint's NS and AP at test time; writes a new checkpoint."""
     from .recombine import cross as cross_fn, deeper_than, recombine, reestimate as reestimate_fn, save_derived
-    from .runtime import resolve_device
 
     chosen = [name for name, on in [("--cross", cross), ("--swap-ap", swap_ap), ("--ns/--ap", ns or ap),
                                     ("--reestimate", reestimate)] if on]
     if len(chosen) != 1:
         raise HybridatError("give exactly one of --cross, --swap-ap, --ns/--ap, --reestimate")
-    dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint, dev)
+    ckpt = load_checkpoint(checkpoint, resolve_device(device))
     layers = None if from_layer is None else deeper_than(ckpt.model, from_layer)
     op = {"op": {"--ns/--ap": "recombine"}.get(chosen[0], chosen[0].lstrip("-")), "layers": layers}
     if cross:
@@ -222,8 +223,7 @@ def swap_bn_cmd(
         new = recombine(ckpt.model, layers=layers, **mapping)
         op |= mapping if not swap_ap else {}
     else:
-        name = (ckpt.meta("train") or {}).get("dataset", "cifar10")
-        split = load_split(name, train=True, data_dir=data_dir, device=dev)
+        split = _split_for(ckpt, data_dir, train=True)
         new = reestimate_fn(ckpt.model, branch.value, reestimate, split, batch_size=batch_size, n_images=n,
                             eps=eps, step=step, steps=steps, seed=seed)
         op |= {"branch": branch.value, "domain": reestimate, "n_images": n, "eps": eps, "seed": seed}
@@ -252,12 +252,9 @@ def ns_gap_cmd(
 ):
     """Per-layer NS distance between adversarial, noisy and clean versions of the same test images."""
     from .analysis import ap_gap, ns_gap, plot_channels, plot_gap_by_depth
-    from .runtime import resolve_device
 
-    dev = resolve_device(device)
-    ckpt = load_checkpoint(checkpoint, dev)
-    name = (ckpt.meta("train") or {}).get("dataset", "cifar10")
-    split = load_split(name, train=False, data_dir=data_dir, device=dev, n=n)
+    ckpt = load_checkpoint(checkpoint, resolve_device(device))
+    split = _split_for(ckpt, data_dir, train=False, n=n)
     rows, channels = ns_gap(ckpt.model, to_float(split.images), split.labels, eps=eps, fix_ap=fix_ap,
                             branch=branch.value, steps=steps, noise=noise, seed=seed)
     try:

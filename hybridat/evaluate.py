@@ -43,6 +43,9 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
     if eps < 0 or (step is not None and step <= 0):
         raise HybridatError("eps must be >= 0 and step > 0")
     plan = attack_plan(attacks, list(steps))
+    if int(split.labels.max()) >= ckpt.config.num_classes:
+        raise HybridatError(f"{ckpt.path} has {ckpt.config.num_classes} classes, but the data has labels up to "
+                            f"{int(split.labels.max())}; evaluate it on the dataset it was trained on")
     single = NORMS[ckpt.config.norm].branches == 1
     x, y = to_float(split.images), split.labels
     rows, done = [], {}

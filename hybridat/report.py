@@ -314,7 +314,7 @@ def plot_ns_gap(frames: dict[str, pd.DataFrame]) -> Figure | None:
                 if match["kind"] == "ns" and match["statistic"] == stat:
                     # colour = domain pair; line style = whether the domains met their own AP or one fixed AP
                     _series(ax, g, match, color="C3" if match["pair"] == "adv-clean" else "C0",
-                            ls="--" if match["fix"] else "-", label=f"{col.split(': ')[0]} {match['pair']}")
+                            ls="-" if match["fix"] else "--", label=f"{col.split(': ')[0]} {match['pair']}")
             ax.set(title=f"{norm} ε={_num(eps)}: NS {stat} gap", xlabel="layer", ylabel="Wasserstein distance")
         for stat, color in (("weight", "C2"), ("bias", "C4")):
             _series(axes[2], g, {"kind": "ap", "statistic": stat}, color=color, label=f"AP {stat}")
