@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import os
 import sys
 import time
 from enum import Enum
@@ -77,7 +79,7 @@ def _progress(quiet: bool) -> Progress:
 @app.command("train")
 @cli_errors
 def train_cmd(
-    out: Annotated[Path, typer.Option(help="run folder: writes model.safetensors and train.csv")],
+    out: Annotated[Path, typer.Option(help="run folder: model.safetensors when done (last.safetensors after each epoch), train.csv")],
     norm: Annotated[Norm, typer.Option(help="normalization variant (SPEC.md)")] = "dual-bn",
     loss: Annotated[Loss, typer.Option(help="training objective")] = "hybrid",
     arch: Annotated[Arch, typer.Option()] = "resnet18",
@@ -126,12 +128,20 @@ def train_cmd(
         t0 = time.perf_counter()
         for row in train(model, split, cfg, generator, rank, world, on_step):
             t0 = time.perf_counter()
+            diverged = not math.isfinite(row["loss"])  # the same on every rank: the row is all-reduced
             if main:
-                digest = save_checkpoint(model, out / "model.safetensors", **meta, epoch=str(row["epoch"]))
+                # each epoch goes to last.safetensors; model.safetensors appears only when training is complete,
+                # so an interrupted run never looks finished to make
+                digest = "" if diverged else save_checkpoint(model, out / "last.safetensors", **meta,
+                                                             epoch=str(row["epoch"]))
                 rows.append({"run": out.name, "seed": seed, "norm": norm.value, "arch": arch.value,
                              "loss_name": loss.value, "eps": eps, "checkpoint_hash": digest} | row)
                 write_csv(rows, out / "train.csv")
+            if diverged:
+                raise HybridatError(f"training diverged: loss {row['loss']} in epoch {row['epoch']}; "
+                                    f"{out / 'train.csv'} has every epoch, no checkpoint was written for this one")
     if main:
+        os.replace(out / "last.safetensors", out / "model.safetensors")
         last = rows[-1]
         console.print(f"{out}/model.safetensors  epoch {last['epoch']}  acc adv {last['acc_adv']:.3f} "
                       f"clean {last['acc_clean']:.3f}  {last['images_per_s']:.0f} img/s", highlight=False)

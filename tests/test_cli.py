@@ -133,3 +133,12 @@ def test_swap_bn_refuses_its_input_and_single_branch_models(trained, tmp_path, d
     assert not (tmp_path / "x.safetensors").exists()
     result = invoke("swap-bn", parent, "--cross", "--swap-ap", "--out", tmp_path / "y.safetensors")
     assert result.exit_code == 1 and "exactly one" in result.output
+
+
+def test_a_diverging_run_fails_clearly_and_leaves_no_model(tmp_path, data_dir):
+    out = tmp_path / "nan"
+    result = invoke("train", "--norm", "bn", "--lr", "1e30", "--data-dir", data_dir, "--out", out, *SMALL)
+    assert result.exit_code == 1 and "training diverged" in result.output, result.output
+    assert not (out / "model.safetensors").exists()
+    frame = pd.read_csv(out / "train.csv")
+    assert frame["loss"].isna().iloc[-1] or not frame["loss"].iloc[-1] < float("inf")
