@@ -94,9 +94,10 @@ $(eval $(call pipeline,$(MINI),$(call pipeline_files,$(MINI),$(grid_runs),aa)))
 mini: $(MINI)/report/report.md
 	@cat $<
 
-# ---- demo: bn, dual-bn and cross-bn at 1/8 width on 3,000 images; every stage at least once, no AutoAttack
+# ---- demo: bn and dual-bn at 1/8 width on 3,000 images; every stage at least once, no AutoAttack.
+# (cross-bn is left out: trained from scratch it diverges, see README; the test-time cross is in table 4)
 DEMO ?= demo
-DEMO_RUNS := bn_hybrid_8_s0 dual-bn_hybrid_8_s0 cross-bn_hybrid_8_s0
+DEMO_RUNS := bn_hybrid_8_s0 dual-bn_hybrid_8_s0
 DEMO_DERIVED := cross_s0 swap-ap_s0 reest-adv-on-clean_s0
 $(DEMO)_STEP_PER_EPS := 0.375
 $(DEMO)_TRAIN ?= --width 0.125 --train-subset 3000 --epochs 4 --batch-size 64 --steps 3 --lr 0.05
