@@ -1,7 +1,6 @@
 """Attacks: threat-model bounds, no trace left on the model, exact agreement with torchattacks, behaviour."""
 
 import logging
-import time
 
 import pytest
 import torch
@@ -202,9 +201,7 @@ def test_registry_uniform_signature(trained, name):
     """Every entry takes (model, x, y, eps, step, steps, seed); "autoattack" is the standard version."""
     model, x, y = trained
     x, y = x[:4], y[:4]
-    start = time.perf_counter()
     x_adv = ATTACKS[name](model, x, y, EPS, None, 3, 0)
-    assert time.perf_counter() - start < 30
     assert name == name.lower()
     assert_in_ball(x_adv, x, EPS)
     assert torch.equal(x_adv, x) == (name == "clean")
