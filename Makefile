@@ -1,6 +1,7 @@
 # hybridat pipelines. Every target is a file, so an interrupted make resumes where it stopped.
 #   make demo    the whole chain on real CIFAR-10 at a CPU scale, in minutes
 #   make test    the test suite
+#   make bench   hybridat's speed, measured against references in one run
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -109,8 +110,10 @@ $(eval $(call pipeline,$(DEMO),$(foreach r,$(DEMO_RUNS),$(DEMO)/runs/$(r)/eval.c
 demo: $(DEMO)/report/report.md
 	@cat $<
 
+# speed against a reference step, the FLOP floor and torchattacks (README, Speed); BENCH_FLAGS=--quick: minutes
+BENCH_FLAGS ?=
 bench: install
-	$(HYBRIDAT) bench --quick --out bench/bench.csv
+	$(HYBRIDAT) bench $(BENCH_FLAGS) --out bench/bench.csv
 
 clean-demo:
 	rm -rf $(DEMO)

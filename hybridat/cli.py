@@ -24,7 +24,7 @@ from .errors import HybridatError
 from .evaluate import attack_label, evaluate
 from .models import ARCHS, ModelConfig, build_model
 from .norms import NORMS
-from .runtime import resolve_device
+from .runtime import resolve_device, tune_host
 from .train import LOSSES, TrainConfig, check_config, summary, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -64,6 +64,13 @@ def cli_errors(fn):
     return wrapper
 
 
+def _device(name: str) -> torch.device:
+    """The device asked for, with this process's speed settings for it (threads, allocator, cuDNN)."""
+    device = resolve_device(name)
+    tune_host(device)
+    return device
+
+
 def _split_for(ckpt, data_dir: Path | None, *, train: bool, n: int | None = None, dataset: str | None = None):
     """A split of the dataset the checkpoint was trained on (unless given), on the checkpoint's device."""
     name = dataset or (ckpt.meta("train") or {}).get("dataset", "cifar10")
@@ -98,16 +105,18 @@ def train_cmd(
     train_subset: Annotated[Optional[int], typer.Option(help="train on the first N images only")] = None,
     seed: Seed = 0,
     device: DeviceOpt = "auto",
+    amp: Annotated[bool, typer.Option(help="bf16 autocast in the training step (norm statistics, weights and the "
+                   "perturbation stay fp32); about 1.9x faster where bf16 is native, see README (Speed)")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ):
     """Train a model under Hybrid-AT with any normalization variant."""
     from .runtime import init_distributed, is_main_process, seed_everything
 
+    dev = _device(device)
     cfg = TrainConfig(loss=loss.value, eps=eps, step=step, steps=steps, epochs=epochs, batch_size=batch_size,
                       lr=lr, weight_decay=weight_decay, clean_weight=clean_weight, trades_beta=trades_beta,
-                      seed=seed, train_subset=train_subset)
+                      seed=seed, train_subset=train_subset, amp=amp)
     check_config(cfg, norm.value)
-    dev = resolve_device(device)
     rank, world = init_distributed(dev)
     generator = seed_everything(seed)
     split = load_split(dataset.value, train=True, data_dir=data_dir, device=dev, n=train_subset)
@@ -167,7 +176,7 @@ def attack_cmd(
     device: DeviceOpt = "auto",
 ):
     """Evaluate a checkpoint per branch: clean, FGSM, PGD, AutoAttack accuracy."""
-    ckpt = load_checkpoint(checkpoint, resolve_device(device))
+    ckpt = load_checkpoint(checkpoint, _device(device))
     split = _split_for(ckpt, data_dir, train=False, n=n, dataset=dataset and dataset.value)
     branches = [b.value for b in branch] if branch else ["adv", "clean"]
     rows = evaluate(ckpt, split, [a.value for a in attack], branches, eps=eps, step=step, steps=steps,
@@ -221,7 +230,7 @@ def swap_bn_cmd(
                                     ("--reestimate", reestimate)] if on]
     if len(chosen) != 1:
         raise HybridatError("give exactly one of --cross, --swap-ap, --ns/--ap, --reestimate")
-    ckpt = load_checkpoint(checkpoint, resolve_device(device))
+    ckpt = load_checkpoint(checkpoint, _device(device))
     layers = None if from_layer is None else deeper_than(ckpt.model, from_layer)
     op = {"op": {"--ns/--ap": "recombine"}.get(chosen[0], chosen[0].lstrip("-")), "layers": layers}
     if cross:
@@ -263,7 +272,7 @@ def ns_gap_cmd(
     """Per-layer NS distance between adversarial, noisy and clean versions of the same test images."""
     from .analysis import ap_gap, ns_gap, plot_channels, plot_gap_by_depth
 
-    ckpt = load_checkpoint(checkpoint, resolve_device(device))
+    ckpt = load_checkpoint(checkpoint, _device(device))
     split = _split_for(ckpt, data_dir, train=False, n=n)
     rows, channels = ns_gap(ckpt.model, to_float(split.images), split.labels, eps=eps, fix_ap=fix_ap,
                             branch=branch.value, steps=steps, noise=noise, seed=seed)
@@ -295,6 +304,23 @@ def report_cmd(
     print_tables(build_tables(frames), Console())
     written = write_report(frames, out)
     console.print(f"{len(written)} files in {out}", highlight=False)
+
+
+@app.command("bench")
+@cli_errors
+def bench_cmd(
+    out: Annotated[Optional[Path], typer.Option(help="CSV: comparison, ours, theirs, unit, ratio, device")] = None,
+    quick: Annotated[bool, typer.Option(help="batch 32 instead of 128: under 3 minutes on a 2-core CPU")] = False,
+    amp: Annotated[bool, typer.Option(help="time hybridat's step with `train --amp` (bf16 autocast)")] = False,
+    rounds: Annotated[Optional[int], typer.Option(min=1, help="interleaved rounds [default: 3]")] = None,
+    ablate: Annotated[bool, typer.Option(help="also time our step with each speed technique turned off")] = False,
+    device: DeviceOpt = "auto",
+):
+    """Time hybridat's Hybrid-AT step and PGD-20 evaluation against a reference step, the FLOP floor and
+    torchattacks, in one run; print the ratios (how many times faster hybridat is)."""
+    from .bench import run_bench
+
+    run_bench(device, quick=quick, out=out, console=Console(), amp=amp, rounds=rounds, ablate=ablate)
 
 
 @app.command("info")

@@ -8,6 +8,7 @@ normalization (SPEC.md). `width` scales every channel count, for small runs on a
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import HybridatError
-from .norms import BranchAdapter, BranchLinear, BranchNorm, NormSpec, Routed, Router, get_norm
+from .norms import BranchAdapter, BranchBatchNorm, BranchLinear, BranchNorm, NormSpec, Routed, Router, get_norm
 
 Route = str | tuple[int, int]
 
@@ -110,6 +111,42 @@ class BranchView(nn.Module):
         return self.model(x, self.branch)
 
 
+class FoldedConv(nn.Module):
+    """A convolution followed by a batch norm in eval mode, as one convolution with a bias."""
+
+    def __init__(self, conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        bias = shift if conv.bias is None else shift + conv.bias * scale
+        self.weight, self.bias = (conv.weight * scale.view(-1, 1, 1, 1)).to(dtype), bias.to(dtype)
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+@contextmanager
+def bn_folded(model: nn.Module, branch: str, dtype: torch.dtype = torch.float32):
+    """For the duration, every batch norm right after a convolution is folded into it as `branch` sees it in eval
+    mode (its running NS, its AP): the attack's forward and backward skip the norm's pass. The folded weights
+    (in `dtype`: bf16 under autocast saves a cast per call) take no gradient, so this is for attacks through
+    `branch` on a frozen model only; the original modules are back on exit."""
+    swaps = []
+    try:
+        with torch.no_grad():
+            for module in list(model.modules()):
+                for parent, conv_name, norm_name in getattr(module, "conv_norm_pairs", tuple)():
+                    conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
+                    if isinstance(norm, BranchBatchNorm):
+                        swaps.append((parent, conv_name, conv, norm_name, norm))
+                        setattr(parent, conv_name, FoldedConv(conv, *norm.eval_affine(branch), dtype))
+                        setattr(parent, norm_name, nn.Identity())
+        yield model
+    finally:
+        for parent, conv_name, conv, norm_name, norm in swaps:
+            setattr(parent, conv_name, conv)
+            setattr(parent, norm_name, norm)
+
+
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
 
@@ -124,6 +161,12 @@ class BasicBlock(nn.Module):
         self.shortcut = None
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), parts.norm(cout))
+
+    def conv_norm_pairs(self):
+        yield self, "conv1", "bn1"
+        yield self, "conv2", "bn2"
+        if self.shortcut is not None:
+            yield self.shortcut, "0", "1"
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -169,6 +212,10 @@ class ResNet(BranchModel):
         self.bn_final = parts.norm(widths[-1]) if preact else None
         self.linear = parts.head(widths[-1], num_classes)
         self.preact = preact
+
+    def conv_norm_pairs(self):
+        if self.bn1 is not None:
+            yield self, "conv1", "bn1"
 
     def logits(self, x):  # (B, 3, 32, 32) -> (B, K)
         out = self.conv1(x)
@@ -219,7 +266,9 @@ def build_model(config: ModelConfig) -> BranchModel:
     model = ARCHS[config.arch](Parts(get_norm(config.norm), config.width), config.num_classes)
     model.config = config
     model.share_router()
-    return model
+    # conv weights in channels_last: activations then stay NHWC end to end, which oneDNN (CPU) and cuDNN (GPU)
+    # run without layout reorders; state dicts and checkpoints are unaffected (values, not strides)
+    return model.to(memory_format=torch.channels_last)
 
 
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -52,8 +52,10 @@ class Router:
         n_adv, n_clean = self.sizes
         if n_adv + n_clean != x.shape[0]:
             raise RuntimeError(f"router expects {n_adv}+{n_clean} rows, got {x.shape[0]}")
-        groups = {"adv": x[:n_adv], "clean": x[n_adv:]}
-        return {b: g for b, g in groups.items() if g.shape[0] > 0}
+        if n_adv == 0 or n_clean == 0:  # one branch: x itself
+            return {"adv" if n_adv else "clean": x}
+        adv, clean = x.split([n_adv, n_clean])  # backward is one cat, not a zero-filled copy per slice
+        return {"adv": adv, "clean": clean}
 
 
 class Routed(nn.Module):
@@ -68,6 +70,7 @@ def rows_affine(x: torch.Tensor, sizes: tuple[int, int], scale: dict, shift: dic
     """y = x * scale[branch] + shift[branch] per row group; scale/shift are (C,) per branch present.
 
     One elementwise op over the whole batch (no split + cat): per-branch vectors are expanded to rows.
+    It runs in x's dtype: under bf16 autocast the activations stay bf16 (statistics are fp32 upstream).
     """
     present = [b for b, n in zip(BRANCHES, sizes) if n > 0]
     first = present[0]
@@ -77,7 +80,7 @@ def rows_affine(x: torch.Tensor, sizes: tuple[int, int], scale: dict, shift: dic
         s = torch.cat([scale[b].expand(n, -1) for b, n in zip(BRANCHES, sizes) if n > 0])  # (N, C)
         t = torch.cat([shift[b].expand(n, -1) for b, n in zip(BRANCHES, sizes) if n > 0])
     shape = (-1, x.shape[1]) + (1,) * (x.dim() - 2)
-    return torch.addcmul(t.reshape(shape), x, s.reshape(shape))
+    return torch.addcmul(t.reshape(shape).to(x.dtype), x, s.reshape(shape).to(x.dtype))
 
 
 class BranchNorm(Routed):
@@ -138,18 +141,49 @@ class BranchBatchNorm(BranchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
         groups = self.router.split(x)
+        if self.training and self.batch_ns != "other":
+            return self._train_native(x, groups)
         if self.training:
             stats = self._batch_stats(x, groups)
         else:
             stats = {b: self.running(self.eval_key(b)) for b in groups}
         scale, shift = {}, {}
         for b, (mean, var) in stats.items():
-            w, bias = self.affine(b)
-            scale[b] = torch.rsqrt(var + self.eps) if w is None else w * torch.rsqrt(var + self.eps)
-            shift[b] = -mean * scale[b] if bias is None else bias - mean * scale[b]
+            scale[b], shift[b] = self._scale_shift(mean, var, b)
         if len(stats) == 2 and stats["adv"][0] is stats["clean"][0] and self.ap_key("adv") == self.ap_key("clean"):
             scale["clean"], shift["clean"] = scale["adv"], shift["adv"]  # one affine for the whole batch
         return rows_affine(x, self.router.sizes, scale, shift)
+
+    def eval_affine(self, branch: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), each (C,): what this layer does to `branch` rows in eval mode, y = x * scale + shift."""
+        return self._scale_shift(*self.running(self.eval_key(branch)), branch)
+
+    def _scale_shift(self, mean: torch.Tensor, var: torch.Tensor, branch: str) -> tuple[torch.Tensor, torch.Tensor]:
+        w, bias = self.affine(branch)
+        scale = torch.rsqrt(var + self.eps) if w is None else w * torch.rsqrt(var + self.eps)
+        return scale, (-mean * scale if bias is None else bias - mean * scale)
+
+    def _train_native(self, x: torch.Tensor, groups: dict) -> torch.Tensor:
+        """Training with a branch's own or the mixed batch NS: one F.batch_norm per row group, i.e. exactly
+        one nn.BatchNorm2d pass each (fused kernels forward and backward, statistics accumulated in fp32)."""
+        if self.batch_ns == "mixed":
+            shared_ap = len(self.ap_keys) < 2
+            y = self._native(x, SHARED, *(self.affine("adv") if shared_ap else (None, None)))
+            if shared_ap:
+                return y
+            affines = {b: self.affine(b) for b in groups}
+            return rows_affine(y, self.router.sizes, {b: a[0] for b, a in affines.items()},
+                               {b: a[1] for b, a in affines.items()})
+        outs = [self._native(g, self.ns_key(b), *self.affine(b)) for b, g in groups.items()]  # adv first
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _native(self, x: torch.Tensor, key: str, weight, bias) -> torch.Tensor:
+        """F.batch_norm in training mode on running set `key`, counting the batch as nn.BatchNorm2d does."""
+        tracked = getattr(self, set_name("num_batches_tracked", key))
+        tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / tracked.item()
+        running_mean, running_var = self.running(key)
+        return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, self.eps)
 
     def _batch_stats(self, x: torch.Tensor, groups: dict) -> dict:
         """Per-branch (mean, biased var) used in training; updates the running sets as a side effect."""

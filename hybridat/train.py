@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .attacks import frozen, pgd
 from .data import Split, train_batches
 from .errors import HybridatError
-from .models import BranchModel, BranchView, fused
+from .models import BranchModel, BranchView, bn_folded, fused
 from .norms import NORMS
 
 
@@ -40,6 +40,7 @@ class TrainConfig:
     trades_beta: float = 6.0
     seed: int = 0
     train_subset: int | None = None
+    amp: bool = False  # bf16 autocast in the training step: opt-in, see README (Speed) for the side-by-side run
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,28 +98,48 @@ def check_config(cfg: TrainConfig, norm: str) -> None:
 
 
 def craft(model: BranchModel, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """The training attack: PGD from x + 0.001*N(0,1) through the adv branch, in eval mode."""
+    """The training attack: PGD from x + 0.001*N(0,1) through the adv branch, in eval mode (norms folded into
+    their convolutions, the same function with fewer passes)."""
     adv = BranchView(model, "adv")
     loss_fn = None  # cross-entropy
     if cfg.loss == "trades":
         with torch.no_grad(), frozen(model):
             p_clean = F.softmax(model(x, "clean"), dim=1)
         loss_fn = lambda logits, _: trades_kl(logits, p_clean, reduction="sum")  # noqa: E731
-    return pgd(adv, x, y, cfg.eps / 255, cfg.step / 255, cfg.steps, start="normal", loss_fn=loss_fn)
+    folded_dtype = torch.bfloat16 if torch.is_autocast_enabled(x.device.type) else x.dtype
+    with bn_folded(model, "adv", folded_dtype):  # eval mode, one branch: each BN is part of its conv
+        return pgd(adv, x, y, cfg.eps / 255, cfg.step / 255, cfg.steps, start="normal", loss_fn=loss_fn)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast (CUDA, CPU) when enabled: convs and matmuls run in bf16; x, x_adv and the PGD step and
+    projection stay fp32 tensors, and norms compute batch statistics and running NS in fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type in ("cuda", "cpu"))
 
 
 def train_step(net, model: BranchModel, x, y, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
     """One Hybrid-AT step (no optimizer call). `net` is `model` or its DDP wrapper."""
     spec = LOSSES[cfg.loss]
-    x_adv = craft(model, x, y, cfg) if "adv" in spec.branches else None
-    if spec.branches == ("adv", "clean"):
-        logits_adv, logits_clean = fused(net, x_adv, x)
-        logits = {"adv": logits_adv, "clean": logits_clean}
-    elif spec.branches == ("adv",):
-        logits = {"adv": net(x_adv, "adv")}
-    else:
-        logits = {"clean": net(x, "clean")}
-    return spec.objective(logits, y, cfg), logits
+    with autocast(x.device, cfg.amp):
+        x_adv = craft(model, x, y, cfg) if "adv" in spec.branches else None
+        if spec.branches == ("adv", "clean"):
+            logits_adv, logits_clean = fused(net, x_adv, x)
+            logits = {"adv": logits_adv, "clean": logits_clean}
+        elif spec.branches == ("adv",):
+            logits = {"adv": net(x_adv, "adv")}
+        else:
+            logits = {"clean": net(x, "clean")}
+        logits = {b: v.float() for b, v in logits.items()}  # no-op in fp32; the loss is fp32 under amp
+        return spec.objective(logits, y, cfg), logits
+
+
+def fit_step(net, model: BranchModel, optimizer, x, y, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """One full training step, as `train` runs it: attack, fused forward, backward, optimizer step."""
+    loss, logits = train_step(net, model, x, y, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logits
 
 
 def lr_factor(epoch: int, epochs: int) -> float:
@@ -145,10 +166,7 @@ def train(model: BranchModel, split: Split, cfg: TrainConfig, generator: torch.G
         start, sums = time.perf_counter(), None
         n_steps = math.ceil(len(split) / cfg.batch_size)
         for i, (x, y) in enumerate(train_batches(split, cfg.batch_size, generator, rank=rank, world_size=world)):
-            loss, logits = train_step(net, model, x, y, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, logits = fit_step(net, model, optimizer, x, y, cfg)
             sums = _accumulate(sums, loss, logits, y)  # stays on the device: no host sync per step
             if on_step is not None:
                 on_step(epoch + 1, i + 1, n_steps, sums)

@@ -35,6 +35,7 @@ def test_train_writes_checkpoint_and_epoch_rows(trained):
     ckpt = load_checkpoint(trained / "model.safetensors")
     assert ckpt.config.norm == "dual-bn" and ckpt.config.width == 0.0625
     assert ckpt.meta("train")["steps"] == 2 and ckpt.meta("seed") == 0
+    assert ckpt.meta("train")["amp"] is False  # fp32 unless --amp; the precision is recorded
     assert frame["checkpoint_hash"].iloc[-1] == ckpt.hash
 
 

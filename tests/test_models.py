@@ -1,12 +1,17 @@
 """Architectures: the paper's ResNet-18 exactly, the others' shapes, routing errors."""
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+from hybridat.attacks import frozen
 from hybridat.errors import HybridatError
-from hybridat.models import ARCHS, ModelConfig, build_model, norm_layers
+from hybridat.models import ARCHS, FoldedConv, ModelConfig, bn_folded, build_model, norm_layers
+from hybridat.norms import NORMS
 
-from conftest import tiny
+from conftest import perturb, tiny
 
 
 def test_resnet18_is_the_papers_network():
@@ -47,3 +52,35 @@ def test_bad_configs_are_rejected(config, match):
 def test_config_round_trips_through_json():
     config = ModelConfig("preact18", "cross-bn", 0.5, 100)
     assert ModelConfig.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+@pytest.mark.parametrize("branch", ["adv", "clean"])
+def test_folding_norms_into_convs_keeps_the_eval_function_and_its_input_gradient(norm, branch):
+    model = perturb(tiny(norm)).eval()
+    before = [(name, type(m)) for name, m in model.named_modules()], copy.deepcopy(model.state_dict())
+    x = torch.rand(6, 3, 32, 32, requires_grad=True)
+    y = torch.arange(6) % 10
+    with frozen(model):
+        logits = model(x, branch)
+        grad, = torch.autograd.grad(F.cross_entropy(logits, y), x)
+        with bn_folded(model, branch) as folded:
+            n_folded = sum(isinstance(m, FoldedConv) for m in folded.modules())
+            logits_f = model(x, branch)
+            grad_f, = torch.autograd.grad(F.cross_entropy(logits_f, y), x)
+    assert n_folded == (20 if NORMS[norm].ns_sets else 0)  # every BN of ResNet-18 follows a conv; GN/IN/LN stay
+    torch.testing.assert_close(logits_f, logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_f, grad, rtol=1e-3, atol=1e-7)
+    assert [(name, type(m)) for name, m in model.named_modules()] == before[0]  # the same modules are back
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[1][k]), k
+
+
+def test_a_folded_model_is_restored_when_the_attack_fails():
+    model = tiny("dual-bn").eval()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with pytest.raises(RuntimeError, match="mid-attack"), bn_folded(model, "adv"):
+        assert any(isinstance(m, FoldedConv) for m in model.modules())
+        raise RuntimeError("mid-attack")
+    assert [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)] == convs
+    assert not any(isinstance(m, FoldedConv) for m in model.modules())

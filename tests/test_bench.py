@@ -1,0 +1,169 @@
+"""The benchmark measures what it says: a reference that computes our step the slow way, an exact FLOP count,
+and CSV rows whose ratio is always how many times faster hybridat is. Timings themselves are not tested."""
+
+import copy
+import csv
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from hybridat import bench
+from hybridat.attacks import frozen
+from hybridat.models import fused
+from hybridat.train import TrainConfig, craft, fit_step, make_optimizer
+
+from conftest import perturb, tiny
+
+WIDTH = 0.0625  # conftest.tiny's width
+
+
+def batch(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.fixture
+def pair():
+    """A perturbed dual-bn model (per-branch NS and AP differ) and the reference holding the same weights."""
+    model = perturb(tiny("dual-bn")).train()
+    return model, bench.reference_from(model, WIDTH).train()
+
+
+def test_reference_is_the_same_network_routed_by_a_flag(pair):
+    model, ref = pair
+    x, _ = batch()
+    for mode in ("eval", "train"):
+        model.train(mode == "train"), ref.train(mode == "train")
+        for branch in ("adv", "clean"):
+            bench.set_route(ref, branch)
+            torch.testing.assert_close(ref(x), model(x, branch), rtol=1e-4, atol=1e-5)
+    bench.set_route(ref, "adv")
+    assert not torch.allclose(ref.eval()(x), model.eval()(x, "clean"), atol=1e-3)  # the flag matters
+
+
+def test_reference_step_computes_our_step(pair):
+    """Same weights, data and attack noise: the same loss, and the same weights after the SGD step."""
+    model, ref = pair
+    x, y = batch(16)  # 16 rows: the mean-CE (reference) and sum-CE (ours) attack gradients have equal signs
+    cfg = TrainConfig(steps=3, lr=0.05)
+    torch.manual_seed(7)
+    loss, _ = fit_step(model, model, make_optimizer(model, cfg), x, y, cfg)
+    torch.manual_seed(7)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    ref_loss = bench.reference_step(ref, ref_opt, x, y, cfg.eps / 255, cfg.step / 255, cfg.steps)
+    assert ref_loss == pytest.approx(loss.item(), rel=1e-4)
+    ours = {k: v for k, v in bench.reference_from(model, WIDTH).state_dict().items()}
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(v, ours[k], rtol=1e-3, atol=2e-4, msg=k)  # fp32 rounding of two BN codes
+
+
+def test_reference_attack_computes_parameter_gradients_ours_does_not(pair):
+    model, ref = pair
+    x, y = batch()
+    bench.reference_pgd(ref, x, y, 8 / 255, 2 / 255, 1)
+    grads = {n: p.grad for n, p in ref.named_parameters() if "bn_clean" not in n}  # the route was adv
+    assert all(g is not None for g in grads.values())  # the wasted work the reference stands for
+    assert ref.training
+    craft(model, x, y, TrainConfig(steps=1))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_reference_loader_serves_augmented_batches():
+    split = bench.synthetic_split(12, "cpu")
+    x, y = next(bench.reference_batches(split, 4, "cpu"))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (4,)
+    assert 0 <= x.min() and x.max() <= 1
+
+
+def test_floor_counts_exactly_the_flops_of_the_step():
+    """Recorded convolutions and matmuls of one step = steps x (eval forward + input backward) + one fused
+    forward/backward with parameter gradients, as FlopCounterMode counts them part by part."""
+    model = tiny("dual-bn").train()
+    x, y = batch()
+    cfg = TrainConfig(steps=2)
+    recorder = bench.OpRecorder()
+    with recorder:
+        fit_step(model, model, make_optimizer(model, cfg), x, y, cfg)
+    floor = bench.Floor(recorder.calls)
+
+    with FlopCounterMode(display=False) as attack, frozen(model):
+        x_leaf = x.clone().requires_grad_(True)
+        F.cross_entropy(model(x_leaf, "adv"), y, reduction="sum").backward()
+    with FlopCounterMode(display=False) as update:
+        la, lc = fused(model, x, x)
+        (F.cross_entropy(la, y) + F.cross_entropy(lc, y)).backward()
+    assert floor.flops == cfg.steps * attack.get_total_flops() + update.get_total_flops()
+    assert floor.seconds(lambda: None) > 0
+
+
+def test_interleaved_rotates_the_order_and_takes_reported_seconds():
+    calls = []
+    tasks = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "floor": lambda: 123.0}
+    times = bench.interleaved(tasks, 3, lambda: None)
+    assert calls == ["a", "b", "b", "a", "a", "b"]  # round 2 starts with b, round 3 (after floor) with a
+    assert times["floor"] == [123.0] * 3 and all(len(v) == 3 for v in times.values())
+
+
+def test_rows_say_how_many_times_faster_hybridat_is():
+    size = bench.BenchSize(width=1.0, batch=100, steps=10, eval_batch=50, eval_steps=20, rounds=1, images=100)
+    med = {"ours": 2.0, "reference": 6.0, "floor": 1.5, "pgd_ours": 1.0, "pgd_torchattacks": 2.0}
+    rows = {r["comparison"]: r for r in bench._rows(med, size, "cpu")}
+    assert rows["train_vs_reference"]["ours"] == 50 and rows["train_vs_reference"]["ratio"] == pytest.approx(3)
+    assert rows["train_vs_floor"]["ratio"] == pytest.approx(0.75)  # slower than the floor: <= 1
+    assert rows["pgd_vs_torchattacks"]["ours"] == 50 and rows["pgd_vs_torchattacks"]["ratio"] == pytest.approx(2)
+
+
+def test_run_bench_writes_one_row_per_comparison(tmp_path, monkeypatch):
+    micro = bench.BenchSize(width=WIDTH, batch=8, steps=1, eval_batch=8, eval_steps=2, rounds=1, images=16)
+    monkeypatch.setitem(bench.SIZES, "quick", micro)
+    printed = []
+    console = type("Console", (), {"print": lambda self, *a, **k: printed.append(" ".join(map(str, a)))})()
+    out = tmp_path / "sub" / "bench.csv"
+    rows = bench.run_bench("cpu", quick=True, out=out, console=console, amp=True, ablate=True)
+    with open(out, newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == bench.COLUMNS
+        written = list(reader)
+    assert [r["comparison"] for r in written] == ["train_vs_reference", "train_vs_floor", "pgd_vs_torchattacks"]
+    for r, w in zip(rows, written):
+        assert r["ours"] > 0 and r["theirs"] > 0 and r["unit"] == "images/s"
+        assert r["ratio"] == pytest.approx(r["ours"] / r["theirs"])
+        assert float(w["ratio"]) == pytest.approx(r["ratio"], rel=1e-3) and w["device"].startswith("cpu")
+    assert any("train_vs_floor" in line for line in printed)
+    assert any(all(f"| {name} |" in line for name in bench.ABLATIONS) for line in printed)
+    assert not list(tmp_path.glob("sub/*.tmp"))
+
+
+@pytest.mark.parametrize("norm", ["dual-bn", "bn-mix", "dual-ap", "cross-bn", "gn-dual-ap", "dual-adapter"])
+def test_amp_is_opt_in_and_keeps_weights_ns_and_losses_fp32(norm):
+    """bf16 stays opt-in: beside fp32 at mini scale it lost 1.5 points of PGD accuracy (README, Speed)."""
+    assert TrainConfig().amp is False
+    model = tiny(norm).train()
+    before = copy.deepcopy(model.state_dict())
+    x, y = batch()
+    cfg = TrainConfig(steps=1, amp=True)
+    loss, logits = fit_step(model, model, make_optimizer(model, cfg), x, y, cfg)
+    assert loss.dtype == torch.float32 and all(v.dtype == torch.float32 for v in logits.values())
+    assert torch.isfinite(loss)
+    for k, v in model.state_dict().items():
+        assert v.dtype == before[k].dtype, k  # fp32 weights and running NS
+        if "running_mean" in k:
+            assert not torch.equal(v, before[k]), k  # NS updated through bf16 activations
+
+
+@pytest.mark.parametrize("off", ["channels_last", "fused forward", "input-only attack gradients", "bf16 autocast"])
+def test_an_ablated_step_computes_our_step_the_slow_way(off):
+    """With one technique undone, the step is the same computation: the same loss from the same state, data and
+    attack noise (bf16 undone: our fp32 step). The timing difference is then the technique's alone."""
+    model = perturb(tiny("dual-bn")).train()
+    split = bench.synthetic_split(16, "cpu")
+    cfg = TrainConfig(batch_size=16, steps=2, amp=False)  # 16 rows: mean- and sum-CE attack steps agree in sign
+    ablated = bench._ablated_step(model, split, replace(cfg, amp=off == "bf16 autocast"), "cpu", off)
+    ours = bench._our_step(model, split, cfg)
+    torch.manual_seed(5)
+    ours_loss = ours()
+    torch.manual_seed(5)
+    assert ablated().item() == pytest.approx(ours_loss.item(), rel=1e-4)
