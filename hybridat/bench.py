@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from torch.utils.flop_counter import flop_registry
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .attacks import robust_accuracy
@@ -203,9 +203,6 @@ def reference_batches(split: Split, batch: int, device) -> Iterator[tuple[torch.
 
 # ---- the floor: the step's own convolutions and matmuls, replayed alone ---------------------------------
 
-COUNTED = set(flop_registry)  # what torch's flop counter counts: convolutions and matmuls (forward, backward)
-
-
 def _spec(a):
     """A hashable description of an op argument: tensors by shape, strides, dtype and device."""
     if isinstance(a, torch.Tensor):
@@ -230,7 +227,8 @@ def _make(spec):
 
 
 class OpRecorder(TorchDispatchMode):
-    """Counts the calls of every FLOP-counted op, by signature (op, argument shapes/strides/dtypes, options).
+    """Counts the calls of every FLOP-counted op, by signature (op, argument shapes/strides/dtypes, options),
+    and their FLOPs with the formulas of torch's flop counter.
 
     A dispatch mode rather than FlopCounterMode: the latter's module hooks reject torch.autograd.grad with
     respect to a leaf input, which is exactly what PGD computes."""
@@ -238,25 +236,23 @@ class OpRecorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.calls: Counter = Counter()
+        self.flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.overloadpacket in COUNTED:
+        out = func(*args, **kwargs)
+        if func.overloadpacket in flop_registry:
             self.calls[(func, _spec(args), _spec(kwargs))] += 1
-        return func(*args, **kwargs)
+            self.flops += flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
+        return out
 
 
 class Floor:
     """The arithmetic floor of a recorded step: its FLOPs, and the time the device takes for its
     convolutions and matmuls alone (each distinct call timed after a warm-up run, times its count)."""
 
-    def __init__(self, calls: Counter):
-        self.calls = calls
-        self.flops = 0
-        for (func, args, kwargs), n in calls.items():
-            with FlopCounterMode(display=False) as counter:
-                func(*_make(args), **_make(kwargs))
-            self.flops += n * counter.get_total_flops()
+    def __init__(self, recorder: OpRecorder):
+        self.calls, self.flops = recorder.calls, recorder.flops
 
     def seconds(self, sync: Callable[[], None]) -> float:
         total = 0.0
@@ -373,7 +369,7 @@ def record_floor(task: Callable[[], object]) -> Floor:
     recorder = OpRecorder()
     with recorder:
         task()
-    return Floor(recorder.calls)
+    return Floor(recorder)
 
 
 def _our_step(model, split: Split, cfg: TrainConfig) -> Callable[[], torch.Tensor]:

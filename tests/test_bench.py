@@ -87,7 +87,7 @@ def test_floor_counts_exactly_the_flops_of_the_step():
     recorder = bench.OpRecorder()
     with recorder:
         fit_step(model, model, make_optimizer(model, cfg), x, y, cfg)
-    floor = bench.Floor(recorder.calls)
+    floor = bench.Floor(recorder)
 
     with FlopCounterMode(display=False) as attack, frozen(model):
         x_leaf = x.clone().requires_grad_(True)
