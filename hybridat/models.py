@@ -111,6 +111,31 @@ class BranchView(nn.Module):
         return self.model(x, self.branch)
 
 
+def onednn_unsafe(conv: nn.Module, x: torch.Tensor) -> bool:
+    """True where oneDNN's NHWC kernel is wrong: on AVX2 CPUs its 1x1 strided convolution's weight-gradient kernel
+    hangs or returns wrong gradients when the input has fewer channels than its block of 8 (uxlfoundation/oneDNN#6035;
+    the stride-2 shortcuts of models at width <= 1/16). The NCHW kernel is right."""
+    return x.device.type == "cpu" and conv.kernel_size == (1, 1) and max(conv.stride) > 1 and x.shape[1] < 8
+
+
+def nchw_conv(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`conv`'s convolution, run in NCHW where `onednn_unsafe`. Input and weight both: torch picks the NHWC kernel
+    when either is channels_last, and a (C_out, C_in, 1, 1) weight converted to channels_last stays marked so."""
+    if onednn_unsafe(conv, x):
+        x, weight = x.contiguous(), weight.clone(memory_format=torch.contiguous_format)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class Conv1x1(nn.Conv2d):
+    """A 1x1 convolution without bias (the residual shortcut), guarded against the oneDNN fault above."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x):
+        return nchw_conv(self, x, self.weight, None)
+
+
 class FoldedConv(nn.Module):
     """A convolution followed by a batch norm in eval mode, as one convolution with a bias."""
 
@@ -119,9 +144,10 @@ class FoldedConv(nn.Module):
         bias = shift if conv.bias is None else shift + conv.bias * scale
         self.weight, self.bias = (conv.weight * scale.view(-1, 1, 1, 1)).to(dtype), bias.to(dtype)
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.kernel_size = conv.kernel_size
 
     def forward(self, x):
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return nchw_conv(self, x, self.weight, self.bias)
 
 
 @contextmanager
@@ -160,7 +186,7 @@ class BasicBlock(nn.Module):
         self.conv2, self.bn2 = conv3x3(cout, cout), parts.norm(cout)
         self.shortcut = None
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), parts.norm(cout))
+            self.shortcut = nn.Sequential(Conv1x1(cin, cout, stride), parts.norm(cout))
 
     def conv_norm_pairs(self):
         yield self, "conv1", "bn1"
@@ -183,7 +209,7 @@ class PreActBlock(nn.Module):
         self.bn2, self.conv2 = parts.norm(cout), conv3x3(cout, cout)
         self.shortcut = None
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+            self.shortcut = Conv1x1(cin, cout, stride)
 
     def forward(self, x):
         out = F.relu(self.bn1(x))

@@ -1,6 +1,9 @@
 """Architectures: the paper's ResNet-18 exactly, the others' shapes, routing errors."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ import torch.nn.functional as F
 
 from hybridat.attacks import frozen
 from hybridat.errors import HybridatError
-from hybridat.models import ARCHS, FoldedConv, ModelConfig, bn_folded, build_model, norm_layers
+from hybridat.models import ARCHS, FoldedConv, ModelConfig, bn_folded, build_model, norm_layers, onednn_unsafe
 from hybridat.norms import NORMS
 
 from conftest import perturb, tiny
@@ -84,3 +87,53 @@ def test_a_folded_model_is_restored_when_the_attack_fails():
         raise RuntimeError("mid-attack")
     assert [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)] == convs
     assert not any(isinstance(m, FoldedConv) for m in model.modules())
+
+
+# A tiny model's training step on oneDNN's AVX2 kernels (forced with ONEDNN_MAX_CPU_ISA, so the check runs on any x86
+# CPU): unguarded, the 1x1 stride-2 shortcut with 4 input channels hangs or returns weight gradients 60% off. Each
+# shortcut's weight gradient is checked against the sum it is, over the very input and output gradient it saw.
+_AVX2_GRADIENTS = """
+import torch, torch.nn.functional as F
+from hybridat.models import Conv1x1, ModelConfig, build_model, fused
+torch.manual_seed(0)
+model = build_model(ModelConfig("{arch}", "dual-bn", width=0.0625)).train()
+seen = {{}}
+for name, m in model.named_modules():
+    if isinstance(m, Conv1x1):
+        m.register_forward_hook(lambda m, i, o, name=name: seen.update({{name: [i[0].detach()]}}))
+        m.register_full_backward_hook(lambda m, gi, go, name=name: seen[name].append(go[0].detach()))
+errors = []
+for step in range(3):  # the fault does not strike every call
+    x = torch.rand(16, 3, 32, 32); y = torch.randint(0, 10, (16,))
+    model.zero_grad()
+    logits_adv, logits_clean = fused(model, x, x.flip(0))
+    (F.cross_entropy(logits_adv, y) + F.cross_entropy(logits_clean, y)).backward()
+    for name, (inp, grad_out) in seen.items():
+        s = model.get_submodule(name).stride[0]
+        exact = torch.einsum("nohw,nihw->oi", grad_out.double(), inp[:, :, ::s, ::s].double())  # (C_out, C_in)
+        got = model.get_submodule(name).weight.grad.double()[:, :, 0, 0]
+        errors.append(((got - exact).norm() / exact.norm()).item())
+print(len(errors), max(errors))
+"""
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "preact18"])
+def test_strided_shortcuts_get_right_gradients_on_onednn_avx2(arch):
+    env = os.environ | {"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2"}
+    try:
+        out = subprocess.run([sys.executable, "-c", _AVX2_GRADIENTS.format(arch=arch)], env=env, timeout=90,
+                             capture_output=True, text=True, check=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the shortcut's backward hung on oneDNN's AVX2 kernel")
+    count, error = out.stdout.split()
+    assert int(count) == 9 and float(error) < 1e-5  # 3 strided shortcuts x 3 steps, fp32 round-off only
+
+
+def test_only_narrow_strided_1x1_convolutions_are_guarded():
+    model = tiny("dual-bn")
+    x4, x8 = (torch.rand(2, c, 8, 8).contiguous(memory_format=torch.channels_last) for c in (4, 8))
+    assert onednn_unsafe(model.layer2[0].shortcut[0], x4)  # 4 channels, 1x1, stride 2
+    assert not onednn_unsafe(model.layer1[0].conv1, x4)  # 3x3
+    assert not onednn_unsafe(model.layer2[0].shortcut[0], x8)  # 8 channels: a full AVX2 block
+    with bn_folded(model, "adv"):
+        assert onednn_unsafe(model.layer2[0].shortcut[0], x4)  # the attack's folded convolutions too
