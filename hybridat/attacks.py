@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridat.errors import HybridatError
+from hybridat.graphs import Graphed, warm_up
 
 STARTS = ("uniform", "normal", "none")
 NORMS = {"linf": "Linf", "l2": "L2"}  # our name -> pyautoattack's name
@@ -83,23 +84,32 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
     Adversarial Attacks"). Threat model: ‖x_adv − x‖_∞ ≤ ε (norm="linf") or ‖·‖_2 ≤ ε per sample
     (norm="l2"), x_adv ∈ [0, 1]. x (B, C, H, W) in [0, 1], y (B,) int labels -> x_adv (B, C, H, W), detached.
     start: "uniform" (evaluation), "normal" (training: x + 0.001·N(0,1)) or "none". loss_fn(logits, y)
-    -> scalar to maximize, default CE summed over the batch. A L∞ step is bit-identical to torchattacks.PGD."""
+    -> scalar to maximize, default CE summed over the batch. A step is torchattacks.PGD's (PGDL2's) arithmetic on
+    the summed CE where torchattacks takes the mean: the same gradient signs up to round-off, which can flip a
+    sign where a gradient is ~0 (one value in 307,200 on a tested model)."""
     _check(x, y, eps)
     step = default_step(eps) if step is None else step
     if steps < 1 or step < 0:
         raise HybridatError(f"PGD needs steps >= 1 and step >= 0, got steps={steps}, step={step}.")
     if start not in STARTS or norm not in NORMS:
         raise HybridatError(f"unknown start {start!r} or norm {norm!r}: starts {STARTS}, norms {tuple(NORMS)}.")
-    loss_fn = partial(F.cross_entropy, reduction="sum") if loss_fn is None else loss_fn
     x, y = x.detach(), y.detach()
+    return pgd_from(model, x, y, _start(x, eps, start, norm, generator).detach(), eps, step, steps, loss_fn, norm)
+
+
+def pgd_from(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tensor, eps: float, step: float,
+             steps: int, loss_fn=None, norm: str = "linf") -> torch.Tensor:
+    """PGD's iterations from the starting point `adv` (the part of `pgd` a CUDA graph can hold: no random draws,
+    no host syncs). Same arguments and result as `pgd`."""
+    loss_fn = partial(F.cross_entropy, reduction="sum") if loss_fn is None else loss_fn
+    adv = adv.detach()  # a view: the caller's tensor keeps requires_grad=False
     with frozen(model), torch.enable_grad():  # also callable from inside a caller's no_grad block
-        adv = _start(x, eps, start, norm, generator).detach()
         for _ in range(steps):
             adv.requires_grad_(True)
             grad = torch.autograd.grad(loss_fn(model(adv), y), adv)[0]
-            if norm == "linf":  # exactly torchattacks.PGD's arithmetic
+            if norm == "linf":  # torchattacks.PGD's arithmetic
                 adv = adv.detach() + step * grad.sign()
-            else:  # exactly torchattacks.PGDL2's arithmetic
+            else:  # torchattacks.PGDL2's arithmetic
                 adv = adv.detach() + step * (grad / (_l2(grad) + 1e-10))
             delta = _project(adv - x, eps, norm)
             adv = torch.clamp(x + delta, min=0, max=1).detach()
@@ -167,13 +177,18 @@ ATTACKS = {"clean": _clean, "fgsm": _fgsm, "pgd": _pgd, "autoattack": _autoattac
 
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, eps: float,
                     step: float | None = None, steps: int = 10, batch_size: int = 500, seed: int = 0,
-                    aa_version: str = "standard") -> float:
+                    aa_version: str = "standard", graphs: bool = True) -> float:
     """Fraction of x classified correctly after `attack` (a key of ATTACKS), in eval mode. Attacks run
-    batch by batch (batch i seeded with seed + i); AutoAttack (`aa_version`) gets all of x and batches itself."""
+    batch by batch (batch i seeded with seed + i); AutoAttack (`aa_version`) gets all of x and batches itself.
+    graphs: PGD on a GPU runs each full batch as one CUDA graph (`pgd_accuracy`), with the same numbers."""
     if attack not in ATTACKS:
         raise HybridatError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}.")
     if x.shape[0] == 0 or batch_size < 1:
         raise HybridatError(f"need >= 1 input and batch_size >= 1, got {x.shape[0]} and {batch_size}.")
+    if attack == "pgd" and graphs and x.device.type == "cuda":
+        _check(x, y, eps)
+        step = default_step(eps) if step is None else step
+        return pgd_accuracy(model, x, y, eps, step, steps, batch_size, seed, capture=True).item() / x.shape[0]
     x_aa = None
     if attack == "autoattack":
         x_aa = autoattack(model, x, y, eps, version=aa_version, batch_size=batch_size, seed=seed)
@@ -184,6 +199,44 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
             x_adv = x_aa[lo:lo + batch_size]
         else:
             x_adv = ATTACKS[attack](model, xb, yb, eps, step, steps, seed + i)
-        with frozen(model), torch.no_grad():
-            correct += (model(x_adv).argmax(dim=1) == yb).sum()
+        correct += _count_correct(model, x_adv, yb)
     return correct.item() / x.shape[0]  # the one host sync
+
+
+def _count_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with frozen(model), torch.no_grad():
+        return (model(x).argmax(dim=1) == y).sum()
+
+
+def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int,
+                 batch_size: int, seed: int, capture: bool) -> torch.Tensor:
+    """How many of x stay correct under L∞ PGD (evaluation protocol), as `robust_accuracy(..., "pgd")` counts
+    them, with every full batch's iterations and count replayed as one CUDA graph (capture=True; graphs.py).
+
+    The random start of batch i is drawn eagerly from its own generator seeded seed + i, and the graph holds the
+    rest, so the numbers are the eager path's. The first full batch runs eagerly (warm-up), and so does a last,
+    smaller batch. capture=False calls the step function in place of replays (the CPU stand-in)."""
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    static: dict[str, torch.Tensor] = {}
+
+    def attack_and_count():
+        adv = pgd_from(model, static["x"], static["y"], static["start"], eps, step, steps)
+        correct.add_(_count_correct(model, adv, static["y"]))
+
+    graph, warmed = Graphed(attack_and_count, capture), False
+    for i, lo in enumerate(range(0, x.shape[0], batch_size)):
+        xb, yb = x[lo:lo + batch_size].detach(), y[lo:lo + batch_size]
+        start = _start(xb, eps, "uniform", "linf", torch.Generator(x.device).manual_seed(seed + i))
+        if len(yb) != batch_size:
+            correct += _count_correct(model, pgd_from(model, xb, yb, start, eps, step, steps), yb)
+            continue
+        for name, value in (("x", xb), ("y", yb), ("start", start)):
+            if name not in static:
+                static[name] = torch.empty_like(value)
+            static[name].copy_(value)
+        if not warmed:
+            warm_up(attack_and_count, capture)
+            warmed = True
+        else:
+            graph.run()
+    return correct

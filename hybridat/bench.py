@@ -36,7 +36,7 @@ from .checkpoint import write_csv
 from .data import Split, to_float, train_batches
 from .models import BranchView, ModelConfig, build_model, fused
 from .runtime import resolve_device, tune_host
-from .train import LOSSES, TrainConfig, autocast, craft, fit_step, make_optimizer
+from .train import LOSSES, Stepper, TrainConfig, autocast, craft, make_optimizer, train
 
 COLUMNS = ("comparison", "ours", "theirs", "unit", "ratio", "device")
 EPS, STEP = 8 / 255, 2 / 255
@@ -60,6 +60,17 @@ SIZES = {
     # the same network, a quarter of the batch: about 2 minutes on 2 CPU cores
     "quick": BenchSize(width=1.0, batch=32, steps=10, eval_batch=32, eval_steps=20, rounds=3, images=256),
 }
+# On a GPU a step takes milliseconds: each timed call runs REPEAT steps (or PGD batches), so a task is timed over
+# rounds x REPEAT >= 50 steps, and PGD evaluates REPEAT batches of 500 (`hybridat attack`'s batch) per call.
+GPU_REPEAT, GPU_EVAL_BATCH = 20, 500
+
+
+def size_for(name: str, device: torch.device) -> tuple[BenchSize, int]:
+    """The BenchSize `name` on `device`, and how many steps (PGD batches) each timed call runs."""
+    size = SIZES[name]
+    if device.type != "cuda":
+        return size, 1
+    return replace(size, eval_batch=GPU_EVAL_BATCH, images=size.batch * GPU_REPEAT), GPU_REPEAT
 
 
 # ---- the reference: Hybrid-AT with Dual BN as common research code writes it ----------------------------
@@ -324,7 +335,7 @@ def run_bench(device: str | torch.device = "auto", quick: bool = False, out: Pat
     say = console.print if console is not None else print
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     tune_host(device)
-    size = SIZES["quick" if quick else "full"]
+    size, repeat = size_for("quick" if quick else "full", device)
     rounds = rounds or size.rounds
     cfg = TrainConfig(batch_size=size.batch, steps=size.steps, amp=amp)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -333,35 +344,62 @@ def run_bench(device: str | torch.device = "auto", quick: bool = False, out: Pat
 
     model = build_model(ModelConfig("resnet18", "dual-bn", size.width)).to(device).train()
     reference = reference_from(model, size.width).to(device).train()
+    eager = _our_step(copy.deepcopy(model), split, cfg, graphs=False)
     ours, theirs = _our_step(model, split, cfg), _reference_step(reference, split, cfg, device)
     x_eval, y_eval = to_float(split.images[:size.eval_batch]), split.labels[:size.eval_batch]
-    pgd_ours, pgd_theirs = _pgd_tasks(model, x_eval, y_eval, size.eval_steps)
-    floor, pgd_floor = record_floor(ours), record_floor(pgd_ours)  # also the first warm-up of both
-    tasks = {"ours": ours, "reference": theirs, "floor": lambda: floor.seconds(sync),
-             "pgd_ours": pgd_ours, "pgd_torchattacks": pgd_theirs, "pgd_floor": lambda: pgd_floor.seconds(sync)}
+    x_eval, y_eval = x_eval.repeat(repeat, 1, 1, 1), y_eval.repeat(repeat)  # `repeat` batches per call
+    pgd_ours, pgd_theirs = _pgd_tasks(model, x_eval, y_eval, size.eval_steps, size.eval_batch)
+    pgd_eager, _ = _pgd_tasks(model, x_eval, y_eval, size.eval_steps, size.eval_batch, graphs=False)
+    floor, pgd_floor = record_floor(eager), record_floor(pgd_eager)  # also the first warm-up of both
+    steps = {"ours": ours, "eager": eager, "reference": theirs}
+    tasks = {name: _repeated(task, repeat) for name, task in steps.items()}
+    epoch_split = split.subset(size.batch * max(repeat, 2))
+    tasks |= {"floor": lambda: floor.seconds(sync), "epoch": _epoch_task(model, epoch_split, cfg),
+              "pgd_ours": pgd_ours, "pgd_eager": pgd_eager, "pgd_torchattacks": pgd_theirs,
+              "pgd_floor": lambda: pgd_floor.seconds(sync)}
     ablations = [name for name in ABLATIONS if ablate and (cfg.amp or name != "bf16 autocast")]
     tasks |= {f"without {name}": _ablated_step(model, split, cfg, device, name) for name in ablations}
-    for task in tasks.values():  # warm-up: allocator, oneDNN/cuDNN primitive caches
+    for task in tasks.values():  # warm-up: allocator, oneDNN/cuDNN primitive caches, graph capture
         task()
     precision = "bf16 autocast" if cfg.amp else "fp32"
     say(f"bench ({'quick' if quick else 'full'}): ResNet-18 width {size.width}, dual-bn, Hybrid-AT PGD-{size.steps}, "
         f"batch {size.batch} per branch, ours {precision}; PGD-{size.eval_steps} evaluation (fp32) on "
-        f"{size.eval_batch} images; {rounds} interleaved rounds on {device_name(device)}")
+        f"{len(y_eval)} images in batches of {size.eval_batch}; {rounds} interleaved rounds of {repeat} step(s) "
+        f"per task on {device_name(device)}")
     times = interleaved(tasks, rounds, sync, lambda r, t: say(
         f"  round {r}/{rounds}: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items())))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    rows = _rows(med, size, f"{device_name(device)}, ours {precision}")
+    med = {k: statistics.median(v) / (repeat if k in steps else 1) for k, v in times.items()}  # seconds per step
+    rows = _rows(med, size, len(epoch_split), len(y_eval), f"{device_name(device)}, ours {precision}")
     say(markdown_table(rows))
     say(f"training step: {floor.flops / size.batch / 1e9:.2f} GFLOP per image (torch flop counter); its own "
         f"convolutions and matmuls alone run at {floor.flops / med['floor'] / 1e9:.0f} GFLOP/s")
-    say(f"PGD-{size.eval_steps} evaluation: {pgd_floor.flops / size.eval_batch / 1e9:.2f} GFLOP per image; hybridat "
-        f"at {med['pgd_floor'] / med['pgd_ours']:.2f}x, torchattacks at {med['pgd_floor'] / med['pgd_torchattacks']:.2f}x "
+    say(f"PGD-{size.eval_steps} evaluation: {pgd_floor.flops / len(y_eval) / 1e9:.2f} GFLOP per image; hybridat at "
+        f"{med['pgd_floor'] / med['pgd_ours']:.2f}x, torchattacks at {med['pgd_floor'] / med['pgd_torchattacks']:.2f}x "
         f"the speed of its convolutions and matmuls alone")
     if ablations:
         say(ablation_table(med, size.batch, ablations))
     if out is not None:
-        write_csv([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows], out)
+        write_csv([{k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in r.items()} for r in rows], out)
     return rows
+
+
+def _repeated(task: Callable[[], object], repeat: int) -> Callable[[], None]:
+    def run():
+        for _ in range(repeat):
+            task()
+    return run
+
+
+def _epoch_task(model, split: Split, cfg: TrainConfig) -> Callable[[], float]:
+    """`train`'s own loop (batching, augmentation, metrics, graphs) over `split` on a copy of `model`; returns the
+    seconds of its last epoch. On a GPU two epochs, timing the second: the steady state of a long run (the first
+    holds the warm-up steps and the capture). On a CPU one, which is already that."""
+    epochs = 2 if split.images.device.type == "cuda" else 1
+
+    def run() -> float:
+        rows = list(train(copy.deepcopy(model), split, replace(cfg, epochs=epochs), torch.Generator().manual_seed(0)))
+        return rows[-1]["seconds"]
+    return run
 
 
 def record_floor(task: Callable[[], object]) -> Floor:
@@ -372,13 +410,14 @@ def record_floor(task: Callable[[], object]) -> Floor:
     return Floor(recorder)
 
 
-def _our_step(model, split: Split, cfg: TrainConfig) -> Callable[[], torch.Tensor]:
-    """`hybridat train`'s step on endless batches of `split`; a call returns the step's loss."""
-    optimizer, batches = make_optimizer(model, cfg), _endless(split, cfg.batch_size)
+def _our_step(model, split: Split, cfg: TrainConfig, graphs: bool = True) -> Callable[[], torch.Tensor]:
+    """`hybridat train`'s step (a CUDA graph on a GPU unless graphs=False) on endless batches of `split`; a call
+    returns the epoch's running sums so far (the step's loss is in them)."""
+    stepper, batches = Stepper(model, model, make_optimizer(model, cfg), cfg, graphs), _endless(split, cfg.batch_size)
 
     def step():
-        x, y = next(batches)
-        return fit_step(model, model, optimizer, x, y, cfg)[0]
+        stepper.step(*next(batches))
+        return stepper.sums
     return step
 
 
@@ -393,21 +432,25 @@ def _reference_step(reference, split: Split, cfg: TrainConfig, device) -> Callab
     return step
 
 
-def _pgd_tasks(model, x, y, steps: int) -> tuple[Callable[[], None], Callable[[], None]]:
-    """hybridat's PGD evaluation (`robust_accuracy`, as `hybridat attack` runs it) and torchattacks.PGD with its
-    own accuracy pass, both through the adv branch of the same model, uniform start, step eps/4."""
+def _pgd_tasks(model, x, y, steps: int, batch: int, graphs: bool = True) -> tuple[Callable[[], None], Callable[[], None]]:
+    """hybridat's PGD evaluation (`robust_accuracy`, as `hybridat attack` runs it, CUDA graphs on a GPU unless
+    graphs=False) and torchattacks.PGD with its own accuracy pass, both through the adv branch of the same model,
+    uniform start, step eps/4, over x in batches of `batch`."""
     import torchattacks  # only the benchmark needs it
 
     view = BranchView(model, "adv")
     attack = torchattacks.PGD(view, eps=EPS, alpha=EPS / 4, steps=steps, random_start=True)
 
     def ours():
-        robust_accuracy(view, x, y, "pgd", EPS, EPS / 4, steps=steps, batch_size=len(y))
+        robust_accuracy(view, x, y, "pgd", EPS, EPS / 4, steps=steps, batch_size=batch, graphs=graphs)
 
-    def theirs():
-        x_adv = attack(x, y)
-        with torch.no_grad():
-            (view(x_adv).argmax(1) == y).float().mean().item()
+    def theirs() -> None:  # returns nothing: `interleaved` takes a returned float for the task's own seconds
+        correct = 0
+        for xb, yb in zip(x.split(batch), y.split(batch)):
+            x_adv = attack(xb, yb)
+            with torch.no_grad():
+                correct += (view(x_adv).argmax(1) == yb).sum()
+        correct.item()
     return ours, theirs
 
 
@@ -456,14 +499,19 @@ def ablation_table(med: dict, batch: int, names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _rows(med: dict, size: BenchSize, device: str) -> list[dict]:
+def _rows(med: dict, size: BenchSize, epoch_images: int, eval_images: int, device: str) -> list[dict]:
+    """The comparisons from median seconds per step (per `epoch` of `epoch_images`, per PGD call over
+    `eval_images`)."""
     def row(comparison, ours, theirs):
         return {"comparison": comparison, "ours": ours, "theirs": theirs, "unit": "images/s",
                 "ratio": ours / theirs, "device": device}
-    train = size.batch / med["ours"]
-    return [row("train_vs_reference", train, size.batch / med["reference"]),
-            row("train_vs_floor", train, size.batch / med["floor"]),
-            row("pgd_vs_torchattacks", size.eval_batch / med["pgd_ours"], size.eval_batch / med["pgd_torchattacks"])]
+    train_rate = size.batch / med["ours"]
+    return [row("train_vs_reference", train_rate, size.batch / med["reference"]),
+            row("train_vs_floor", train_rate, size.batch / med["floor"]),
+            row("train_graphs_vs_eager", train_rate, size.batch / med["eager"]),
+            row("train_epoch_vs_step", epoch_images / med["epoch"], train_rate),
+            row("pgd_vs_torchattacks", eval_images / med["pgd_ours"], eval_images / med["pgd_torchattacks"]),
+            row("pgd_graphs_vs_eager", eval_images / med["pgd_ours"], eval_images / med["pgd_eager"])]
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -45,6 +45,7 @@ Branch = _choices("Branch", ("adv", "clean"))
 DataDir = Annotated[Optional[Path], typer.Option(help="folder holding cifar-10-batches-py/ "
                                                       "[default: $HYBRIDAT_DATA_DIR or ./data]")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")]
+Graphs = Annotated[bool, typer.Option(help="on a GPU, run each step (attack + update) as one CUDA graph")]
 Eps = Annotated[float, typer.Option(help="L-inf radius in pixel units (8 = 8/255)")]
 Seed = Annotated[int, typer.Option(help="seed of weights, data order, augmentation and attack noise")]
 Ckpt = Annotated[Path, typer.Argument(help="a hybridat .safetensors checkpoint")]
@@ -107,6 +108,7 @@ def train_cmd(
     device: DeviceOpt = "auto",
     amp: Annotated[bool, typer.Option(help="bf16 autocast in the training step (norm statistics, weights and the "
                    "perturbation stay fp32); about 1.9x faster where bf16 is native, see README (Speed)")] = False,
+    graphs: Graphs = True,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ):
     """Train a model under Hybrid-AT with any normalization variant."""
@@ -135,7 +137,8 @@ def train_cmd(
                                 f"{s['images'] / (time.perf_counter() - t0):.0f} img/s")
 
         t0 = time.perf_counter()
-        for row in train(model, split, cfg, generator, rank, world, on_step):
+        for row in train(model, split, cfg, generator, rank, world, None if quiet or not main else on_step,
+                         graphs=graphs):  # no progress: no host sync every 10 steps
             t0 = time.perf_counter()
             diverged = not math.isfinite(row["loss"])  # the same on every rank: the row is all-reduced
             if main:
@@ -174,13 +177,15 @@ def attack_cmd(
     data_dir: DataDir = None,
     seed: Seed = 0,
     device: DeviceOpt = "auto",
+    graphs: Graphs = True,
 ):
     """Evaluate a checkpoint per branch: clean, FGSM, PGD, AutoAttack accuracy."""
     ckpt = load_checkpoint(checkpoint, _device(device))
     split = _split_for(ckpt, data_dir, train=False, n=n, dataset=dataset and dataset.value)
     branches = [b.value for b in branch] if branch else ["adv", "clean"]
     rows = evaluate(ckpt, split, [a.value for a in attack], branches, eps=eps, step=step, steps=steps,
-                    batch_size=batch_size, seed=seed, aa_version=aa_version.value, on_row=_print_row)
+                    batch_size=batch_size, seed=seed, aa_version=aa_version.value, on_row=_print_row,
+                    graphs=graphs)
     write_csv(rows, out)
 
 

@@ -219,16 +219,25 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug
         raise HybridatError(f"need 0 <= rank < world_size <= batch_size, got {rank}, {world_size}, {batch_size}.")
     order = torch.randperm(len(split), generator=generator)  # on CPU, the same on every rank
     mine = slice(rank, None, world_size)
+    rows, crops = [], []  # per batch: this rank's rows and their crop draws, drawn in batch order as ever
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         if len(idx) < world_size:
             break
-        crop = _draw_crop_flip(len(idx), generator) if augment_data else None
-        idx = idx[mine].to(split.images.device)
-        x = split.images[idx]
-        if crop is not None:
-            x = _crop_flip(x, *(t[mine] for t in crop))
-        yield to_float(x), split.labels[idx]
+        if augment_data:
+            crops.append([t[mine] for t in _draw_crop_flip(len(idx), generator)])
+        rows.append(idx[mine])
+    if not rows:
+        return
+    # the whole epoch in one gather (and one crop): a GPU then spends no launches per batch on the data
+    idx = torch.cat(rows).to(split.images.device)
+    images, labels = split.images[idx], split.labels[idx]  # (N_rank, 3, 32, 32) uint8, (N_rank,)
+    if augment_data:
+        images = _crop_flip(images, *(torch.cat(parts) for parts in zip(*crops)))
+    start = 0
+    for r in rows:
+        yield to_float(images[start:start + len(r)]), labels[start:start + len(r)]
+        start += len(r)
 
 
 def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

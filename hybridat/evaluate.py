@@ -35,7 +35,8 @@ def attack_plan(attacks: list[str], steps: list[int]) -> list[tuple[str, int | N
 
 def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[str], *, eps: float,
              step: float | None = None, steps: list[int] = (10,), batch_size: int = 500, seed: int = 0,
-             aa_version: str = "standard", on_row: Callable[[dict], None] | None = None) -> list[dict]:
+             aa_version: str = "standard", on_row: Callable[[dict], None] | None = None,
+             graphs: bool = True) -> list[dict]:
     """Accuracy under each attack through each branch. eps/step in pixel units; step defaults to eps/4.
 
     A single-branch model is one network for both branches: it is attacked once and reported under each.
@@ -56,7 +57,7 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
                 t0 = time.perf_counter()
                 acc = robust_accuracy(BranchView(ckpt.model, branch), x, y, attack, eps=eps / 255,
                                       step=None if step is None else step / 255, steps=k or 1,
-                                      batch_size=batch_size, seed=seed, aa_version=aa_version)
+                                      batch_size=batch_size, seed=seed, aa_version=aa_version, graphs=graphs)
                 done[key] = (acc, time.perf_counter() - t0)
             acc, seconds = done[key]
             name = f"autoattack-{aa_version}" if attack == "autoattack" and aa_version != "standard" else attack

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .attacks import frozen, pgd
 from .data import Split, train_batches
 from .errors import HybridatError
+from .graphs import Graphed, graphs_supported, warm_up
 from .models import BranchModel, BranchView, bn_folded, fused
 from .norms import NORMS
 
@@ -113,8 +114,11 @@ def craft(model: BranchModel, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig
 
 def autocast(device: torch.device, enabled: bool):
     """bf16 autocast (CUDA, CPU) when enabled: convs and matmuls run in bf16; x, x_adv and the PGD step and
-    projection stay fp32 tensors, and norms compute batch statistics and running NS in fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type in ("cuda", "cpu"))
+    projection stay fp32 tensors, and norms compute batch statistics and running NS in fp32. No cast cache while a
+    CUDA graph is captured (torch's advice for graphs; the values are the same)."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type in ("cuda", "cpu"),
+                          cache_enabled=not capturing)
 
 
 def train_step(net, model: BranchModel, x, y, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
@@ -151,9 +155,51 @@ def make_optimizer(model: BranchModel, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+class Stepper:
+    """`fit_step` plus the epoch's running metric sums (`sums`, on the device), eagerly or as one CUDA graph.
+
+    With graphs, batches of the first batch's size go through static buffers and a captured step (graphs.py): the
+    first `warmup` of them run eagerly, the graph is captured again whenever the learning rate has changed, and a
+    batch of another size (an epoch's last, partial one) runs eagerly. On a CPU `graphs` takes the same path with
+    the step function called in place of a replay."""
+
+    def __init__(self, net, model: BranchModel, optimizer, cfg: TrainConfig, graphs: bool, warmup: int = 3):
+        self.net, self.model, self.optimizer, self.cfg = net, model, optimizer, cfg
+        device = next(model.parameters()).device
+        self.sums = torch.zeros(len(SUMS), device=device)
+        self.graphs, self.warmup = graphs, warmup
+        self.graph = Graphed(self._static_step, capture=graphs and graphs_supported(device)) if graphs else None
+        self.x = self.y = self.lr = None  # static buffers and the lr the graph holds
+
+    def _eager(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        loss, logits = fit_step(self.net, self.model, self.optimizer, x, y, self.cfg)
+        self.sums += step_sums(loss, logits, y)
+
+    def _static_step(self) -> None:
+        self._eager(self.x, self.y)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.graph is None or (self.x is not None and x.shape != self.x.shape):
+            return self._eager(x, y)
+        if self.x is None:
+            self.x, self.y = torch.empty_like(x), torch.empty_like(y)
+        self.x.copy_(x)
+        self.y.copy_(y)
+        if self.warmup > 0:  # real training steps; cuDNN's search and the momentum buffers happen here
+            self.warmup -= 1
+            return warm_up(self._static_step, self.graph.capture)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if lr != self.lr:
+            self.graph.invalidate()
+            self.lr = lr
+        self.graph.run()
+
+
 def train(model: BranchModel, split: Split, cfg: TrainConfig, generator: torch.Generator,
-          rank: int = 0, world: int = 1, on_step: Callable | None = None) -> Iterator[dict]:
-    """Train for cfg.epochs; yields one metrics row per epoch. `on_step(epoch, step, n_steps, sums)` reports progress."""
+          rank: int = 0, world: int = 1, on_step: Callable | None = None, graphs: bool = True) -> Iterator[dict]:
+    """Train for cfg.epochs; yields one metrics row per epoch. `on_step(epoch, step, n_steps, sums)` reports progress.
+
+    graphs: the step as one CUDA graph on a GPU (its CPU stand-in elsewhere); one process only, DDP stays eager."""
     check_config(cfg, model.config.norm)
     net = model
     if world > 1:
@@ -161,25 +207,29 @@ def train(model: BranchModel, split: Split, cfg: TrainConfig, generator: torch.G
         net = DistributedDataParallel(model, find_unused_parameters=two)  # one branch leaves the other idle
     optimizer = make_optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg.epochs))
+    stepper = Stepper(net, model, optimizer, cfg, graphs=graphs and world == 1)
     for epoch in range(cfg.epochs):
         model.train()
-        start, sums = time.perf_counter(), None
+        start = time.perf_counter()
+        stepper.sums.zero_()
         n_steps = math.ceil(len(split) / cfg.batch_size)
         for i, (x, y) in enumerate(train_batches(split, cfg.batch_size, generator, rank=rank, world_size=world)):
-            loss, logits = fit_step(net, model, optimizer, x, y, cfg)
-            sums = _accumulate(sums, loss, logits, y)  # stays on the device: no host sync per step
+            stepper.step(x, y)
             if on_step is not None:
-                on_step(epoch + 1, i + 1, n_steps, sums)
-        row = epoch_row(sums, world) | {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+                on_step(epoch + 1, i + 1, n_steps, stepper.sums)
+        row = epoch_row(stepper.sums.clone(), world) | {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         row["seconds"] = time.perf_counter() - start
         row["images_per_s"] = row["images"] / row["seconds"]  # training images, each counted once
         schedule.step()
         yield row
 
 
-def _accumulate(sums, loss, logits, y) -> torch.Tensor:
-    """Running sums (loss*n, n, loss_b*n, correct_b per branch) as one device tensor."""
-    n = torch.tensor(float(len(y)), device=y.device)
+SUMS = ("loss*n", "n", "loss_adv*n", "correct_adv", "loss_clean*n", "correct_clean")
+
+
+def step_sums(loss, logits, y) -> torch.Tensor:
+    """One step's contribution to the running sums SUMS, as one device tensor (no host transfer: graph-safe)."""
+    n = torch.full((), float(len(y)), device=y.device)
     parts = [loss.detach() * n, n]
     for b in ("adv", "clean"):
         if b in logits:
@@ -187,8 +237,7 @@ def _accumulate(sums, loss, logits, y) -> torch.Tensor:
                       (logits[b].detach().argmax(1) == y).sum().float()]
         else:
             parts += [torch.full((), float("nan"), device=y.device)] * 2
-    new = torch.stack(parts)
-    return new if sums is None else sums + new
+    return torch.stack(parts)
 
 
 def summary(sums: torch.Tensor) -> dict[str, float]:

@@ -109,11 +109,15 @@ def test_interleaved_rotates_the_order_and_takes_reported_seconds():
 
 def test_rows_say_how_many_times_faster_hybridat_is():
     size = bench.BenchSize(width=1.0, batch=100, steps=10, eval_batch=50, eval_steps=20, rounds=1, images=100)
-    med = {"ours": 2.0, "reference": 6.0, "floor": 1.5, "pgd_ours": 1.0, "pgd_torchattacks": 2.0}
-    rows = {r["comparison"]: r for r in bench._rows(med, size, "cpu")}
+    med = {"ours": 2.0, "reference": 6.0, "floor": 1.5, "eager": 4.0, "epoch": 5.0, "pgd_ours": 1.0,
+           "pgd_torchattacks": 2.0, "pgd_eager": 3.0}
+    rows = {r["comparison"]: r for r in bench._rows(med, size, 200, 50, "cpu")}
     assert rows["train_vs_reference"]["ours"] == 50 and rows["train_vs_reference"]["ratio"] == pytest.approx(3)
     assert rows["train_vs_floor"]["ratio"] == pytest.approx(0.75)  # slower than the floor: <= 1
+    assert rows["train_graphs_vs_eager"]["ratio"] == pytest.approx(2)
+    assert rows["train_epoch_vs_step"]["ours"] == 40 and rows["train_epoch_vs_step"]["ratio"] == pytest.approx(0.8)
     assert rows["pgd_vs_torchattacks"]["ours"] == 50 and rows["pgd_vs_torchattacks"]["ratio"] == pytest.approx(2)
+    assert rows["pgd_graphs_vs_eager"]["ratio"] == pytest.approx(3)
 
 
 def test_run_bench_writes_one_row_per_comparison(tmp_path, monkeypatch):
@@ -127,7 +131,8 @@ def test_run_bench_writes_one_row_per_comparison(tmp_path, monkeypatch):
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == bench.COLUMNS
         written = list(reader)
-    assert [r["comparison"] for r in written] == ["train_vs_reference", "train_vs_floor", "pgd_vs_torchattacks"]
+    assert [r["comparison"] for r in written] == ["train_vs_reference", "train_vs_floor", "train_graphs_vs_eager",
+                                                  "train_epoch_vs_step", "pgd_vs_torchattacks", "pgd_graphs_vs_eager"]
     for r, w in zip(rows, written):
         assert r["ours"] > 0 and r["theirs"] > 0 and r["unit"] == "images/s"
         assert r["ratio"] == pytest.approx(r["ours"] / r["theirs"])
@@ -164,6 +169,13 @@ def test_an_ablated_step_computes_our_step_the_slow_way(off):
     ablated = bench._ablated_step(model, split, replace(cfg, amp=off == "bf16 autocast"), "cpu", off)
     ours = bench._our_step(model, split, cfg)
     torch.manual_seed(5)
-    ours_loss = ours()
+    sums = ours()  # the running sums after one step: loss*n, n, ...
     torch.manual_seed(5)
-    assert ablated().item() == pytest.approx(ours_loss.item(), rel=1e-4)
+    assert ablated().item() == pytest.approx((sums[0] / sums[1]).item(), rel=1e-4)
+
+
+def test_a_gpu_times_at_least_50_steps_per_task_and_pgd_at_attacks_batch():
+    for name in bench.SIZES:
+        size, repeat = bench.size_for(name, torch.device("cuda"))
+        assert size.rounds * repeat >= 50 and size.eval_batch == 500 and size.images >= size.batch * repeat
+        assert bench.size_for(name, torch.device("cpu")) == (bench.SIZES[name], 1)  # CPU as before

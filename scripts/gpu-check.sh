@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# hybridat on a GPU in one call (under 5 minutes on an H100): graph == eager, end-to-end epoch times, bench.
+# Needs python3 with torch (CUDA), typer, rich, safetensors, pandas; torchattacks (for the bench) as a wheel in
+# .whl/ if not installed. Writes everything under ${OUT:-gpu-check}/ and prints one table at the end.
+# SECTIONS="checks epochs grid bench" (the default) picks what runs.
+set -uo pipefail  # each section runs even if one before it failed; failures are reported
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-check}; mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+DATA=$(mktemp -d); export HYBRIDAT_DATA_DIR=$DATA
+SECTIONS=${SECTIONS:-checks epochs grid bench}
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+python3 -c "import sys; from scripts.gpu_check import write_synthetic_cifar as w; from pathlib import Path; w(Path(sys.argv[1]))" "$DATA"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/device.txt"
+
+if want checks; then
+  echo "== graph == eager"; python3 scripts/gpu_check.py "$OUT" || echo "FAILED: graph == eager checks"
+fi
+
+epoch() {  # NAME EPOCHS FLAGS...: one full-CIFAR training run, its per-epoch seconds from train.csv
+  local name=$1 epochs=$2; shift 2
+  local start=$SECONDS
+  python3 -m hybridat train --norm dual-bn --epochs "$epochs" --device cuda --quiet --out "$DATA/run-$name" "$@"
+  python3 - "$DATA/run-$name/train.csv" "$name" "$((SECONDS - start))" <<'PY' | tee -a "$OUT/epochs.csv"
+import sys, pandas as pd
+rows = pd.read_csv(sys.argv[1])
+for _, r in rows.iterrows():
+    print(f"{sys.argv[2]},{int(r.epoch)},{r.seconds:.2f},{r.images_per_s:.0f},{sys.argv[3]}")
+PY
+}
+if want epochs; then
+  echo "run,epoch,seconds,images_per_s,process_seconds" > "$OUT/epochs.csv"
+  echo "== end-to-end epochs (50,000 images, batch 128 per branch, PGD-10)"
+  epoch graphs-bf16 2 --amp || echo "FAILED: graphs-bf16"
+  epoch graphs-fp32 2 || echo "FAILED: graphs-fp32"
+  epoch eager-bf16 1 --amp --no-graphs || echo "FAILED: eager-bf16"
+fi
+
+want grid && echo "== grid throughput (make -j): 1 run alone, then 2 at once; bf16, graphs; each run's 2nd epoch" \
+  && echo "processes,epoch_seconds,aggregate_images_per_s" > "$OUT/concurrency.csv"
+for n in $(want grid && echo 1 2); do
+  for i in $(seq "$n"); do
+    python3 -m hybridat train --norm dual-bn --epochs 2 --amp --device cuda --quiet --out "$DATA/conc-$n-$i" \
+      > /dev/null 2>&1 &
+  done
+  wait
+  python3 - "$n" "$DATA"/conc-"$n"-*/train.csv <<'PY' | tee -a "$OUT/concurrency.csv"
+import sys, pandas as pd
+n, seconds = int(sys.argv[1]), [pd.read_csv(f).seconds.iloc[-1] for f in sys.argv[2:]]
+mean = sum(seconds) / len(seconds)
+print(f"{n},{mean:.2f},{n * 50000 / mean:.0f}")
+PY
+done
+
+if want bench; then
+  echo "== bench"
+  python3 -m hybridat bench --device cuda --amp --out "$OUT/bench-bf16.csv" | tee "$OUT/bench-bf16.txt" \
+    || echo "FAILED: bench"
+fi
+
+echo "== summary"
+python3 - "$OUT" <<'PY'
+import json, sys, pandas as pd
+out = sys.argv[1]
+print(open(f"{out}/device.txt").read().strip())
+def show(name, read):
+    try:
+        read(f"{out}/{name}")
+    except Exception as e:  # a section that failed left no file
+        print(f"{name}: missing ({e})")
+show("checks.json", lambda p: [print(" | ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in r.items())) for r in json.load(open(p))])
+show("epochs.csv", lambda p: print(pd.read_csv(p).to_string(index=False)))
+show("concurrency.csv", lambda p: print(pd.read_csv(p).to_string(index=False)))
+show("bench-bf16.csv", lambda p: print(pd.read_csv(p).to_string(index=False, float_format="%.2f")))
+PY

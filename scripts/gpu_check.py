@@ -1,0 +1,113 @@
+"""GPU check of hybridat's graph path, in one process: graph == eager (training and PGD), then one table.
+
+Run by scripts/gpu-check.sh (which also writes the CIFAR-10-shaped folder of random pixels with
+`write_synthetic_cifar` and times `hybridat train` epochs and `hybridat bench`). Usage:
+    python3 scripts/gpu_check.py OUT_DIR"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hybridat.attacks import _start, pgd_accuracy, pgd_from, robust_accuracy
+from hybridat.bench import synthetic_split
+from hybridat.graphs import Graphed, warm_up
+from hybridat.models import BranchView, ModelConfig, build_model
+from hybridat.runtime import tune_host
+from hybridat.train import TrainConfig, train
+
+
+def write_synthetic_cifar(root: Path, seed: int = 0) -> None:
+    """cifar-10-batches-py/ with 5 x 10,000 training and 10,000 test images of random pixels."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (10_000, 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, 10_000).tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def run_train(graphs: bool, amp: bool, steps: int, seed: int = 0):
+    """`train` for one epoch of `steps` full batches of 128 plus a partial one, ResNet-18 dual-bn, from seed."""
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig("resnet18", "dual-bn", 1.0)).cuda()
+    split = synthetic_split(128 * steps + 40, "cuda", seed=1)
+    cfg = TrainConfig(batch_size=128, steps=10, epochs=1, amp=amp)
+    torch.manual_seed(seed + 100)  # the attack's noise
+    rows = list(train(model, split, cfg, torch.Generator().manual_seed(seed), graphs=graphs))
+    return rows[0], {k: v.detach().double() for k, v in model.state_dict().items()}
+
+
+def max_rel(a: dict, b: dict) -> float:
+    return max(((a[k] - b[k]).norm() / (b[k].norm() + 1e-12)).item() for k in b if b[k].is_floating_point())
+
+
+def check_training(amp: bool, steps: int = 12, deterministic: bool = False) -> dict:
+    """Graph vs eager and eager vs eager (cuDNN's own run-to-run spread) after `steps` + 1 steps; deterministic:
+    with cuDNN's deterministic algorithms only, where eager runs repeat exactly."""
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, not deterministic
+    try:
+        g_row, g_state = run_train(True, amp, steps)
+        e_row, e_state = run_train(False, amp, steps)
+        e2_row, e2_state = run_train(False, amp, steps)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
+    return {"what": f"train {'bf16' if amp else 'fp32'}{' deterministic' if deterministic else ''}, {steps + 1} steps",
+            "graph_loss": g_row["loss"], "eager_loss": e_row["loss"], "eager2_loss": e2_row["loss"],
+            "weights_rel_graph_vs_eager": max_rel(g_state, e_state),
+            "weights_rel_eager_vs_eager": max_rel(e2_state, e_state)}
+
+
+def check_pgd() -> dict:
+    """The same PGD-20 examples from one start, captured vs eager; and the accuracy over 2,000 images."""
+    torch.manual_seed(0)
+    model = BranchView(build_model(ModelConfig("resnet18", "dual-bn", 1.0)).cuda().eval(), "adv")
+    x = torch.rand(2000, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (2000,), device="cuda")
+    eps, step = 8 / 255, 2 / 255
+    start = _start(x[:500], eps, "uniform", "linf", torch.Generator("cuda").manual_seed(3))
+    eager = pgd_from(model, x[:500], y[:500], start, eps, step, 20)
+    static = {"x": x[:500].clone(), "y": y[:500].clone(), "start": start.clone()}
+    out = {}
+
+    def fn():
+        out["adv"] = pgd_from(model, static["x"], static["y"], static["start"], eps, step, 20)
+    warm_up(fn, True)
+    graph = Graphed(fn, True)
+    graph.run()
+    torch.cuda.synchronize()
+    acc_graph = pgd_accuracy(model, x, y, eps, step, 20, 500, seed=0, capture=True).item() / len(y)
+    acc_eager = robust_accuracy(model, x, y, "pgd", eps, step, 20, batch_size=500, seed=0, graphs=False)
+    diff = (out["adv"] - eager).abs()
+    return {"what": "PGD-20, 500 examples; accuracy on 2,000", "examples_max_abs_diff": diff.max().item(),
+            "examples_differing": int((diff > 0).sum().item()), "examples_total": diff.numel(),
+            "acc_graph": acc_graph, "acc_eager": acc_eager}
+
+
+def main(out_dir: str) -> None:
+    out = Path(out_dir)
+    tune_host(torch.device("cuda"))
+    results = []
+    checks = (("pgd", check_pgd), ("train fp32", lambda: check_training(False)),
+              ("train fp32 deterministic", lambda: check_training(False, deterministic=True)),
+              ("train bf16", lambda: check_training(True)))
+    for name, check in checks:
+        try:
+            results.append(check())
+        except Exception as e:  # report it and go on with the other checks
+            import traceback
+            traceback.print_exc()
+            results.append({"what": name, "error": repr(e)})
+        print(json.dumps(results[-1]), flush=True)
+        (out / "checks.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
