@@ -154,6 +154,14 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
+def split_files(name: str, train: bool, data_dir: str | Path | None = None) -> list[Path]:
+    """The files a split is read from: inputs that no command may write over."""
+    info, root = _info(name), resolve_data_dir(data_dir)
+    if info.folder:
+        return [root / info.folder / f for f in info.files[0 if train else 1]]
+    return [root / f"{'train' if train else 'test'}_32x32.mat"]
+
+
 @functools.lru_cache(maxsize=8)
 def _read_arrays(name: str, train: bool, root: Path, download: bool) -> Arrays:
     info = _info(name)
@@ -165,7 +173,12 @@ def load_split(name: str, train: bool, data_dir: str | Path | None = None, devic
     """The whole train or test split (or its first n examples) as uint8 tensors on device."""
     _info(name)
     root = resolve_data_dir(data_dir)
+    if data_dir is not None and not root.is_dir():  # a typo: neither created nor downloaded into
+        raise HybridatError(f"data folder {root} does not exist; fix the path, or create the folder to download "
+                            f"{name} into it")
     images, labels = _read_arrays(name, bool(train), root, download)
+    if len(labels) == 0:
+        raise HybridatError(f"the {name} {'train' if train else 'test'} split in {root} has no images")
     n = _check_n(n, len(labels), f"{name} {'train' if train else 'test'} split in {root}")
     # copy=True: the cached arrays never share memory with a returned tensor
     images, labels = (torch.from_numpy(a[:n]).to(device, copy=True) for a in (images, labels))
