@@ -75,6 +75,8 @@ def _check(images, labels: np.ndarray, num_classes: int, path: Path) -> Arrays:
     """The arrays if images are (N, 3, 32, 32) uint8 and labels N integers in [0, num_classes)."""
     if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape[1:] == (3, 32, 32)):
         raise HybridatError(f"{path}: images must be a uint8 array of shape (N, 3, 32, 32), got {_describe(images)}.")
+    if labels.size == 0:  # [] reads as float64: an empty split is reported as empty, where it is used
+        labels = labels.astype(np.int64)
     if labels.dtype.kind not in "iu" or labels.shape != (len(images),):
         raise HybridatError(f"{path}: expected {len(images)} integer labels, got {_describe(labels)}.")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):

@@ -102,6 +102,20 @@ def remove_stale_temps(path: Path) -> None:
                 pass
 
 
+def umask() -> int:
+    """This process's umask (Linux: read without changing it; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds. The temp file is removed
@@ -115,7 +129,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0666 & ~umask, as open() would
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask())  # some writers (safetensors) recreate the file with mode 0600
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is not None and Path(e.filename) == tmp:  # name the file the user asked for
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
