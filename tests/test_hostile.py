@@ -12,11 +12,9 @@ import errno
 import fcntl
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -30,7 +28,7 @@ from hybridat.models import ModelConfig, build_model
 from hybridat.run import identity, save_state
 from hybridat.train import TrainConfig, make_optimizer
 
-from conftest import perturb, tiny
+from conftest import fake_cifar10, perturb, tiny
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 TRAIN_META = {"loss": "hybrid", "eps": 8.0, "epochs": 2, "steps": 1, "dataset": "cifar10"}
@@ -38,15 +36,6 @@ LONG = "x" * 240 + ".csv"  # 244 bytes: a legal name, but its temp name would pa
 ROOT = os.geteuid() == 0  # permissions do not stop root
 FAST = ["--device", "cpu", "--data-dir", "data"]
 TRAIN = ["train", "--width", "0.0625", "--train-subset", "16", "--epochs", "2", "--steps", "1", "--quiet", *FAST]
-
-
-def _cifar(root: Path, rows: int) -> None:  # protocol 4: an empty array pickles as bytes(), refused by protocol 2
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"data": rng.integers(0, 256, (rows, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, rows).tolist()}
-        path = root / "cifar-10-batches-py" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(pickle.dumps(batch, protocol=4))
 
 
 def _rewrite(src: Path, dst: Path, **changes) -> None:
@@ -59,8 +48,8 @@ def _rewrite(src: Path, dst: Path, **changes) -> None:
 
 
 def _build(ws: Path) -> None:
-    _cifar(ws / "data", 16)
-    _cifar(ws / "empty-data", 0)
+    fake_cifar10(ws / "data", 16)
+    fake_cifar10(ws / "empty-data", 0)
     model = perturb(tiny("dual-bn"))
     meta = {"train": TRAIN_META, "seed": "0", "run": "r"}
     save_checkpoint(model, ws / "m.safetensors", **meta, epoch="2")

@@ -21,6 +21,8 @@ from hybridat.models import ModelConfig
 from hybridat.run import MODEL, STATE, run_training, weights_finite
 from hybridat.train import TrainConfig
 
+from conftest import fake_cifar10
+
 ARGS = ["--width", "0.0625", "--train-subset", "256", "--epochs", "3", "--batch-size", "32", "--steps", "1",
         "--step", "4", "--quiet", "--device", "cpu"]
 TIMING = ["seconds", "images_per_s"]  # the only columns allowed to differ
@@ -52,9 +54,10 @@ def _same_run(a: Path, b: Path) -> None:
     assert list(fa["epoch"]) == [1, 2, 3]
 
 
-def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, data_dir):
+def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
     """Two SIGKILLs (mid-epoch 2, then mid-epoch 3 of the resumed run), two resumes: the same model, bit for bit."""
     ref, out = tmp_path / "ref", tmp_path / "killed"
+    data_dir = fake_cifar10(tmp_path / "data", 256)  # 10,000 image files would be read 4 times over
     done = subprocess.run(_cli(data_dir, ref), env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     for rows_before_kill, extra in ((1, []), (2, ["--resume"])):
@@ -75,8 +78,17 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, data_dir):
     assert sorted(p.name for p in out.iterdir()) == [".lock", MODEL, "train.csv"]  # no state, no temp file
 
 
-CFG = TrainConfig(epochs=3, batch_size=32, steps=1, step=4.0, train_subset=128)
+CFG = TrainConfig(epochs=3, batch_size=32, steps=1, step=4.0, train_subset=64)
 CONFIG = ModelConfig("resnet18", "dual-bn", 0.0625)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as the subprocesses have: faster on a shared 2-core machine, and one reduction order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
