@@ -86,13 +86,9 @@ def cli_errors(fn):
     return wrapper
 
 
-def _outputs(outputs, inputs=()) -> None:
-    """Every output checked before any work (writable, not a folder, not an input): files.check_outputs."""
-    check_outputs(outputs, inputs)
-
-
-def _data_inputs(ckpt_dataset: str, data_dir, train: bool) -> list[Path]:
-    return split_files(ckpt_dataset, train, data_dir) if ckpt_dataset in DATASETS else []
+def _data_inputs(dataset: str, data_dir, train: bool) -> list[Path]:
+    """The dataset's files: inputs, so never an output."""
+    return split_files(dataset, train, data_dir)
 
 
 def _device(name: str) -> torch.device:
@@ -220,11 +216,13 @@ def attack_cmd(
     branches = branch or ["adv", "clean"]
     evaluate_args = dict(eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed, aa_version=aa_version)
     check_evaluation(attack, branches, **evaluate_args)  # every option, before any work
+    if dataset is not None:
+        check_choice(dataset, DATASETS, "dataset")
     if n is not None:
         check_number("n", n, 1, integer=True)
-    _outputs([out], [checkpoint])
+    check_outputs([out], [checkpoint])
     ckpt = _load(checkpoint, device)
-    _outputs([out], [checkpoint, *_data_inputs(_dataset_of(ckpt, dataset), data_dir, False)])
+    check_outputs([out], [checkpoint, *_data_inputs(_dataset_of(ckpt, dataset), data_dir, False)])
     split = _split_for(ckpt, data_dir, train=False, n=n, dataset=dataset)
     rows = evaluate(ckpt, split, attack, branches, **evaluate_args, on_row=_print_row)
     write_csv(rows, out)
@@ -283,7 +281,7 @@ def swap_bn_cmd(
     if from_layer is not None:
         check_number("from layer", from_layer, 0, integer=True)
     mapping = {"ns": _mapping(ns, "--ns"), "ap": _mapping(ap, "--ap")}
-    _outputs([out], [checkpoint])
+    check_outputs([out], [checkpoint])
     ckpt = _load(checkpoint, device)
     layers = None if from_layer is None else deeper_than(ckpt.model, from_layer)
     op = {"op": {"--ns/--ap": "recombine"}.get(chosen[0], chosen[0].lstrip("-")), "layers": layers}
@@ -295,7 +293,7 @@ def swap_bn_cmd(
         new = recombine(ckpt.model, layers=layers, **mapping)
         op |= mapping if not swap_ap else {}
     else:
-        _outputs([out], [checkpoint, *_data_inputs(_dataset_of(ckpt), data_dir, True)])
+        check_outputs([out], [checkpoint, *_data_inputs(_dataset_of(ckpt), data_dir, True)])
         split = _split_for(ckpt, data_dir, train=True)
         new = reestimate_fn(ckpt.model, branch, reestimate, split, batch_size=batch_size, n_images=n,
                             eps=eps, step=step, steps=steps, seed=seed)
@@ -336,9 +334,9 @@ def ns_gap_cmd(
         check_number("layer", layer, 0, integer=True)
     stem = out.with_suffix("") if out.suffix else out
     outputs = [out, Path(f"{stem}-channels.csv"), Path(f"{stem}-depth.png"), Path(f"{stem}-channels.png")]
-    _outputs(outputs, [checkpoint])
+    check_outputs(outputs, [checkpoint])
     ckpt = _load(checkpoint, device)
-    _outputs(outputs, [checkpoint, *_data_inputs(_dataset_of(ckpt), data_dir, False)])
+    check_outputs(outputs, [checkpoint, *_data_inputs(_dataset_of(ckpt), data_dir, False)])
     split = _split_for(ckpt, data_dir, train=False, n=n)
     rows, channels = ns_gap(ckpt.model, to_float(split.images), split.labels, eps=eps, fix_ap=fix_ap,
                             branch=branch, steps=steps, noise=noise, seed=seed)

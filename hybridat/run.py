@@ -79,11 +79,13 @@ def identity(config: ModelConfig, cfg: TrainConfig, dataset: str) -> dict:
     return {"model": json.loads(config.to_json()), "train": cfg.to_dict(), "dataset": dataset}
 
 
-def _differences(a: dict, b: dict) -> list[str]:
-    flat = lambda d: {f"{k}.{j}": w for k, v in d.items() for j, w in (v.items() if isinstance(v, dict) else [("", v)])}
-    fa, fb = flat(a), flat(b)
-    return [f"{k.rstrip('.')} {fa.get(k)!r} != {fb.get(k)!r}" for k in sorted(fa.keys() | fb.keys())
-            if fa.get(k) != fb.get(k)]
+def _differences(old: dict, new: dict) -> list[str]:
+    """'train.lr 0.1 != 0.2' for each setting (two levels deep) that differs."""
+    def flat(d: dict) -> dict:
+        return {f"{k}.{j}": w for k, v in d.items() for j, w in (v.items() if isinstance(v, dict) else [("", v)])}
+
+    a, b = flat(old), flat(new)
+    return [f"{k.rstrip('.')} {a.get(k)!r} != {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
 def prepare_folder(out: Path, ident: dict, *, resume: bool, overwrite: bool) -> dict | None:
