@@ -165,7 +165,8 @@ def train_cmd(
                       lr=lr, weight_decay=weight_decay, clean_weight=clean_weight, trades_beta=trades_beta,
                       seed=seed, train_subset=train_subset, amp=amp)
     config = ModelConfig(arch, norm, width, num_classes(dataset)).check()
-    progress = _progress(quiet or os.environ.get("RANK", "0") != "0")  # started at the first step: every check (and its one-line error) comes first
+    # started at the first step, so that every check (and its one-line error) comes first; rank 0 only
+    progress = _progress(quiet or os.environ.get("RANK", "0") != "0")
     task = progress.add_task("train", total=None, epoch=0, stats="")
     t0 = [time.perf_counter()]
 

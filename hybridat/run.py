@@ -85,7 +85,8 @@ def _differences(old: dict, new: dict) -> list[str]:
         return {f"{k}.{j}": w for k, v in d.items() for j, w in (v.items() if isinstance(v, dict) else [("", v)])}
 
     a, b = flat(old), flat(new)
-    return [f"{k.rstrip('.')} {a.get(k)!r} != {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    return [f"{k.rstrip('.')} {a.get(k)!r} != {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)]
 
 
 def prepare_folder(out: Path, ident: dict, *, resume: bool, overwrite: bool) -> dict | None:

@@ -186,7 +186,8 @@ CASES = [
     ("ns-gap --out under a file", ["ns-gap", "m.safetensors", "--out", "a-file/g.csv"], "is a file, not a folder", 1),
     ("bench --out a folder", ["bench", "--out", "folder", "--device", "cpu"], "is a folder", 1),
     # -- checkpoints: metadata by type, shapes before the model is built, non-finite weights
-    ("config width a string", ["attack", "width-str.safetensors", "--out", "o.csv", *FAST], "width must be a number", 1),
+    ("config width a string", ["attack", "width-str.safetensors", "--out", "o.csv", *FAST],
+     "width must be a number", 1),
     ("config without arch", ["info", "no-arch.safetensors"], "invalid model config", 1),
     ("config not JSON", ["info", "not-json.safetensors"], "not JSON", 1),
     ("config classes a bool", ["info", "classes-bool.safetensors"], "num_classes must be an integer", 1),
