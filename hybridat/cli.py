@@ -80,7 +80,7 @@ def cli_errors(fn):
         except (MemoryError, torch.OutOfMemoryError):
             error_line("out of memory")
         except (KeyboardInterrupt, Terminated):
-            error_line("interrupted; every finished file is complete, nothing half-written was left")
+            error_line("interrupted; no half-written file was left (train: --resume goes on from the last epoch)")
         raise typer.Exit(1)
 
     return wrapper

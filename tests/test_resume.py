@@ -66,6 +66,9 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
         deadline = time.monotonic() + 120
         while _rows(out) < rows_before_kill and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
+        if rows_before_kill == 1:  # a second process on the same folder is refused while the first trains
+            with pytest.raises(HybridatError, match="another process is training"):
+                run_training(out, CONFIG, CFG, data_dir=data_dir, resume=True)
         time.sleep(0.15)  # somewhere in the next epoch (or in its saves)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
