@@ -137,6 +137,7 @@ CASES = [
     ("resume and overwrite", [*TRAIN, "--resume", "--overwrite", "--out", "runs/x"], "exclude each other", 1),
     ("train while another trains", [*TRAIN, "--out", "runs/locked"], "another process is training", 1),
     ("train into a file", [*TRAIN, "--out", "a-file"], "is a file", 1),
+    ("train --out empty", [*TRAIN, "--out", ""], "not a training run's", 1),  # "" is "." to Typer: not a run
     # -- NaN, infinity and out-of-range numbers
     ("train --lr nan", [*TRAIN, "--lr", "nan", "--out", "runs/x"], "lr must be a finite number", 1),
     ("train --eps inf", [*TRAIN, "--eps", "inf", "--out", "runs/x"], "eps must be a finite number", 1),
@@ -258,10 +259,11 @@ def test_unfinished_checkpoint_is_marked_in_the_csv(base, tmp_path, monkeypatch)
     shutil.copytree(base, ws, symlinks=True)
     monkeypatch.chdir(ws)
     for ckpt, unfinished in (("last.safetensors", True), ("m.safetensors", False)):
-        result = CliRunner().invoke(app, ["attack", ckpt, "--attack", "clean", "--n", "8", *FAST, "--out", "o.csv"])
-        assert result.exit_code == 0, result.output
-        assert ("unfinished" in result.output) == unfinished
-        assert (pd.read_csv("o.csv")["unfinished"] == unfinished).all()
+        for args in (["attack", ckpt, "--attack", "clean", "--n", "8"], ["ns-gap", ckpt, "--n", "8", "--steps", "1"]):
+            result = CliRunner().invoke(app, [*args, *FAST, "--out", "o.csv"])
+            assert result.exit_code == 0, result.output
+            assert ("warning:" in result.output and "unfinished" in result.output) == unfinished
+            assert (pd.read_csv("o.csv")["unfinished"] == unfinished).all()
 
 
 def test_an_os_error_while_writing_is_one_line(base, tmp_path, monkeypatch):
