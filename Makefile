@@ -51,7 +51,7 @@ define pipeline
 $(1)/runs/%/model.safetensors: | install
 	$$(HYBRIDAT) train --norm $$(call field,1,$$*) --loss $$(call field,2,$$*) --eps $$(call field,3,$$*) \
 	    --step $$(shell awk 'BEGIN{print $$(call field,3,$$*) * $$($(1)_STEP_PER_EPS)}') \
-	    --seed $$(call seed_of,$$*) $$($(1)_TRAIN) --quiet --out $$(@D)
+	    --seed $$(call seed_of,$$*) $$($(1)_TRAIN) --resume --quiet --out $$(@D)
 $(1)/runs/%/eval.csv: $(1)/runs/%/model.safetensors
 	$$(HYBRIDAT) attack $$< --eps $$(call field,3,$$*) $$($(1)_EVAL) --out $$@
 $(1)/runs/%/aa.csv: $(1)/runs/%/model.safetensors

@@ -18,8 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .attacks import pgd
-from .checkpoint import atomic_path
-from .errors import HybridatError
+from .files import atomic_path
+from .errors import HybridatError, check_choice, check_number
 from .models import BranchView, norm_layers
 from .norms import BRANCHES, BranchBatchNorm, set_name
 
@@ -30,12 +30,6 @@ COLUMNS = ("kind", "layer", "layer_name", "pair", "statistic", "measure", "dista
 CHANNEL_COLUMNS = ("layer", "layer_name", "domain", "channel", "mean", "std", "fix_ap", "branch", "eps")
 
 
-def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
-    if value not in choices:
-        raise HybridatError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
-    return value
-
-
 def perturb(model, x: torch.Tensor, y: torch.Tensor, domain: str, branch: str, eps: float, *,
             step: float | None = None, steps: int = 10, start: str = "uniform", noise: str = "uniform",
             generator: torch.Generator | None = None) -> torch.Tensor:
@@ -43,8 +37,7 @@ def perturb(model, x: torch.Tensor, y: torch.Tensor, domain: str, branch: str, e
     (no trace on the model; step None = ε/4); noise = x + U(-ε, ε), or Gaussian of the same std ε/√3; in [0, 1]."""
     check_choice(domain, DOMAINS, "domain")
     check_choice(noise, NOISES, "noise")
-    if eps < 0:
-        raise HybridatError(f"eps must be >= 0, got {eps}")
+    check_number("eps", eps, 0, 255)
     if domain == "clean":
         return x
     if domain == "adv":
@@ -147,6 +140,11 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool, branch: str = "adv", steps:
     channel rows in CHANNEL_COLUMNS); `branch` is "own" in the rows when fix_ap is off.
     """
     check_choice(branch, BRANCHES, "branch")
+    check_choice(noise, NOISES, "noise")
+    check_number("eps", eps, 0, 255)
+    check_number("steps", steps, 0, 100_000, integer=True)
+    if step is not None:
+        check_number("step", step, 0, 255, low_open=True)
     data = domain_batches(model, x, y, branch, eps, step, steps, noise, seed)
     route = {d: branch if fix_ap else ("adv" if d == "adv" else "clean") for d in DOMAINS}
     ns = {d: batch_ns(model, data[d], route[d]) for d in DOMAINS}

@@ -34,6 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .attacks import robust_accuracy
 from .checkpoint import write_csv
 from .data import Split, to_float, train_batches
+from .errors import check_number
+from .files import check_outputs
 from .models import BranchView, ModelConfig, build_model, fused
 from .runtime import resolve_device, tune_host
 from .train import LOSSES, Stepper, TrainConfig, autocast, craft, make_optimizer, train
@@ -332,6 +334,10 @@ def run_bench(device: str | torch.device = "auto", quick: bool = False, out: Pat
     amp: bf16 autocast in hybridat's training step (`hybridat train --amp`); evaluation stays fp32.
     ablate: also time our step with each technique of ABLATIONS in use turned off, one at a time.
     Returns one row per comparison with COLUMNS."""
+    if rounds is not None:
+        check_number("rounds", rounds, 1, 1000, integer=True)
+    if out is not None:
+        check_outputs([out])
     say = console.print if console is not None else print
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     tune_host(device)

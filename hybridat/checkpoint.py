@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,24 +18,12 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .errors import HybridatError
+from .files import atomic_path
 from .models import BranchModel, ModelConfig, build_model
 
+__all__ = ["atomic_path", "write_csv", "save_checkpoint", "load_checkpoint", "checkpoint_hash", "Checkpoint"]
+
 FORMAT = "hybridat-model-v1"
-
-
-@contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_csv(rows: list[dict] | pd.DataFrame, path: str | Path) -> None:
@@ -56,6 +41,17 @@ def file_hash(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def checkpoint_hash(tensors: dict[str, torch.Tensor], config: ModelConfig) -> str:
+    """First 16 hex digits of a sha256 over the config and every tensor (name, dtype, shape, bytes, in name order):
+    the id every CSV row carries. The same weights and config give the same hash, whatever else the file holds."""
+    digest = hashlib.sha256(config.to_json().encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"\n{name}\n{t.dtype}\n{tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
 def versions() -> dict[str, str]:
     return {"hybridat": __version__, "torch": torch.__version__}
 
@@ -69,7 +65,7 @@ def save_checkpoint(model: BranchModel, path: str | Path, **meta) -> str:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-    return file_hash(path)
+    return checkpoint_hash(tensors, model.config)
 
 
 def read_header(path: str | Path) -> dict[str, str]:
@@ -100,26 +96,94 @@ class Checkpoint:
 
     def meta(self, key: str, default=None):
         """A metadata value, JSON-decoded where it is JSON."""
-        if key not in self.header:
-            return default
-        try:
-            return json.loads(self.header[key])
-        except json.JSONDecodeError:
-            return self.header[key]
+        return _decode(self.header, key, default)
+
+    @property
+    def train(self) -> dict:
+        """The training settings recorded by `train` ({} for a model from elsewhere)."""
+        return self.meta("train") or {}
+
+    @property
+    def unfinished(self) -> bool:
+        """Whether this is a run's checkpoint of an epoch before its last (`last.safetensors` of a run that did not
+        complete, or a model derived from one)."""
+        epoch, epochs = self.meta("epoch"), self.train.get("epochs")
+        return isinstance(epoch, int) and isinstance(epochs, int) and epoch < epochs
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    header = read_header(path)
+def _decode(header: dict[str, str], key: str, default=None):
+    if key not in header:
+        return default
+    try:
+        return json.loads(header[key])
+    except json.JSONDecodeError:
+        return header[key]
+
+
+# metadata a checkpoint may carry, and the JSON types its value must decode to (str: any text)
+META_TYPES = {"train": (dict,), "seed": (int, str), "epoch": (int,), "operation": (dict,), "parent": (str,),
+              "run": (int, str, float)}
+TRAIN_TYPES = {"dataset": (str,), "eps": (int, float), "loss": (str,), "epochs": (int,), "steps": (int,)}
+
+
+def _check_header(path: Path, header: dict[str, str]) -> ModelConfig:
+    """The model config, after every metadata value this package reads has been checked by type."""
+    if "config" not in header:
+        raise HybridatError(f"{path} has no model config")
     try:
         config = ModelConfig.from_json(header["config"])
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise HybridatError(f"{path} has no valid model config ({e})") from None
+    except HybridatError as e:
+        raise HybridatError(f"{path} has an invalid model config: {e}") from None
+    for key, kinds in META_TYPES.items():
+        value = _decode(header, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise HybridatError(f"{path}: metadata {key!r} must be {' or '.join(k.__name__ for k in kinds)}, "
+                                f"got {header[key][:100]!r}")
+    train = _decode(header, "train") or {}
+    for key, kinds in TRAIN_TYPES.items():
+        value = train.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise HybridatError(f"{path}: training setting {key!r} must be "
+                                f"{' or '.join(k.__name__ for k in kinds)}, got {value!r}"[:300])
+    return config
+
+
+def _check_shapes(path: Path, f, config: ModelConfig) -> None:
+    """Every tensor the config's model has, with its shape, and nothing else; checked on the meta device, so a
+    small file claiming a huge config never allocates the huge model."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
+    found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    problems = [f"missing {k!r}" for k in sorted(expected.keys() - found.keys())]
+    problems += [f"unexpected {k!r}" for k in sorted(found.keys() - expected.keys())]
+    problems += [f"{k!r} has shape {found[k]}, the config needs {expected[k]}" for k in expected
+                 if k in found and found[k] != expected[k]]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise HybridatError(f"{path}: weights do not match its config {config.to_json()}: {problems[0]}{more}")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", allow_nonfinite: bool = False) -> Checkpoint:
+    """The checkpoint's model (eval mode, on `device`) and metadata, after the metadata, the tensor shapes and
+    (unless `allow_nonfinite`) the weights' finiteness have been checked."""
+    path = Path(path)
+    header = read_header(path)
+    config = _check_header(path, header)
+    try:
+        with safe_open(path, framework="pt") as f:
+            _check_shapes(path, f, config)
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, ValueError) as e:
+        raise HybridatError(f"{path}: unreadable tensors ({e})") from None
+    if not allow_nonfinite:
+        bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise HybridatError(f"{path} has non-finite weights (NaN or inf) in {len(bad)} tensors, e.g. {bad[0]}; "
+                                "a diverged run's model cannot be evaluated")
     model = build_model(config)
-    with safe_open(path, framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise HybridatError(f"{path}: weights do not match its config {config.to_json()}: {first}") from None
-    return Checkpoint(model.to(device).eval(), header, file_hash(path), Path(path))
+    return Checkpoint(model.to(device).eval(), header, checkpoint_hash(state, config), path)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,32 +14,35 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
+from safetensors import SafetensorError
 
 from .attacks import ATTACKS
-from .checkpoint import load_checkpoint, save_checkpoint, write_csv
-from .data import DATASETS, load_split, num_classes, to_float
-from .errors import HybridatError
-from .evaluate import attack_label, evaluate
-from .models import ARCHS, ModelConfig, build_model
-from .norms import NORMS
+from .checkpoint import load_checkpoint, write_csv
+from .data import DATASETS, load_split, num_classes, split_files, to_float
+from .errors import HybridatError, check_choice, check_number
+from .evaluate import AA_VERSIONS, attack_label, check_evaluation, evaluate
+from .files import Terminated, check_outputs, os_error_line, signals_interrupt
+from .models import ARCHS, ModelConfig
+from .norms import BRANCHES, NORMS
 from .runtime import resolve_device, tune_host
-from .train import LOSSES, TrainConfig, check_config, summary, train
+from .train import LOSSES, TrainConfig, summary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hybrid adversarial training and the analysis of Dual BN.")
 console = Console(stderr=True)
 
 
-def _choices(name: str, keys) -> type[Enum]:
-    return Enum(name, {k: k for k in keys}, type=str)
+
+def _names(keys) -> str:
+    return ", ".join(keys)
 
 
-Norm, Arch, Loss, Dataset = (_choices(n, r) for n, r in
-                             [("Norm", NORMS), ("Arch", ARCHS), ("Loss", LOSSES), ("Dataset", DATASETS)])
-Attack = _choices("Attack", ATTACKS)
-AAVersion = _choices("AAVersion", ("standard", "plus", "rand"))
-Branch = _choices("Branch", ("adv", "clean"))
-
+# choices are plain strings checked by the library (an unknown name: one line, exit 1, the valid names listed)
+Norm = Annotated[str, typer.Option(help=f"normalization variant (SPEC.md): {_names(NORMS)}")]
+Arch = Annotated[str, typer.Option(help=_names(ARCHS))]
+Loss = Annotated[str, typer.Option(help=f"training objective: {_names(LOSSES)}")]
+Dataset = Annotated[str, typer.Option(help=_names(DATASETS))]
 DataDir = Annotated[Optional[Path], typer.Option(help="folder holding cifar-10-batches-py/ "
                                                       "[default: $HYBRIDAT_DATA_DIR or ./data]")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")]
@@ -51,18 +52,44 @@ Seed = Annotated[int, typer.Option(help="seed of weights, data order, augmentati
 Ckpt = Annotated[Path, typer.Argument(help="a hybridat .safetensors checkpoint")]
 
 
+def error_line(message: str) -> None:
+    """`error: message` on stderr as one line; the message is never read as rich markup."""
+    console.print(Text.assemble(("error:", "red"), " ", message.replace("\n", " ")), highlight=False,
+                  soft_wrap=True)
+
+
+def say(message: str) -> None:
+    """A line of user text (paths, metadata) on stderr, never read as rich markup."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
 def cli_errors(fn):
-    """Bad input ends in one line on stderr and exit code 1, never a traceback."""
+    """Bad input, an OS error (read-only folder, disk full, ...), SIGINT or SIGTERM end in one line on stderr and
+    exit code 1, never a traceback; SIGTERM runs every cleanup (temp files, locks) as SIGINT does."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with signals_interrupt():
+                return fn(*args, **kwargs)
         except HybridatError as e:
-            console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            error_line(str(e))
+        except OSError as e:
+            error_line(os_error_line(e))
+        except SafetensorError as e:
+            error_line(f"could not read or write a safetensors file ({e})")
+        except (MemoryError, torch.OutOfMemoryError):
+            error_line("out of memory")
+        except (KeyboardInterrupt, Terminated):
+            error_line("interrupted; no half-written file was left (train: --resume goes on from the last epoch)")
+        raise typer.Exit(1)
 
     return wrapper
+
+
+def _data_inputs(dataset: str, data_dir, train: bool) -> list[Path]:
+    """The dataset's files: inputs, so never an output."""
+    return split_files(dataset, train, data_dir)
 
 
 def _device(name: str) -> torch.device:
@@ -72,10 +99,24 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def _dataset_of(ckpt, dataset: str | None = None) -> str:
+    """The dataset asked for, else the one the checkpoint was trained on."""
+    return check_choice(dataset or ckpt.train.get("dataset", "cifar10"), DATASETS, "dataset")
+
+
 def _split_for(ckpt, data_dir: Path | None, *, train: bool, n: int | None = None, dataset: str | None = None):
     """A split of the dataset the checkpoint was trained on (unless given), on the checkpoint's device."""
-    name = dataset or (ckpt.meta("train") or {}).get("dataset", "cifar10")
-    return load_split(name, train=train, data_dir=data_dir, device=next(ckpt.model.parameters()).device, n=n)
+    return load_split(_dataset_of(ckpt, dataset), train=train, data_dir=data_dir,
+                      device=next(ckpt.model.parameters()).device, n=n)
+
+
+def _load(path: Path, device: str):
+    """The checkpoint, refused if its weights are not finite; a warning line if its run was not finished."""
+    ckpt = load_checkpoint(path, _device(device))
+    if ckpt.unfinished:
+        say(f"warning: {path} is an unfinished run's checkpoint (epoch {ckpt.meta('epoch')} of "
+            f"{ckpt.train.get('epochs')}); its rows are marked unfinished")
+    return ckpt
 
 
 def _progress(quiet: bool) -> Progress:
@@ -87,12 +128,13 @@ def _progress(quiet: bool) -> Progress:
 @app.command("train")
 @cli_errors
 def train_cmd(
-    out: Annotated[Path, typer.Option(help="run folder: model.safetensors when done (last.safetensors after each epoch), train.csv")],
-    norm: Annotated[Norm, typer.Option(help="normalization variant (SPEC.md)")] = "dual-bn",
-    loss: Annotated[Loss, typer.Option(help="training objective")] = "hybrid",
-    arch: Annotated[Arch, typer.Option()] = "resnet18",
+    out: Annotated[Path, typer.Option(help="run folder: model.safetensors when done (last.safetensors and a resume "
+                                           "state after each epoch), train.csv")],
+    norm: Norm = "dual-bn",
+    loss: Loss = "hybrid",
+    arch: Arch = "resnet18",
     width: Annotated[float, typer.Option(help="channel multiplier (1 = the paper's)")] = 1.0,
-    dataset: Annotated[Dataset, typer.Option()] = "cifar10",
+    dataset: Dataset = "cifar10",
     data_dir: DataDir = None,
     eps: Eps = 8.0,
     step: Annotated[float, typer.Option(help="training PGD step in pixel units")] = 2.0,
@@ -109,54 +151,51 @@ def train_cmd(
     amp: Annotated[bool, typer.Option(help="bf16 autocast in the training step (norm statistics, weights and the "
                    "perturbation stay fp32); about 1.9x faster where bf16 is native, see README (Speed)")] = False,
     graphs: Graphs = True,
+    resume: Annotated[bool, typer.Option(help="go on with the unfinished run in --out (same settings); a folder "
+                                              "without one starts afresh")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace a finished run, or a run of other settings, in --out")]
+    = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ):
-    """Train a model under Hybrid-AT with any normalization variant."""
-    from .runtime import init_distributed, is_main_process, seed_everything
+    """Train a model under Hybrid-AT with any normalization variant; --resume goes on after an interruption."""
+    from .run import run_training
 
-    dev = _device(device)
-    cfg = TrainConfig(loss=loss.value, eps=eps, step=step, steps=steps, epochs=epochs, batch_size=batch_size,
+    check_choice(dataset, DATASETS, "dataset")
+    check_choice(arch, ARCHS, "arch")
+    check_choice(norm, NORMS, "norm")
+    cfg = TrainConfig(loss=loss, eps=eps, step=step, steps=steps, epochs=epochs, batch_size=batch_size,
                       lr=lr, weight_decay=weight_decay, clean_weight=clean_weight, trades_beta=trades_beta,
                       seed=seed, train_subset=train_subset, amp=amp)
-    check_config(cfg, norm.value)
-    rank, world = init_distributed(dev)
-    generator = seed_everything(seed)
-    split = load_split(dataset.value, train=True, data_dir=data_dir, device=dev, n=train_subset)
-    config = ModelConfig(arch.value, norm.value, width, num_classes(dataset.value))
-    model = build_model(config).to(dev)
-    meta = {"train": cfg.to_dict() | {"dataset": dataset.value}, "seed": str(seed), "run": out.name}
-    rows, main = [], is_main_process()
-    with _progress(quiet or not main) as progress:
-        task = progress.add_task("train", total=None, epoch=0, stats="")
+    config = ModelConfig(arch, norm, width, num_classes(dataset)).check()
+    # started at the first step, so that every check (and its one-line error) comes first; rank 0 only
+    progress = _progress(quiet or os.environ.get("RANK", "0") != "0")
+    task = progress.add_task("train", total=None, epoch=0, stats="")
+    t0 = [time.perf_counter()]
 
-        def on_step(epoch, i, n, sums):
-            if i % 10 == 0 or i == n:  # a host sync, so not every step
-                s = summary(sums)
-                progress.update(task, epoch=f"{epoch}/{epochs}", completed=i, total=n, stats=f"loss {s['loss']:.3f}  acc adv "
-                                f"{s['acc_adv']:.3f} clean {s['acc_clean']:.3f}  "
-                                f"{s['images'] / (time.perf_counter() - t0):.0f} img/s")
+    def on_step(epoch, i, n, sums):
+        if not progress.live.is_started:
+            progress.start()
+        if i % 10 == 0 or i == n:  # a host sync, so not every step
+            s = summary(sums)
+            progress.update(task, epoch=f"{epoch}/{epochs}", completed=i, total=n, stats=f"loss {s['loss']:.3f}  "
+                            f"acc adv {s['acc_adv']:.3f} clean {s['acc_clean']:.3f}  "
+                            f"{s['images'] / (time.perf_counter() - t0[0]):.0f} img/s")
 
-        t0 = time.perf_counter()
-        for row in train(model, split, cfg, generator, rank, world, None if quiet or not main else on_step,
-                         graphs=graphs):  # no progress: no host sync every 10 steps
-            t0 = time.perf_counter()
-            diverged = not math.isfinite(row["loss"])  # the same on every rank: the row is all-reduced
-            if main:
-                # each epoch goes to last.safetensors; model.safetensors appears only when training is complete,
-                # so an interrupted run never looks finished to make
-                digest = "" if diverged else save_checkpoint(model, out / "last.safetensors", **meta,
-                                                             epoch=str(row["epoch"]))
-                rows.append({"run": out.name, "seed": seed, "norm": norm.value, "arch": arch.value,
-                             "loss_name": loss.value, "eps": eps, "checkpoint_hash": digest} | row)
-                write_csv(rows, out / "train.csv")
-            if diverged:
-                raise HybridatError(f"training diverged: loss {row['loss']} in epoch {row['epoch']}; "
-                                    f"{out / 'train.csv'} has every epoch, no checkpoint was written for this one")
-    if main:
-        os.replace(out / "last.safetensors", out / "model.safetensors")
-        last = rows[-1]
-        console.print(f"{out}/model.safetensors  epoch {last['epoch']}  acc adv {last['acc_adv']:.3f} "
-                      f"clean {last['acc_clean']:.3f}  {last['images_per_s']:.0f} img/s", highlight=False)
+    def on_epoch(row):
+        t0[0] = time.perf_counter()
+
+    try:
+        quiet = quiet or os.environ.get("RANK", "0") != "0"  # no progress: no host sync every 10 steps
+        result = run_training(out, config, cfg, dataset=dataset, data_dir=data_dir, device=_device(device),
+                              resume=resume, overwrite=overwrite, on_step=None if quiet else on_step,
+                              on_epoch=on_epoch, graphs=graphs)
+    finally:
+        progress.stop()
+    if result.rows:
+        last = result.rows[-1]
+        resumed = f"  (resumed after epoch {result.resumed_from})" if result.resumed_from else ""
+        say(f"{result.model_path}  epoch {last['epoch']}  acc adv {last['acc_adv']:.3f} clean {last['acc_clean']:.3f}"
+            f"  {last['images_per_s']:.0f} img/s{resumed}")
 
 
 @app.command("attack")
@@ -164,35 +203,40 @@ def train_cmd(
 def attack_cmd(
     checkpoint: Ckpt,
     out: Annotated[Path, typer.Option(help="tidy CSV, one row per (branch, attack, steps)")],
-    attack: Annotated[list[Attack], typer.Option(help="repeatable")] = ["clean", "pgd"],
+    attack: Annotated[list[str], typer.Option(help=f"repeatable: {_names(ATTACKS)}")] = ["clean", "pgd"],
     steps: Annotated[list[int], typer.Option(help="PGD steps, repeatable (10 and 20 = two rows)")] = [10],
     eps: Eps = 8.0,
     step: Annotated[Optional[float], typer.Option(help="PGD step in pixel units [default: eps/4]")] = None,
-    branch: Annotated[Optional[list[Branch]], typer.Option(help="repeatable [default: both]")] = None,
+    branch: Annotated[Optional[list[str]], typer.Option(help="adv or clean, repeatable [default: both]")] = None,
     n: Annotated[Optional[int], typer.Option(help="evaluate the first N test images [default: all]")] = None,
     batch_size: int = 500,
-    aa_version: Annotated[AAVersion, typer.Option(help="AutoAttack version (reference implementation)")]
-    = "standard",
-    dataset: Annotated[Optional[Dataset], typer.Option(help="[default: the one it was trained on]")] = None,
+    aa_version: Annotated[str, typer.Option(help=f"AutoAttack version: {_names(AA_VERSIONS)}")] = "standard",
+    dataset: Annotated[Optional[str], typer.Option(help=f"{_names(DATASETS)} [default: the one it was trained on]")]
+    = None,
     data_dir: DataDir = None,
     seed: Seed = 0,
     device: DeviceOpt = "auto",
     graphs: Graphs = True,
 ):
     """Evaluate a checkpoint per branch: clean, FGSM, PGD, AutoAttack accuracy."""
-    ckpt = load_checkpoint(checkpoint, _device(device))
-    split = _split_for(ckpt, data_dir, train=False, n=n, dataset=dataset and dataset.value)
-    branches = [b.value for b in branch] if branch else ["adv", "clean"]
-    rows = evaluate(ckpt, split, [a.value for a in attack], branches, eps=eps, step=step, steps=steps,
-                    batch_size=batch_size, seed=seed, aa_version=aa_version.value, on_row=_print_row,
-                    graphs=graphs)
+    branches = branch or ["adv", "clean"]
+    evaluate_args = dict(eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed, aa_version=aa_version)
+    check_evaluation(attack, branches, **evaluate_args)  # every option, before any work
+    if dataset is not None:
+        check_choice(dataset, DATASETS, "dataset")
+    if n is not None:
+        check_number("n", n, 1, integer=True)
+    check_outputs([out], [checkpoint])
+    ckpt = _load(checkpoint, device)
+    check_outputs([out], [checkpoint, *_data_inputs(_dataset_of(ckpt, dataset), data_dir, False)])
+    split = _split_for(ckpt, data_dir, train=False, n=n, dataset=dataset)
+    rows = evaluate(ckpt, split, attack, branches, **evaluate_args, on_row=_print_row, graphs=graphs)
     write_csv(rows, out)
 
 
 def _print_row(row: dict) -> None:
     label = attack_label(row["attack"], row["steps"])
-    console.print(f"  {row['branch']:5s} {label:8s} acc {row['accuracy']:.4f}  ({row['seconds']:.1f} s)",
-                  highlight=False)
+    say(f"  {row['branch']:5s} {label:8s} acc {row['accuracy']:.4f}  ({row['seconds']:.1f} s)")
 
 
 def _mapping(pairs: list[str] | None, flag: str) -> dict[str, str]:
@@ -202,7 +246,7 @@ def _mapping(pairs: list[str] | None, flag: str) -> dict[str, str]:
         target, _, source = pair.partition("=")
         if not source:
             raise HybridatError(f"{flag} takes BRANCH=SOURCE (e.g. adv=clean), got {pair!r}")
-        mapping[target] = source
+        mapping[check_choice(target, BRANCHES, "branch")] = check_choice(source, BRANCHES, "branch")
     return mapping
 
 
@@ -218,7 +262,7 @@ def swap_bn_cmd(
     from_layer: Annotated[Optional[int], typer.Option(help="only norm layers with index >= K (0 = first)")] = None,
     reestimate: Annotated[Optional[str], typer.Option(help="recompute --branch's running NS on clean, adv "
                                                             "or noise training data")] = None,
-    branch: Annotated[Branch, typer.Option(help="the branch whose NS --reestimate recomputes")] = "adv",
+    branch: Annotated[str, typer.Option(help="adv or clean: the branch whose NS --reestimate recomputes")] = "adv",
     n: Annotated[int, typer.Option(help="--reestimate: training images in the pass")] = 10000,
     eps: Eps = 8.0,
     step: Annotated[float, typer.Option(help="--reestimate adv: PGD step in pixel units")] = 2.0,
@@ -229,32 +273,41 @@ def swap_bn_cmd(
     device: DeviceOpt = "auto",
 ):
     """Recombine a two-branch checkpoint's NS and AP at test time; writes a new checkpoint."""
+    from .analysis import DOMAINS
     from .recombine import cross as cross_fn, deeper_than, recombine, reestimate as reestimate_fn, save_derived
 
     chosen = [name for name, on in [("--cross", cross), ("--swap-ap", swap_ap), ("--ns/--ap", ns or ap),
                                     ("--reestimate", reestimate)] if on]
     if len(chosen) != 1:
         raise HybridatError("give exactly one of --cross, --swap-ap, --ns/--ap, --reestimate")
-    ckpt = load_checkpoint(checkpoint, _device(device))
+    check_choice(branch, BRANCHES, "branch")
+    if reestimate is not None:
+        check_choice(reestimate, DOMAINS, "--reestimate domain")
+        check_number("n", n, 1, integer=True)
+    if from_layer is not None:
+        check_number("from layer", from_layer, 0, integer=True)
+    mapping = {"ns": _mapping(ns, "--ns"), "ap": _mapping(ap, "--ap")}
+    check_outputs([out], [checkpoint])
+    ckpt = _load(checkpoint, device)
     layers = None if from_layer is None else deeper_than(ckpt.model, from_layer)
     op = {"op": {"--ns/--ap": "recombine"}.get(chosen[0], chosen[0].lstrip("-")), "layers": layers}
     if cross:
         new = cross_fn(ckpt.model, layers)
     elif swap_ap or ns or ap:
-        mapping = {"ns": _mapping(ns, "--ns"), "ap": _mapping(ap, "--ap" if ap else "--swap-ap")}
         if swap_ap:
             mapping["ap"] = {"adv": "clean", "clean": "adv"}
         new = recombine(ckpt.model, layers=layers, **mapping)
         op |= mapping if not swap_ap else {}
     else:
+        check_outputs([out], [checkpoint, *_data_inputs(_dataset_of(ckpt), data_dir, True)])
         split = _split_for(ckpt, data_dir, train=True)
-        new = reestimate_fn(ckpt.model, branch.value, reestimate, split, batch_size=batch_size, n_images=n,
+        new = reestimate_fn(ckpt.model, branch, reestimate, split, batch_size=batch_size, n_images=n,
                             eps=eps, step=step, steps=steps, seed=seed)
-        op |= {"branch": branch.value, "domain": reestimate, "n_images": n, "eps": eps, "seed": seed}
+        op |= {"branch": branch, "domain": reestimate, "n_images": n, "eps": eps, "seed": seed}
         if NORMS[ckpt.config.norm].ns_sets == 1:
-            console.print(f"note: {ckpt.config.norm} has one NS set, so both branches read the new statistics")
+            say(f"note: {ckpt.config.norm} has one NS set, so both branches read the new statistics")
     digest = save_derived(ckpt, new, out, {k: v for k, v in op.items() if v is not None})
-    console.print(f"{out}  {op['op']}  parent {ckpt.hash} -> {digest}", highlight=False)
+    say(f"{out}  {op['op']}  parent {ckpt.hash} -> {digest}")
 
 
 @app.command("ns-gap")
@@ -263,8 +316,8 @@ def ns_gap_cmd(
     checkpoint: Ckpt,
     out: Annotated[Path, typer.Option(help="tidy CSV; FILE-channels.csv and FILE-*.png are written beside it")],
     fix_ap: Annotated[bool, typer.Option("--fix-ap", help="all domains through the same branch (same AP)")] = False,
-    branch: Annotated[Branch, typer.Option(help="branch of the PGD examples, and of every domain with --fix-ap")]
-    = "adv",
+    branch: Annotated[str, typer.Option(help="adv or clean: branch of the PGD examples, and of every domain with "
+                                             "--fix-ap")] = "adv",
     eps: Eps = 16.0,
     steps: Annotated[int, typer.Option(help="PGD steps of the adversarial domain")] = 10,
     n: Annotated[int, typer.Option(help="test images in the batch")] = 512,
@@ -275,25 +328,36 @@ def ns_gap_cmd(
     device: DeviceOpt = "auto",
 ):
     """Per-layer NS distance between adversarial, noisy and clean versions of the same test images."""
-    from .analysis import ap_gap, ns_gap, plot_channels, plot_gap_by_depth
+    from .analysis import NOISES, ap_gap, ns_gap, plot_channels, plot_gap_by_depth
 
-    ckpt = load_checkpoint(checkpoint, _device(device))
+    check_choice(branch, BRANCHES, "branch")
+    check_choice(noise, NOISES, "noise")
+    check_number("eps", eps, 0, 255)
+    check_number("steps", steps, 0, 100_000, integer=True)
+    check_number("n", n, 1, integer=True)
+    check_number("seed", seed, 0, 2**63 - 1, integer=True)
+    if layer is not None:
+        check_number("layer", layer, 0, integer=True)
+    stem = out.with_suffix("") if out.suffix else out
+    outputs = [out, Path(f"{stem}-channels.csv"), Path(f"{stem}-depth.png"), Path(f"{stem}-channels.png")]
+    check_outputs(outputs, [checkpoint])
+    ckpt = _load(checkpoint, device)
+    check_outputs(outputs, [checkpoint, *_data_inputs(_dataset_of(ckpt), data_dir, False)])
     split = _split_for(ckpt, data_dir, train=False, n=n)
     rows, channels = ns_gap(ckpt.model, to_float(split.images), split.labels, eps=eps, fix_ap=fix_ap,
-                            branch=branch.value, steps=steps, noise=noise, seed=seed)
+                            branch=branch, steps=steps, noise=noise, seed=seed)
     try:
         rows += ap_gap(ckpt.model)
     except HybridatError as e:
-        console.print(f"note: no AP gap ({e})", highlight=False)
+        say(f"note: no AP gap ({e})")
     ids = {"run": ckpt.header.get("run", ""), "seed": ckpt.meta("seed", ""), "norm": ckpt.config.norm,
-           "checkpoint_hash": ckpt.hash}
-    stem = out.with_suffix("")
+           "checkpoint_hash": ckpt.hash, "unfinished": ckpt.unfinished}
     layer = max(r["layer"] for r in channels) if layer is None else layer
-    plot_gap_by_depth(rows, f"{stem}-depth.png")
-    plot_channels(channels, layer, f"{stem}-channels.png")
-    write_csv([ids | r for r in channels], f"{stem}-channels.csv")
+    plot_gap_by_depth(rows, outputs[2])
+    plot_channels(channels, layer, outputs[3])
+    write_csv([ids | r for r in channels], outputs[1])
     write_csv([ids | r for r in rows], out)
-    console.print(f"{out}: {len(rows)} rows; plots {stem}-depth.png, {stem}-channels.png", highlight=False)
+    say(f"{out}: {len(rows)} rows; plots {outputs[2]}, {outputs[3]}")
 
 
 @app.command("report")
@@ -303,12 +367,15 @@ def report_cmd(
     out: Annotated[Path, typer.Option(help="folder for the tables (.md, .tex, .csv), report.md and plots")],
 ):
     """Render SPEC.md's five tables from tidy CSVs (mean ± std over seeds); never recomputes anything."""
-    from .report import build_tables, load_runs, print_tables, write_report
+    from .report import build_tables, check_report_out, load_runs, print_tables, write_report
 
-    frames = load_runs(runs)
+    check_report_out(out, [r for r in runs if not r.is_dir()])
+    sources: list[Path] = []
+    frames = load_runs(runs, sources)
+    check_report_out(out, sources)  # also the CSVs found in folders
     print_tables(build_tables(frames), Console())
-    written = write_report(frames, out)
-    console.print(f"{len(written)} files in {out}", highlight=False)
+    written = write_report(frames, out, sources)
+    say(f"{len(written)} files in {out}")
 
 
 @app.command("bench")
@@ -317,7 +384,7 @@ def bench_cmd(
     out: Annotated[Optional[Path], typer.Option(help="CSV: comparison, ours, theirs, unit, ratio, device")] = None,
     quick: Annotated[bool, typer.Option(help="batch 32 instead of 128: under 3 minutes on a 2-core CPU")] = False,
     amp: Annotated[bool, typer.Option(help="time hybridat's step with `train --amp` (bf16 autocast)")] = False,
-    rounds: Annotated[Optional[int], typer.Option(min=1, help="interleaved rounds [default: 3]")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="interleaved rounds, >= 1 [default: 3]")] = None,
     ablate: Annotated[bool, typer.Option(help="also time our step with each speed technique turned off")] = False,
     device: DeviceOpt = "auto",
 ):
@@ -332,18 +399,21 @@ def bench_cmd(
 @cli_errors
 def info_cmd(checkpoint: Ckpt):
     """Print a checkpoint's config, branches and metadata."""
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, allow_nonfinite=True)
     spec = NORMS[ckpt.config.norm]
-    table = Table(title=str(checkpoint), show_header=False)
-    table.add_row("hash", ckpt.hash)
-    for key, value in vars(ckpt.config).items():
-        table.add_row(key, str(value))
-    table.add_row("branches", "adv, clean" if spec.branches == 2 else "one network for both")
-    table.add_row("NS sets / AP sets", f"{spec.ns_sets} / {spec.ap_sets}")
-    table.add_row("parameters", f"{sum(p.numel() for p in ckpt.model.parameters()):,}")
-    for key, value in sorted(ckpt.header.items()):
-        if key not in ("config", "format"):
-            table.add_row(key, value)
+    table = Table(title=Text(str(checkpoint)), show_header=False)
+    rows = [("hash", ckpt.hash)] + [(key, str(value)) for key, value in vars(ckpt.config).items()]
+    rows += [("branches", "adv, clean" if spec.branches == 2 else "one network for both"),
+             ("NS sets / AP sets", f"{spec.ns_sets} / {spec.ap_sets}"),
+             ("parameters", f"{sum(p.numel() for p in ckpt.model.parameters()):,}")]
+    if ckpt.unfinished:
+        rows.append(("unfinished", f"epoch {ckpt.meta('epoch')} of {ckpt.train.get('epochs')}"))
+    finite = all(torch.isfinite(t).all() for t in ckpt.model.state_dict().values() if t.is_floating_point())
+    if not finite:
+        rows.append(("weights", "NOT FINITE (NaN or inf): a diverged model"))
+    rows += [(key, value) for key, value in sorted(ckpt.header.items()) if key not in ("config", "format")]
+    for key, value in rows:
+        table.add_row(Text(key), Text(value))  # Text: metadata is shown as it is, never read as markup
     Console().print(table)
 
 

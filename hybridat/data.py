@@ -75,6 +75,8 @@ def _check(images, labels: np.ndarray, num_classes: int, path: Path) -> Arrays:
     """The arrays if images are (N, 3, 32, 32) uint8 and labels N integers in [0, num_classes)."""
     if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape[1:] == (3, 32, 32)):
         raise HybridatError(f"{path}: images must be a uint8 array of shape (N, 3, 32, 32), got {_describe(images)}.")
+    if labels.size == 0:  # [] reads as float64: an empty split is reported as empty, where it is used
+        labels = labels.astype(np.int64)
     if labels.dtype.kind not in "iu" or labels.shape != (len(images),):
         raise HybridatError(f"{path}: expected {len(images)} integer labels, got {_describe(labels)}.")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
@@ -154,6 +156,14 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
+def split_files(name: str, train: bool, data_dir: str | Path | None = None) -> list[Path]:
+    """The files a split is read from: inputs that no command may write over."""
+    info, root = _info(name), resolve_data_dir(data_dir)
+    if info.folder:
+        return [root / info.folder / f for f in info.files[0 if train else 1]]
+    return [root / f"{'train' if train else 'test'}_32x32.mat"]
+
+
 @functools.lru_cache(maxsize=8)
 def _read_arrays(name: str, train: bool, root: Path, download: bool) -> Arrays:
     info = _info(name)
@@ -165,7 +175,12 @@ def load_split(name: str, train: bool, data_dir: str | Path | None = None, devic
     """The whole train or test split (or its first n examples) as uint8 tensors on device."""
     _info(name)
     root = resolve_data_dir(data_dir)
+    if data_dir is not None and not root.is_dir():  # a typo: neither created nor downloaded into
+        raise HybridatError(f"data folder {root} does not exist; fix the path, or create the folder to download "
+                            f"{name} into it")
     images, labels = _read_arrays(name, bool(train), root, download)
+    if len(labels) == 0:
+        raise HybridatError(f"the {name} {'train' if train else 'test'} split in {root} has no images")
     n = _check_n(n, len(labels), f"{name} {'train' if train else 'test'} split in {root}")
     # copy=True: the cached arrays never share memory with a returned tensor
     images, labels = (torch.from_numpy(a[:n]).to(device, copy=True) for a in (images, labels))

@@ -8,9 +8,11 @@ from typing import Callable
 from .attacks import ATTACKS, robust_accuracy
 from .checkpoint import Checkpoint
 from .data import Split, to_float
-from .errors import HybridatError
+from .errors import HybridatError, check_choice, check_number
 from .models import BranchView
-from .norms import NORMS
+from .norms import BRANCHES, NORMS
+
+AA_VERSIONS = ("standard", "plus", "rand")
 
 
 def attack_label(attack: str, steps: int | None) -> str:
@@ -23,14 +25,28 @@ def attack_label(attack: str, steps: int | None) -> str:
 def attack_plan(attacks: list[str], steps: list[int]) -> list[tuple[str, int | None]]:
     """(attack, steps) pairs: PGD once per steps value, other attacks once (steps = None)."""
     for a in attacks:
-        if a not in ATTACKS:
-            raise HybridatError(f"unknown attack {a!r}; choose one of: {', '.join(ATTACKS)}")
-    if any(k < 1 for k in steps):
-        raise HybridatError(f"PGD steps must be >= 1, got {steps}")
+        check_choice(a, ATTACKS, "attack")
+    for k in steps:
+        check_number("PGD steps", k, 1, 100_000, integer=True)
     plan = []
     for a in dict.fromkeys(attacks):
         plan += [(a, k) for k in dict.fromkeys(steps)] if a == "pgd" else [(a, None)]
     return plan
+
+
+def check_evaluation(attacks: list[str], branches: list[str], *, eps: float, step: float | None = None,
+                     steps: list[int] = (10,), batch_size: int = 500, seed: int = 0,
+                     aa_version: str = "standard") -> list[tuple[str, int | None]]:
+    """Every setting of `evaluate` checked (one line for the first bad one); returns the attack plan."""
+    check_number("eps", eps, 0, 255)
+    if step is not None:
+        check_number("step", step, 0, 255, low_open=True)
+    check_number("batch size", batch_size, 1, 1 << 20, integer=True)
+    check_number("seed", seed, 0, 2**63 - 1, integer=True)
+    check_choice(aa_version, AA_VERSIONS, "AutoAttack version")
+    for b in branches:
+        check_choice(b, BRANCHES, "branch")
+    return attack_plan(attacks, list(steps))
 
 
 def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[str], *, eps: float,
@@ -41,9 +57,8 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
 
     A single-branch model is one network for both branches: it is attacked once and reported under each.
     """
-    if eps < 0 or (step is not None and step <= 0):
-        raise HybridatError("eps must be >= 0 and step > 0")
-    plan = attack_plan(attacks, list(steps))
+    plan = check_evaluation(attacks, branches, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed,
+                            aa_version=aa_version)
     if int(split.labels.max()) >= ckpt.config.num_classes:
         raise HybridatError(f"{ckpt.path} has {ckpt.config.num_classes} classes, but the data has labels up to "
                             f"{int(split.labels.max())}; evaluate it on the dataset it was trained on")
@@ -69,11 +84,11 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
 
 
 def _row(ckpt, branch, attack, steps, eps, step, n, acc, seconds, seed) -> dict:
-    train = ckpt.meta("train") or {}
+    train = ckpt.train
     return {"run": ckpt.header.get("run", ckpt.path.parent.name), "checkpoint": str(ckpt.path),
             "checkpoint_hash": ckpt.hash, "parent_hash": ckpt.header.get("parent", ""),
             "operation": ckpt.header.get("operation", ""), "norm": ckpt.config.norm, "arch": ckpt.config.arch,
             "width": ckpt.config.width, "seed": ckpt.meta("seed", ""), "train_eps": train.get("eps", ""),
             "loss_name": train.get("loss", ""), "branch": branch, "attack": attack, "eps": eps,
             "step": (step if step is not None else eps / 4) if attack == "pgd" else None, "steps": steps,
-            "n": n, "accuracy": acc, "seconds": seconds, "eval_seed": seed}
+            "n": n, "accuracy": acc, "seconds": seconds, "eval_seed": seed, "unfinished": ckpt.unfinished}

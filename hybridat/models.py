@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import HybridatError
+from .errors import HybridatError, check_number
 from .norms import BranchAdapter, BranchBatchNorm, BranchLinear, BranchNorm, NormSpec, Routed, Router, get_norm
 
 Route = str | tuple[int, int]
+MAX_WIDTH = 16.0  # --width above this is a typo, not a model: ResNet-18 at 16x has ~3e9 parameters
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,27 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
-        return cls(**json.loads(text))
+        """The config in `text`, each field checked by type and range (a checkpoint's metadata is untrusted)."""
+        try:
+            fields = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as e:
+            raise HybridatError(f"the model config is not JSON ({e})") from None
+        if not isinstance(fields, dict) or set(fields) != {"arch", "norm", "width", "num_classes"}:
+            raise HybridatError(f"the model config must be a JSON object with arch, norm, width and num_classes, "
+                                f"got {text[:200]}")
+        return cls(**fields).check()
+
+    def check(self) -> "ModelConfig":
+        """Self if every field has its type and a possible value; else one HybridatError."""
+        from .norms import NORMS
+
+        if not isinstance(self.arch, str) or self.arch not in ARCHS:
+            raise HybridatError(f"unknown arch {self.arch!r}; choose one of: {', '.join(ARCHS)}")
+        if not isinstance(self.norm, str) or self.norm not in NORMS:
+            raise HybridatError(f"unknown norm {self.norm!r}; choose one of: {', '.join(NORMS)}")
+        check_number("width", self.width, 0, MAX_WIDTH, low_open=True)
+        check_number("num_classes", self.num_classes, 2, 100_000, integer=True)
+        return self
 
 
 class Parts:
@@ -285,10 +306,7 @@ ARCHS: dict[str, Callable[[Parts, int], BranchModel]] = {
 
 
 def build_model(config: ModelConfig) -> BranchModel:
-    if config.arch not in ARCHS:
-        raise HybridatError(f"unknown arch {config.arch!r}; choose one of: {', '.join(ARCHS)}")
-    if not config.width > 0:
-        raise HybridatError(f"width must be positive, got {config.width}")
+    config.check()
     model = ARCHS[config.arch](Parts(get_norm(config.norm), config.width), config.num_classes)
     model.config = config
     model.share_router()

@@ -9,8 +9,6 @@ Layer indices are positions in `norm_layers(model)` (depth order).
 from __future__ import annotations
 
 import copy
-import os
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -18,7 +16,8 @@ import torch
 from .analysis import DOMAINS, check_choice, perturb, train_pass
 from .checkpoint import Checkpoint, save_checkpoint
 from .data import Split, train_batches
-from .errors import HybridatError
+from .files import check_outputs
+from .errors import HybridatError, check_number
 from .models import norm_layers
 from .norms import AP_PARAMS, BRANCHES, NS_BUFFERS, BranchBatchNorm, set_name
 
@@ -130,6 +129,11 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
     check_choice(branch, BRANCHES, "branch")
     check_choice(domain, DOMAINS, "domain")
     attack_branch = check_choice(attack_branch or branch, BRANCHES, "attack branch")
+    check_number("eps", eps, 0, 255)
+    check_number("step", step, 0, 255)
+    check_number("steps", steps, 0, 100_000, integer=True)
+    check_number("batch size", batch_size, 1, 1 << 20, integer=True)
+    check_number("seed", seed, 0, 2**63 - 1, integer=True)
     if n_batches is not None and n_batches < 1:
         raise HybridatError(f"n_batches must be >= 1, got {n_batches}")
     new = copy.deepcopy(model)
@@ -162,9 +166,7 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
 def save_derived(ckpt: Checkpoint, new_model, out_path, operation: dict) -> str:
     """Write `new_model` as a new checkpoint recording `operation` (JSON) and `parent` (the parent's hash), with
     the parent's other metadata (run, seed, train, ...); returns the new file's hash. Never writes over the input."""
-    out = Path(out_path)
-    if out.resolve() == Path(ckpt.path).resolve() or (out.exists() and os.path.samefile(out, ckpt.path)):
-        raise HybridatError(f"{out} is the input checkpoint; a derived checkpoint must go to a new file")
+    out, = check_outputs([out_path], [ckpt.path])
     if getattr(new_model, "config", None) != ckpt.config:
         raise HybridatError("the derived model's config differs from its parent's")
     meta = {k: v for k, v in ckpt.header.items() if k not in PARENT_ONLY}

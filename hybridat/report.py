@@ -13,8 +13,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from rich.table import Table
+from rich.text import Text
 
-from .checkpoint import atomic_path, write_csv
+from .checkpoint import write_csv
+from .files import atomic_path, check_outputs
 from .errors import HybridatError
 from .evaluate import attack_label
 
@@ -40,7 +42,7 @@ CROSS, SWAP_AP = (json.dumps({"op": op}) for op in ("cross", "swap-ap"))
 
 # ---- reading ---------------------------------------------------------------------------------------------
 
-def load_runs(paths: list[Path]) -> dict[str, pd.DataFrame]:
+def load_runs(paths: list[Path], sources: list[Path] | None = None) -> dict[str, pd.DataFrame]:
     """Read the eval, train and ns-gap CSVs among `paths` (files, or folders searched recursively).
 
     A file named directly must match a known schema; other CSVs found in a folder (raw per-channel NS, an
@@ -59,10 +61,24 @@ def load_runs(paths: list[Path]) -> dict[str, pd.DataFrame]:
             if kind is None and not path.is_dir():
                 raise HybridatError(f"{file} is not an eval, train or ns-gap CSV: its columns match no known schema")
             if kind is not None:
+                _check_accuracies(file, frame)
                 found[kind].append(frame)
+                if sources is not None:
+                    sources.append(file)
     if not any(found.values()):
         raise HybridatError(f"found no eval, train or ns-gap CSV in {', '.join(map(str, paths))}")
     return {kind: _numeric(pd.concat(frames, ignore_index=True)) for kind, frames in found.items() if frames}
+
+
+ACCURACIES = ("accuracy", "acc_adv", "acc_clean")
+
+
+def _check_accuracies(file: Path, frame: pd.DataFrame) -> None:
+    for col in set(ACCURACIES) & set(frame.columns):
+        values = pd.to_numeric(frame[col], errors="coerce")
+        bad = values[(values < 0) | (values > 1)]
+        if len(bad):
+            raise HybridatError(f"{file}: {col} must lie in [0, 1], got {bad.iloc[0]} (row {bad.index[0] + 2})")
 
 
 def _read(file: Path) -> tuple[str | None, pd.DataFrame]:
@@ -326,9 +342,24 @@ def plot_ns_gap(frames: dict[str, pd.DataFrame]) -> Figure | None:
     return fig
 
 
-def write_report(frames: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
+def report_files(out_dir: Path) -> list[Path]:
+    """Every file `write_report` may write into out_dir."""
+    names = [f"{key}.{ext}" for key in TITLES for ext in ("md", "tex", "csv")] + ["report.md", "ns-gap.png"]
+    return [Path(out_dir) / name for name in names]
+
+
+def check_report_out(out_dir: Path, inputs=()) -> None:
+    """Raise one line unless out_dir can take the report without writing over any input (e.g. a CSV it reads)."""
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise HybridatError(f"{out_dir} is a file; --out takes a folder")
+    check_outputs(report_files(out_dir), inputs)
+
+
+def write_report(frames: dict[str, pd.DataFrame], out_dir: Path, inputs=()) -> list[Path]:
     """Write <key>.md, <key>.tex and <key>.csv per table, report.md with all tables, and ns-gap.png when there
-    are NS-gap rows. Everything is rendered before the first file is written; each file is written atomically."""
+    are NS-gap rows. Everything is rendered before the first file is written; each file is written atomically;
+    none is written over a file of `inputs` (the CSVs read: `load_runs(..., sources=inputs)`)."""
+    check_report_out(out_dir, inputs)
     tables = build_tables(frames)
     files: dict[str, str | pd.DataFrame | Figure] = {}
     for key, table in tables.items():
@@ -353,8 +384,8 @@ def print_tables(tables: dict[str, pd.DataFrame], console) -> None:
     """Each table as a rich Table on `console` (a rich.console.Console)."""
     for key, table in tables.items():
         view = Table(title=TITLES.get(key, key))
-        for col in table.columns:
-            view.add_column(str(col), justify="left" if col in LABELS else "right")
+        for col in table.columns:  # Text: values from CSVs are shown as they are, never read as rich markup
+            view.add_column(Text(str(col)), justify="left" if col in LABELS else "right")
         for row in table.itertuples(index=False):
-            view.add_row(*map(str, row))
+            view.add_row(*(Text(str(v)) for v in row))
         console.print(view)

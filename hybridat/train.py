@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .attacks import frozen, pgd
 from .data import Split, train_batches
-from .errors import HybridatError
+from .errors import HybridatError, check_choice, check_number
 from .graphs import Graphed, graphs_supported, warm_up
 from .models import BranchModel, BranchView, bn_folded, fused
 from .norms import NORMS
@@ -84,18 +84,25 @@ LOSSES: dict[str, Loss] = {
 
 
 def check_config(cfg: TrainConfig, norm: str) -> None:
-    """Reject impossible settings before any work is done."""
-    if cfg.loss not in LOSSES:
-        raise HybridatError(f"unknown loss {cfg.loss!r}; choose one of: {', '.join(LOSSES)}")
+    """Reject impossible settings (NaN and infinity included) before any work is done."""
+    check_choice(cfg.loss, LOSSES, "loss")
     if norm in ("bn-mix", "dual-ap", "cross-bn") and len(LOSSES[cfg.loss].branches) < 2:
         raise HybridatError(f"norm {norm} mixes both branches in one batch; use --loss hybrid or trades")
-    for name in ("eps", "step", "lr", "momentum", "weight_decay", "trades_beta"):
-        if getattr(cfg, name) < 0:
-            raise HybridatError(f"{name} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.epochs < 1 or cfg.steps < 0 or cfg.batch_size < 1:
-        raise HybridatError("epochs and batch size must be >= 1 and steps >= 0")
-    if not 0 <= cfg.clean_weight <= 1:
-        raise HybridatError(f"clean weight must be in [0, 1], got {cfg.clean_weight}")
+    check_number("eps", cfg.eps, 0, 255)
+    check_number("step", cfg.step, 0, 255)
+    check_number("steps", cfg.steps, 0, 100_000, integer=True)
+    check_number("epochs", cfg.epochs, 1, 100_000, integer=True)
+    check_number("batch size", cfg.batch_size, 1, 1 << 20, integer=True)
+    check_number("lr", cfg.lr, 0)
+    check_number("momentum", cfg.momentum, 0, 1)
+    check_number("weight decay", cfg.weight_decay, 0)
+    check_number("clean weight", cfg.clean_weight, 0, 1)
+    check_number("trades beta", cfg.trades_beta, 0)
+    check_number("seed", cfg.seed, 0, 2**63 - 1, integer=True)
+    if cfg.train_subset is not None:
+        check_number("train subset", cfg.train_subset, 1, integer=True)
+    if not isinstance(cfg.amp, bool):
+        raise HybridatError(f"amp must be true or false, got {cfg.amp!r}")
 
 
 def craft(model: BranchModel, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
@@ -196,19 +203,23 @@ class Stepper:
 
 
 def train(model: BranchModel, split: Split, cfg: TrainConfig, generator: torch.Generator,
-          rank: int = 0, world: int = 1, on_step: Callable | None = None, graphs: bool = True) -> Iterator[dict]:
+          rank: int = 0, world: int = 1, on_step: Callable | None = None, *, graphs: bool = True,
+          start_epoch: int = 0, optimizer: torch.optim.Optimizer | None = None) -> Iterator[dict]:
     """Train for cfg.epochs; yields one metrics row per epoch. `on_step(epoch, step, n_steps, sums)` reports progress.
 
-    graphs: the step as one CUDA graph on a GPU (its CPU stand-in elsewhere); one process only, DDP stays eager."""
+    graphs: the step as one CUDA graph on a GPU (its CPU stand-in elsewhere); one process only, DDP stays eager.
+    Resuming (hybridat.run): `start_epoch` epochs are done already and `optimizer` (from `make_optimizer`, its
+    state loaded) goes on from there; the caller restores the generators' states.
+    """
     check_config(cfg, model.config.norm)
     net = model
     if world > 1:
         two = NORMS[model.config.norm].branches == 2 and len(LOSSES[cfg.loss].branches) == 1
         net = DistributedDataParallel(model, find_unused_parameters=two)  # one branch leaves the other idle
-    optimizer = make_optimizer(model, cfg)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg.epochs))
+    optimizer = optimizer or make_optimizer(model, cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e + start_epoch, cfg.epochs))
     stepper = Stepper(net, model, optimizer, cfg, graphs=graphs and world == 1)
-    for epoch in range(cfg.epochs):
+    for epoch in range(start_epoch, cfg.epochs):
         model.train()
         start = time.perf_counter()
         stepper.sums.zero_()

@@ -1,5 +1,8 @@
 import os
+import pickle
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -31,3 +34,15 @@ def perturb(model, scale: float = 0.5, seed: int = 1):
                 noise = torch.rand(t.shape, generator=g) * scale
                 t.add_(noise) if "var" not in name else t.mul_(1 + noise)
     return model
+
+
+def fake_cifar10(root: Path, rows: int) -> Path:
+    """A cifar-10-batches-py folder under root with `rows` random images per file (protocol 4: rows may be 0)."""
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (rows, 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, rows).tolist()}
+        path = root / "cifar-10-batches-py" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps(batch, protocol=4))
+    return root

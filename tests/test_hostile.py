@@ -1,0 +1,298 @@
+"""Hostile input, as a new user would give it: every case is one clear line (or a clean success) and no input changes.
+
+One table: (case, command, fragment the one-line message must hold, exit code). Each case runs in a fresh copy of a
+workspace holding checkpoints (sound, unfinished, NaN, hostile metadata), CSVs, run folders and a tiny fake
+CIFAR-10; afterwards every file that was there is byte-identical and, for a failing case, nothing new exists
+(no output, no temp file, no created data folder) but a run folder's lock file.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from hybridat.checkpoint import load_checkpoint, save_checkpoint
+from hybridat.cli import app
+from hybridat.models import ModelConfig, build_model
+from hybridat.run import identity, save_state
+from hybridat.train import TrainConfig, make_optimizer
+
+from conftest import fake_cifar10, perturb, tiny
+
+FIXTURES = Path(__file__).parent / "fixtures" / "report"
+TRAIN_META = {"loss": "hybrid", "eps": 8.0, "epochs": 2, "steps": 1, "dataset": "cifar10"}
+LONG = "x" * 240 + ".csv"  # 244 bytes: a legal name, but its temp name would pass 255
+ROOT = os.geteuid() == 0  # permissions do not stop root
+FAST = ["--device", "cpu", "--data-dir", "data"]
+TRAIN = ["train", "--width", "0.0625", "--train-subset", "16", "--epochs", "2", "--steps", "1", "--quiet", *FAST]
+
+
+def _rewrite(src: Path, dst: Path, **changes) -> None:
+    """A copy of checkpoint src whose hybridat.<key> metadata is replaced (None deletes the key)."""
+    with safe_open(src, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    for key, value in changes.items():
+        meta.pop(f"hybridat.{key}", None) if value is None else meta.__setitem__(f"hybridat.{key}", value)
+    save_file(tensors, dst, metadata=meta)
+
+
+def _build(ws: Path) -> None:
+    fake_cifar10(ws / "data", 16)
+    fake_cifar10(ws / "empty-data", 0)
+    model = perturb(tiny("dual-bn"))
+    meta = {"train": TRAIN_META, "seed": "0", "run": "r"}
+    save_checkpoint(model, ws / "m.safetensors", **meta, epoch="2")
+    save_checkpoint(model, ws / "last.safetensors", **meta, epoch="1")  # epoch 1 of 2: unfinished
+    save_checkpoint(model, ws / "markup.safetensors", train=TRAIN_META, seed="[bold]0", run="[/]", epoch="2")
+    (ws / "link.safetensors").symlink_to("m.safetensors")
+    with torch.no_grad():
+        nan = perturb(tiny("dual-bn"))
+        next(nan.parameters()).fill_(float("nan"))
+    save_checkpoint(nan, ws / "nan.safetensors", **meta, epoch="2")
+    config = json.loads(model.config.to_json())
+    _rewrite(ws / "m.safetensors", ws / "huge.safetensors", config=json.dumps(config | {"width": 16.0}))
+    _rewrite(ws / "m.safetensors", ws / "width-str.safetensors", config=json.dumps(config | {"width": "64"}))
+    _rewrite(ws / "m.safetensors", ws / "no-arch.safetensors", config=json.dumps({"norm": "bn"}))
+    _rewrite(ws / "m.safetensors", ws / "not-json.safetensors", config="{not json")
+    _rewrite(ws / "m.safetensors", ws / "train-list.safetensors", train="[1, 2]")
+    _rewrite(ws / "m.safetensors", ws / "epoch-str.safetensors", epoch='"two"')
+    _rewrite(ws / "m.safetensors", ws / "classes-bool.safetensors", config=json.dumps(config | {"num_classes": True}))
+    (ws / "csv").mkdir()
+    shutil.copy(FIXTURES / "eval.csv", ws / "csv" / "eval.csv")
+    shutil.copy(FIXTURES / "nsgap.csv", ws / "csv" / "ns-gap.csv")  # named like the report's table 5
+    for name, value in (("acc-high", 7.5), ("acc-low", -3)):
+        frame = pd.read_csv(FIXTURES / "eval.csv")
+        frame.loc[3, "accuracy"] = value
+        (ws / name).mkdir()
+        frame.to_csv(ws / name / "eval.csv", index=False)
+    runs = ws / "runs"
+    for name in ("finished", "unfinished", "other", "corrupt", "foreign", "locked"):
+        (runs / name).mkdir(parents=True)
+    save_checkpoint(model, runs / "finished" / "model.safetensors", **meta, epoch="2")
+    (runs / "finished" / "train.csv").write_text("epoch\n1\n2\n")
+    save_checkpoint(model, runs / "unfinished" / "last.safetensors", **meta, epoch="1")
+    (runs / "unfinished" / "train.csv").write_text("epoch\n1\n")
+    small = build_model(ModelConfig("resnet18", "dual-bn", 0.0625))
+    other = identity(small.config, TrainConfig(epochs=5), "cifar10")  # the commands below ask for 2 epochs
+    save_state(runs / "other" / "resume.safetensors", small, make_optimizer(small, TrainConfig()),
+               torch.Generator().manual_seed(0), 1, other, [{"epoch": 1}])
+    (runs / "corrupt" / "resume.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    (runs / "foreign" / "notes.txt").write_text("my notes")
+    (ws / "a-file").write_text("a plain file")
+    (ws / "folder").mkdir()
+    (ws / "ro").mkdir()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    ws = tmp_path_factory.mktemp("hostile") / "ws"
+    ws.mkdir()
+    _build(ws)
+    return ws
+
+
+def _snapshot(ws: Path) -> dict[str, bytes | None]:
+    """Every path under ws: file bytes (None for folders and symlinks, which are compared by existence)."""
+    out = {}
+    for p in sorted(ws.rglob("*")):
+        rel = str(p.relative_to(ws))
+        out[rel] = p.read_bytes() if p.is_file() and not p.is_symlink() else None
+    return out
+
+
+CASES = [
+    # -- no command writes over its inputs: same path, relative path, symlink, hardlink, data files, report CSVs
+    ("attack over its checkpoint", ["attack", "m.safetensors", "--out", "m.safetensors"], "is an input", 1),
+    ("attack over it, relative", ["attack", "m.safetensors", "--out", "csv/../m.safetensors"], "is an input", 1),
+    ("attack over it, symlink", ["attack", "m.safetensors", "--out", "link.safetensors"], "is an input", 1),
+    ("attack over it, hardlink", ["attack", "m.safetensors", "--out", "hard.safetensors"], "is an input", 1),
+    ("attack over a data file", ["attack", "m.safetensors", "--n", "8", *FAST, "--out",
+                                 "data/cifar-10-batches-py/test_batch"], "is an input", 1),
+    ("ns-gap over its checkpoint", ["ns-gap", "m.safetensors", "--out", "m.safetensors"], "is an input", 1),
+    ("ns-gap over it, relative", ["ns-gap", "m.safetensors", "--out", "./folder/../m.safetensors"], "is an input", 1),
+    ("swap-bn over it, hardlink", ["swap-bn", "m.safetensors", "--cross", "--out", "hard.safetensors"],
+     "is an input", 1),
+    ("swap-bn over it, symlink", ["swap-bn", "link.safetensors", "--cross", "--out", "m.safetensors"],
+     "is an input", 1),
+    ("report over its input CSVs", ["report", "csv", "--out", "csv"], "is an input", 1),
+    ("report over a named input", ["report", "csv/ns-gap.csv", "--out", "csv"], "is an input", 1),
+    # -- run folders: finished, unfinished, foreign, other settings, locked
+    ("train into a finished run", [*TRAIN, "--out", "runs/finished"], "finished run", 1),
+    ("train into an unfinished run", [*TRAIN, "--out", "runs/unfinished"], "--resume to go on", 1),
+    ("resume without a state", [*TRAIN, "--resume", "--out", "runs/unfinished"], "no resume.safetensors", 1),
+    ("resume other settings", [*TRAIN, "--resume", "--out", "runs/other"], "other settings", 1),
+    ("resume a corrupt state", [*TRAIN, "--resume", "--out", "runs/corrupt"], "not a readable resume state", 1),
+    ("train into a foreign folder", [*TRAIN, "--out", "runs/foreign"], "not a training run's", 1),
+    ("resume and overwrite", [*TRAIN, "--resume", "--overwrite", "--out", "runs/x"], "exclude each other", 1),
+    ("train while another trains", [*TRAIN, "--out", "runs/locked"], "another process is training", 1),
+    ("train into a file", [*TRAIN, "--out", "a-file"], "is a file", 1),
+    ("train --out empty", [*TRAIN, "--out", ""], "not a training run's", 1),  # "" is "." to Typer: not a run
+    # -- NaN, infinity and out-of-range numbers
+    ("train --lr nan", [*TRAIN, "--lr", "nan", "--out", "runs/x"], "lr must be a finite number", 1),
+    ("train --eps inf", [*TRAIN, "--eps", "inf", "--out", "runs/x"], "eps must be a finite number", 1),
+    ("train --step nan", [*TRAIN, "--step", "nan", "--out", "runs/x"], "step must be a finite number", 1),
+    ("train --width inf", [*TRAIN, "--width", "inf", "--out", "runs/x"], "width must be a finite number", 1),
+    ("train --width 0", [*TRAIN, "--width", "0", "--out", "runs/x"], "width must be in (0", 1),
+    ("train --width 1000", [*TRAIN, "--width", "1000", "--out", "runs/x"], "width must be in (0, 16]", 1),
+    ("train --clean-weight 2", [*TRAIN, "--clean-weight", "2", "--out", "runs/x"], "clean weight must be in", 1),
+    ("train --weight-decay -1", [*TRAIN, "--weight-decay", "-1", "--out", "runs/x"], "weight decay must be in", 1),
+    ("train --seed -1", [*TRAIN, "--seed", "-1", "--out", "runs/x"], "seed must be in", 1),
+    ("train --epochs 0", [*TRAIN, "--epochs", "0", "--out", "runs/x"], "epochs must be in", 1),
+    ("attack --eps nan", ["attack", "m.safetensors", "--eps", "nan", "--out", "o.csv"], "eps must be a finite", 1),
+    ("attack --eps 300", ["attack", "m.safetensors", "--eps", "300", "--out", "o.csv"], "eps must be in [0, 255]", 1),
+    ("attack --step 0", ["attack", "m.safetensors", "--step", "0", "--out", "o.csv"], "step must be in (0", 1),
+    ("attack --steps 0", ["attack", "m.safetensors", "--steps", "0", "--out", "o.csv"], "PGD steps must be in", 1),
+    ("attack --n 0", ["attack", "m.safetensors", "--n", "0", "--out", "o.csv"], "n must be in", 1),
+    ("attack --batch-size 0", ["attack", "m.safetensors", "--batch-size", "0", "--out", "o.csv"],
+     "batch size must be in", 1),
+    ("ns-gap --eps inf", ["ns-gap", "m.safetensors", "--eps", "inf", "--out", "o.csv"], "eps must be a finite", 1),
+    ("swap-bn --reestimate --eps nan", ["swap-bn", "m.safetensors", "--reestimate", "adv", "--eps", "nan", *FAST,
+                                        "--out", "o.safetensors"], "eps must be a finite", 1),
+    ("bench --rounds 0", ["bench", "--rounds", "0", "--device", "cpu"], "rounds must be in [1", 1),
+    # -- unknown choices: one line listing the valid names, exit 1 (not a usage box, exit 2)
+    ("unknown --norm", [*TRAIN, "--norm", "dual", "--out", "runs/x"], "unknown norm 'dual'; choose one of: bn", 1),
+    ("unknown --loss", [*TRAIN, "--loss", "ce", "--out", "runs/x"], "unknown loss 'ce'; choose one of: hybrid", 1),
+    ("unknown --arch", [*TRAIN, "--arch", "resnet50", "--out", "runs/x"], "unknown arch 'resnet50'; choose one", 1),
+    ("unknown --dataset", [*TRAIN, "--dataset", "mnist", "--out", "runs/x"], "unknown dataset 'mnist'", 1),
+    ("unknown --attack", ["attack", "m.safetensors", "--attack", "cw", "--out", "o.csv"], "unknown attack 'cw'", 1),
+    ("unknown --branch", ["attack", "m.safetensors", "--branch", "both", "--out", "o.csv"],
+     "unknown branch 'both'; choose one of: adv, clean", 1),
+    ("unknown --aa-version", ["attack", "m.safetensors", "--aa-version", "x", "--out", "o.csv"],
+     "unknown AutoAttack version", 1),
+    ("unknown ns-gap --noise", ["ns-gap", "m.safetensors", "--noise", "pink", "--out", "o.csv"], "unknown noise", 1),
+    ("unknown ns-gap --branch", ["ns-gap", "m.safetensors", "--branch", "x", "--out", "o.csv"], "unknown branch", 1),
+    ("unknown --reestimate domain", ["swap-bn", "m.safetensors", "--reestimate", "fog", "--out", "o.safetensors"],
+     "unknown --reestimate domain 'fog'", 1),
+    ("unknown --ns source", ["swap-bn", "m.safetensors", "--ns", "adv=both", "--out", "o.safetensors"],
+     "unknown branch 'both'", 1),
+    # -- output paths checked before any work
+    ("--out empty", ["attack", "m.safetensors", "--out", ""], "output path is empty", 1),
+    ("--out an existing folder", ["attack", "m.safetensors", "--out", "folder"], "is a folder", 1),
+    ("--out under a file", ["attack", "m.safetensors", "--out", "a-file/o.csv"], "a-file is a file, not a folder", 1),
+    ("--out name too long", ["attack", "m.safetensors", "--out", LONG], "file name too long", 1),
+    pytest.param("--out in a read-only folder", ["attack", "m.safetensors", "--out", "ro/o.csv"], "permission denied",
+                 1, marks=pytest.mark.skipif(ROOT, reason="root writes into read-only folders")),
+    ("report --out a file", ["report", "csv", "--out", "a-file"], "is a file", 1),
+    ("ns-gap --out under a file", ["ns-gap", "m.safetensors", "--out", "a-file/g.csv"], "is a file, not a folder", 1),
+    ("bench --out a folder", ["bench", "--out", "folder", "--device", "cpu"], "is a folder", 1),
+    # -- checkpoints: metadata by type, shapes before the model is built, non-finite weights
+    ("config width a string", ["attack", "width-str.safetensors", "--out", "o.csv", *FAST],
+     "width must be a number", 1),
+    ("config without arch", ["info", "no-arch.safetensors"], "invalid model config", 1),
+    ("config not JSON", ["info", "not-json.safetensors"], "not JSON", 1),
+    ("config classes a bool", ["info", "classes-bool.safetensors"], "num_classes must be an integer", 1),
+    ("train metadata a list", ["attack", "train-list.safetensors", "--out", "o.csv", *FAST], "'train' must be dict", 1),
+    ("epoch metadata a string", ["info", "epoch-str.safetensors"], "'epoch' must be int", 1),
+    ("tiny file, huge config", ["attack", "huge.safetensors", "--out", "o.csv", *FAST], "do not match its config", 1),
+    ("NaN weights: attack", ["attack", "nan.safetensors", "--out", "o.csv", *FAST], "non-finite weights", 1),
+    ("NaN weights: swap-bn", ["swap-bn", "nan.safetensors", "--cross", "--out", "o.safetensors"],
+     "non-finite weights", 1),
+    ("NaN weights: ns-gap", ["ns-gap", "nan.safetensors", "--out", "o.csv", *FAST], "non-finite weights", 1),
+    ("no such checkpoint, markup in name", ["attack", "no[/]such[red].safetensors", "--out", "o.csv"],
+     "no checkpoint at no[/]such[red].safetensors", 1),
+    # -- data: a mistyped folder is neither created nor downloaded into; an empty split
+    ("mistyped --data-dir", ["attack", "m.safetensors", "--n", "8", "--device", "cpu", "--data-dir", "dta",
+                             "--out", "o.csv"], "dta does not exist", 1),
+    ("zero-image split", ["attack", "m.safetensors", "--device", "cpu", "--data-dir", "empty-data", "--out", "o.csv"],
+     "has no images", 1),
+    # -- report: accuracies are fractions
+    ("report accuracy 7.5", ["report", "acc-high", "--out", "rep"], "accuracy must lie in [0, 1], got 7.5", 1),
+    ("report accuracy -3", ["report", "acc-low", "--out", "rep"], "accuracy must lie in [0, 1], got -3", 1),
+    # -- successes that used to break: markup in metadata and paths; an unfinished checkpoint is marked
+    ("swap-bn, markup everywhere", ["swap-bn", "markup.safetensors", "--cross", "--out", "[red]x[/].safetensors"],
+     "[red]x[/].safetensors  cross", 0),
+    ("info, markup in metadata", ["info", "markup.safetensors"], "[/]", 0),
+    ("attack an unfinished run", ["attack", "last.safetensors", "--attack", "clean", "--n", "8", *FAST, "--out",
+                                  "o.csv"], "unfinished run's checkpoint (epoch 1 of 2)", 0),
+]
+
+
+def _values(case) -> tuple:
+    return case.values if hasattr(case, "marks") else case  # a pytest.param, or a plain row
+
+
+@pytest.mark.parametrize("case,args,fragment,code", CASES, ids=[_values(c)[0] for c in CASES])
+def test_hostile(case, args, fragment, code, base, tmp_path, monkeypatch):
+    ws = tmp_path / "ws"
+    shutil.copytree(base, ws, symlinks=True)
+    os.link(ws / "m.safetensors", ws / "hard.safetensors")
+    os.chmod(ws / "ro", 0o555)
+    monkeypatch.chdir(ws)
+    before = _snapshot(ws)
+    lock = os.open(ws / "runs" / "locked" / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "another process" holds the run folder
+    try:
+        result = CliRunner().invoke(app, args)
+    finally:
+        os.close(lock)
+    after = _snapshot(ws)
+    assert result.exit_code == code, result.output
+    assert fragment in result.output, result.output
+    if code == 1:
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+        new = [p for p in after.keys() - before.keys() if Path(p).name != ".lock"]
+        assert not new, f"a failing command left {new}"
+    changed = [p for p, content in before.items() if after.get(p, "gone") != content]
+    assert not changed, f"inputs changed: {changed}"
+
+
+def test_the_table_is_large_and_covers_every_command():
+    assert len(CASES) >= 40
+    commands = {_values(c)[1][0] for c in CASES}
+    assert commands == {"train", "attack", "swap-bn", "ns-gap", "report", "bench", "info"}
+
+
+def test_unfinished_checkpoint_is_marked_in_the_csv(base, tmp_path, monkeypatch):
+    ws = tmp_path / "ws"
+    shutil.copytree(base, ws, symlinks=True)
+    monkeypatch.chdir(ws)
+    for ckpt, unfinished in (("last.safetensors", True), ("m.safetensors", False)):
+        for args in (["attack", ckpt, "--attack", "clean", "--n", "8"], ["ns-gap", ckpt, "--n", "8", "--steps", "1"]):
+            result = CliRunner().invoke(app, [*args, *FAST, "--out", "o.csv"])
+            assert result.exit_code == 0, result.output
+            assert ("warning:" in result.output and "unfinished" in result.output) == unfinished
+            assert (pd.read_csv("o.csv")["unfinished"] == unfinished).all()
+
+
+def test_an_os_error_while_writing_is_one_line(base, tmp_path, monkeypatch):
+    """Disk full (ENOSPC) in the middle of writing the CSV: one line, exit 1, no temp file, no output."""
+    ws = tmp_path / "ws"
+    shutil.copytree(base, ws, symlinks=True)
+    monkeypatch.chdir(ws)
+
+    def full(self, path, *args, **kwargs):
+        Path(path).write_text("half a csv")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+    result = CliRunner().invoke(app, ["attack", "m.safetensors", "--attack", "clean", "--n", "8", *FAST,
+                                      "--out", "o.csv"])
+    lines = result.output.strip().splitlines()  # the accuracy lines, then one error naming the output
+    assert result.exit_code == 1 and lines[-1] == "error: No space left on device: o.csv", result.output
+    assert sum(line.startswith("error") for line in lines) == 1
+    assert not [p for p in os.listdir(ws) if p.startswith(".o.csv") or p == "o.csv"]
+
+
+def test_hostile_checkpoint_never_builds_the_big_model(base, monkeypatch):
+    """The shapes are checked on the meta device: no real tensor of the width-16 model is ever allocated."""
+    import hybridat.checkpoint as checkpoint
+
+    built = []
+    real = checkpoint.build_model
+    monkeypatch.setattr(checkpoint, "build_model", lambda config: built.append(
+        torch.empty(0).device.type) or real(config))
+    with pytest.raises(Exception, match="do not match"):
+        load_checkpoint(base / "huge.safetensors")
+    assert built == ["meta"]  # built once, on the meta device, and refused before the real build

@@ -1,0 +1,189 @@
+"""Runs that survive: killed anywhere and resumed, a run ends bit-identical to one never interrupted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hybridat import run as run_module
+from hybridat.errors import HybridatError
+from hybridat.files import atomic_path, remove_stale_temps
+from hybridat.models import ModelConfig
+from hybridat.run import MODEL, STATE, run_training, weights_finite
+from hybridat.train import TrainConfig
+
+from conftest import fake_cifar10
+
+ARGS = ["--width", "0.0625", "--train-subset", "256", "--epochs", "3", "--batch-size", "32", "--steps", "1",
+        "--step", "4", "--quiet", "--device", "cpu"]
+TIMING = ["seconds", "images_per_s"]  # the only columns allowed to differ
+
+
+def _cli(data_dir, out: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "hybridat", "train", *ARGS, "--data-dir", str(data_dir), "--out", str(out), *extra]
+
+
+def _env() -> dict:
+    root = str(Path(__file__).resolve().parents[1])
+    return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _rows(out: Path) -> int:
+    try:
+        return max(0, len((out / "train.csv").read_text().splitlines()) - 1)
+    except OSError:
+        return 0
+
+
+def _same_run(a: Path, b: Path) -> None:
+    """Bit-identical weights and the same train.csv (timings aside)."""
+    wa, wb = load_file(a / MODEL), load_file(b / MODEL)
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])]
+    fa, fb = (pd.read_csv(p / "train.csv").drop(columns=TIMING + ["run"]) for p in (a, b))
+    pd.testing.assert_frame_equal(fa, fb)
+    assert list(fa["epoch"]) == [1, 2, 3]
+
+
+def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path):
+    """Two SIGKILLs (mid-epoch 2, then mid-epoch 3 of the resumed run), two resumes: the same model, bit for bit."""
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    data_dir = fake_cifar10(tmp_path / "data", 256)  # 10,000 image files would be read 4 times over
+    done = subprocess.run(_cli(data_dir, ref), env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for rows_before_kill, extra in ((1, []), (2, ["--resume"])):
+        proc = subprocess.Popen(_cli(data_dir, out, *extra), env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while _rows(out) < rows_before_kill and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if rows_before_kill == 1:  # a second process on the same folder is refused while the first trains
+            with pytest.raises(HybridatError, match="another process is training"):
+                run_training(out, CONFIG, CFG, data_dir=data_dir, resume=True)
+        time.sleep(0.15)  # somewhere in the next epoch (or in its saves)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+        assert not (out / MODEL).exists()
+    done = subprocess.run(_cli(data_dir, out, "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resumed after epoch" in done.stderr
+    _same_run(ref, out)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", MODEL, "train.csv"]  # no state, no temp file
+
+
+CFG = TrainConfig(epochs=3, batch_size=32, steps=1, step=4.0, train_subset=64)
+CONFIG = ModelConfig("resnet18", "dual-bn", 0.0625)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as the subprocesses have: faster on a shared 2-core machine, and one reduction order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run_training(out, CONFIG, CFG, data_dir=data_dir)
+    return out
+
+
+class Killed(BaseException):
+    """Stands in for a kill at one point of the epoch's saves."""
+
+
+@pytest.mark.parametrize("where", ["save_checkpoint", "save_state", "write_csv", "replace"])
+def test_a_crash_between_any_two_saves_resumes_identically(where, reference, tmp_path, data_dir, monkeypatch):
+    """Interrupted before each write of epoch 2 (last.safetensors, resume state, train.csv) or before the final
+    rename: the resumed run ends with the reference's weights and rows."""
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    target = os if where == "replace" else run_module
+    real = getattr(target, where)
+
+    def crash(*args, **kwargs):
+        calls["n"] += 1
+        if Path(args[1]).name == MODEL if where == "replace" else calls["n"] == 2:  # epoch 2's write, or the rename
+            raise Killed()
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(target, where, crash)
+        with pytest.raises(Killed):
+            run_training(out, CONFIG, CFG, data_dir=data_dir)
+    assert not (out / MODEL).exists()
+    result = run_training(out, CONFIG, CFG, data_dir=data_dir, resume=True)
+    assert result.resumed_from == {"save_checkpoint": 1, "save_state": 1, "write_csv": 2, "replace": 3}[where]
+    _same_run(reference, out)
+
+
+def test_resume_of_a_finished_run_and_overwrite(reference, tmp_path, data_dir):
+    out = tmp_path / "run"
+    run_training(out, CONFIG, CFG, data_dir=data_dir)
+    with pytest.raises(HybridatError, match="finished run"):
+        run_training(out, CONFIG, CFG, data_dir=data_dir, resume=True)
+    (out / "eval.csv").write_text("mine")  # a file of the user's: --overwrite never touches it
+    with pytest.raises(HybridatError, match="not a training run's"):
+        run_training(out, CONFIG, CFG, data_dir=data_dir)
+    before = (out / MODEL).stat().st_mtime_ns
+    run_training(out, CONFIG, CFG, data_dir=data_dir, overwrite=True)
+    assert (out / MODEL).stat().st_mtime_ns != before and (out / "eval.csv").read_text() == "mine"
+    _same_run(reference, out)
+
+
+def test_a_step_to_non_finite_weights_is_divergence(tmp_path, data_dir):
+    out = tmp_path / "run"
+    with pytest.raises(HybridatError, match="training diverged"):
+        run_training(out, CONFIG, TrainConfig(epochs=2, batch_size=32, steps=1, train_subset=64, lr=1e30),
+                     data_dir=data_dir)
+    assert not (out / MODEL).exists() and not (out / STATE).exists()
+    model = torch.nn.Linear(2, 2)
+    assert weights_finite(model)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    assert not weights_finite(model)
+
+
+def test_artifacts_get_the_umask_mode_and_stale_temps_go(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.bin.{dead.pid}.deadbeef.tmp"
+    stale.write_bytes(b"left by a SIGKILL")
+    mine = tmp_path / f".out.bin.{os.getpid()}.cafecafe.tmp"  # a live writer's: kept
+    mine.write_bytes(b"")
+    old = os.umask(0o027)
+    try:
+        with atomic_path(tmp_path / "out.bin") as tmp:
+            os.chmod(tmp, 0o600)  # as safetensors leaves it
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o640
+    assert not stale.exists() and mine.exists()
+    remove_stale_temps(tmp_path / "out.bin")
+    assert mine.exists()
+
+
+def test_sigterm_removes_the_temp_file(tmp_path):
+    """A SIGTERM while an artifact is half written leaves neither the artifact nor its temp file."""
+    script = (f"import sys, time\nfrom hybridat.files import atomic_path, signals_interrupt\n"
+              f"with signals_interrupt():\n  with atomic_path({str(tmp_path / 'a.csv')!r}) as tmp:\n"
+              f"    tmp.write_text('half'); print('ready', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=_env(), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert proc.returncode != 0 and list(tmp_path.iterdir()) == []
