@@ -181,8 +181,7 @@ CASES = [
     ("--out an existing folder", ["attack", "m.safetensors", "--out", "folder"], "is a folder", 1),
     ("--out under a file", ["attack", "m.safetensors", "--out", "a-file/o.csv"], "a-file is a file, not a folder", 1),
     ("--out name too long", ["attack", "m.safetensors", "--out", LONG], "file name too long", 1),
-    pytest.param("--out in a read-only folder", ["attack", "m.safetensors", "--out", "ro/o.csv"], "permission denied",
-                 1, marks=pytest.mark.skipif(ROOT, reason="root writes into read-only folders")),
+    ("--out in a read-only folder", ["attack", "m.safetensors", "--out", "ro/o.csv"], "permission denied", 1),
     ("report --out a file", ["report", "csv", "--out", "a-file"], "is a file", 1),
     ("ns-gap --out under a file", ["ns-gap", "m.safetensors", "--out", "a-file/g.csv"], "is a file, not a folder", 1),
     ("bench --out a folder", ["bench", "--out", "folder", "--device", "cpu"], "is a folder", 1),
@@ -228,6 +227,10 @@ def test_hostile(case, args, fragment, code, base, tmp_path, monkeypatch):
     shutil.copytree(base, ws, symlinks=True)
     os.link(ws / "m.safetensors", ws / "hard.safetensors")
     os.chmod(ws / "ro", 0o555)
+    if ROOT:  # mode bits do not stop root: the folder is made to look read-only to os.access as well
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **k: not (Path(p).name == "ro" and mode & os.W_OK)
+                            and access(p, mode, **k))
     monkeypatch.chdir(ws)
     before = _snapshot(ws)
     lock = os.open(ws / "runs" / "locked" / ".lock", os.O_RDWR | os.O_CREAT)
