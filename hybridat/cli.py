@@ -22,6 +22,7 @@ from .checkpoint import load_checkpoint, save_checkpoint, write_csv
 from .data import DATASETS, load_split, num_classes, to_float
 from .errors import HybridatError
 from .evaluate import attack_label, evaluate
+from .interop import LAYOUTS, PLAIN
 from .models import ARCHS, ModelConfig, build_model
 from .norms import NORMS
 from .runtime import resolve_device, tune_host
@@ -321,6 +322,56 @@ def bench_cmd(
     from .bench import run_bench
 
     run_bench(device, quick=quick, out=out, console=Console(), amp=amp, rounds=rounds, ablate=ablate)
+
+
+Layout = _choices("Layout", ["auto", *LAYOUTS])
+ExportLayout = _choices("ExportLayout", PLAIN)
+AdvSplit = _choices("AdvSplit", ("aux", "main"))
+
+
+@app.command("import")
+@cli_errors
+def import_cmd(
+    src: Annotated[Path, typer.Argument(help="a foreign .pt/.pth (read with weights_only=True) or .safetensors file")],
+    out: Annotated[Path, typer.Option(help="the hybridat checkpoint to write (.safetensors)")],
+    arch: Annotated[Optional[Arch], typer.Option(help="[default: found from the keys]")] = None,
+    layout: Annotated[Layout, typer.Option(help="key layout of the file (README: Bring your own model)")] = "auto",
+    norm: Annotated[Optional[Norm], typer.Option(help="variant to import as [default: the layout's]")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="[default: from the classifier's shape]")] = None,
+    input_mean: Annotated[Optional[str], typer.Option(help="R,G,B: the model was trained on (x - mean) / std")]
+    = None,
+    input_std: Annotated[Optional[str], typer.Option(help="R,G,B, with --input-mean")] = None,
+    adv_split: Annotated[AdvSplit, typer.Option(help="timm-splitbn: which split is adversarial (AdvProp: aux)")]
+    = "aux",
+    dataset: Annotated[Dataset, typer.Option(help="the dataset it was trained on, for later stages")] = "cifar10",
+):
+    """Import a checkpoint of other code (ResNet-18, PreAct, WRN, the authors' Dual BN, timm SplitBN)."""
+    from .interop import import_checkpoint
+
+    done = import_checkpoint(src, out, arch=arch and arch.value, layout=layout.value, norm=norm and norm.value,
+                             num_classes=num_classes, input_mean=input_mean, input_std=input_std,
+                             adv_split=adv_split.value, dataset=dataset.value)
+    c = done.model.config
+    console.print(f"{out}  layout {done.layout}{' (auto)' if layout.value == 'auto' else ''}: {c.arch} width "
+                  f"{c.width:g}, {c.num_classes} classes, norm {c.norm}  -> {done.hash}", highlight=False)
+
+
+@app.command("export")
+@cli_errors
+def export_cmd(
+    checkpoint: Ckpt,
+    branch: Annotated[Branch, typer.Option(help="the branch to write")],
+    layout: Annotated[ExportLayout, typer.Option(help="the foreign key layout")],
+    out: Annotated[Path, typer.Option(help=".safetensors, or .pt/.pth for a torch state dict")],
+):
+    """Write one branch as a plain single-BN state dict in a foreign layout, for other tools."""
+    from .interop import export_branch
+
+    config = export_branch(checkpoint, out, branch=branch.value, layout=layout.value).config
+    console.print(f"{out}  {branch.value} branch, layout {layout.value}", highlight=False)
+    if config.input_mean is not None and out.suffix != ".safetensors":
+        console.print(f"note: the model expects inputs normalized with mean {list(config.input_mean)}, std "
+                      f"{list(config.input_std)}", highlight=False)
 
 
 @app.command("info")
