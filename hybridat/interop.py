@@ -295,21 +295,23 @@ def match(state: dict[str, torch.Tensor], *, arch: str | None = None, layout: st
     if not candidates:
         archs = sorted({a for lay in layouts for a in lay.archs})
         raise HybridatError(f"layout {layout} is for {', '.join(archs)}, not {arch}")
+    # the layout is found with its own variant; --norm then only changes what the sets become
     found = []
     for lay, a in candidates:
-        config = _config(a, lay, state, norm, num_classes, input_mean, input_std)
-        try:
-            found.append(Match(lay, config, *problems(_skeleton(config), lay, state, adv_split)))
-        except HybridatError as e:
-            if layout != "auto":
-                raise
-            found.append(Match(lay, config, 10**6, [str(e)]))
+        config = _config(a, lay, state, None, num_classes, input_mean, input_std)
+        found.append(Match(lay, config, *problems(_skeleton(config), lay, state, adv_split)))
     best = min(found, key=lambda m: m.bad)
-    if best.bad == 0:
+    if best.bad:
+        closest = " (the closest of every layout and arch tried)" if len(found) > 1 else ""
+        raise HybridatError(f"the state dict does not map as {best.config.arch} in layout {best.layout.label}"
+                            f"{closest}: " + "; ".join(best.problems))
+    if norm is None or norm == best.config.norm:
         return best
-    closest = " (the closest of every layout and arch tried)" if len(found) > 1 else ""
-    raise HybridatError(f"the state dict does not map as {best.config.arch} in layout {best.layout.label}{closest}: "
-                        + "; ".join(best.problems))
+    config = replace(best.config, norm=norm)
+    bad, phrases = problems(_skeleton(config), best.layout, state, adv_split)
+    if bad:
+        raise HybridatError(f"layout {best.layout.label} does not map to --norm {norm}: " + "; ".join(phrases))
+    return Match(best.layout, config, 0, [])
 
 
 def load_foreign(state: dict[str, torch.Tensor], found: Match, adv_split: str = "aux") -> BranchModel:
