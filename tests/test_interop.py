@@ -74,8 +74,8 @@ CASES = {
     "authors-dual-bn": (lambda: AuthorsResNet18("dual-bn", W), "authors-dual-bn", "resnet18", "dual-bn"),
     "authors-dual-ap": (lambda: AuthorsResNet18("dual-ap", W), "authors-dual-ap", "resnet18", "dual-ap"),
     "authors-dual-ns": (lambda: AuthorsResNet18("dual-ns", W), "authors-dual-ns", "resnet18", "dual-ns"),
-    "timm-splitbn-kuangliu": (lambda: Split(convert_splitbn(kuangliu()), "aux"), "timm-splitbn", "resnet18",
-                              "dual-bn"),
+    "timm-splitbn-preact": (lambda: Split(convert_splitbn(PreActResNet18(W)), "aux"), "timm-splitbn", "preact18",
+                            "dual-bn"),
     "timm-splitbn-wrn": (lambda: Split(convert_splitbn(TradesWideResNet(28, width=W)), "main"), "timm-splitbn",
                          "wrn28-10", "dual-bn"),
 }
@@ -183,7 +183,7 @@ MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
 
 
 def test_input_normalization_is_recorded_and_applied_inside_the_model(tmp_path):
-    ref, *_ = reference("trades-wrn28")
+    ref, *_ = reference("preact")
     torch.save(ref.state_dict(), tmp_path / "w.pt")
     normalized = Normalized(ref, MEAN, STD)
     done = import_checkpoint(tmp_path / "w.pt", tmp_path / "w.safetensors", input_mean="0.4914,0.4822,0.4465",
@@ -195,7 +195,7 @@ def test_input_normalization_is_recorded_and_applied_inside_the_model(tmp_path):
     plain = import_checkpoint(tmp_path / "w.pt").model
     assert max_diff(plain(x, "adv"), normalized(x)) > 1e-2  # without it, another function
     # an export carries the normalization to the next import
-    hybridat.export_branch(done.path, tmp_path / "e.safetensors", branch="adv", layout="trades-wrn")
+    hybridat.export_branch(done.path, tmp_path / "e.safetensors", branch="adv", layout="preact")
     back = import_checkpoint(tmp_path / "e.safetensors").model
     assert back.config.input_mean == MEAN and torch.equal(back(x, "adv"), ckpt.model(x, "adv"))
     with pytest.raises(HybridatError, match="three numbers"):
