@@ -263,6 +263,10 @@ def test_export_refusals(tmp_path):
         with pytest.raises(HybridatError, match=message):
             hybridat.export_branch(ckpt, out, branch="adv", layout=layout)
     assert (tmp_path / "m.safetensors").read_bytes() == before and not (tmp_path / "x.safetensors").exists()
+    result = invoke("export", tmp_path / "m.safetensors", "--branch", "adv", "--layout", "preact", "--out",
+                    tmp_path / "x.safetensors")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:") and "preact18" in lines[0]
 
 
 # ---- the command line ----
