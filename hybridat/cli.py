@@ -23,6 +23,7 @@ from .data import DATASETS, load_split, num_classes, split_files, to_float
 from .errors import HybridatError, check_choice, check_number
 from .evaluate import AA_VERSIONS, attack_label, check_evaluation, evaluate
 from .files import Terminated, check_outputs, os_error_line, signals_interrupt
+from .interop import LAYOUTS, PLAIN
 from .models import ARCHS, ModelConfig
 from .norms import BRANCHES, NORMS
 from .runtime import resolve_device, tune_host
@@ -393,6 +394,54 @@ def bench_cmd(
     from .bench import run_bench
 
     run_bench(device, quick=quick, out=out, console=Console(), amp=amp, rounds=rounds, ablate=ablate)
+
+
+
+
+@app.command("import")
+@cli_errors
+def import_cmd(
+    src: Annotated[Path, typer.Argument(help="a foreign .pt/.pth (read with weights_only=True) or .safetensors file")],
+    out: Annotated[Path, typer.Option(help="the hybridat checkpoint to write (.safetensors)")],
+    arch: Annotated[Optional[str], typer.Option(help=f"{_names(ARCHS)} [default: found from the keys]")] = None,
+    layout: Annotated[str, typer.Option(help=f"key layout of the file (README: Bring your own model): auto, "
+                                             f"{_names(LAYOUTS)}")] = "auto",
+    norm: Annotated[Optional[str], typer.Option(help="variant to import as [default: the layout's]")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="[default: from the classifier's shape]")] = None,
+    input_mean: Annotated[Optional[str], typer.Option(help="R,G,B: the model was trained on (x - mean) / std")]
+    = None,
+    input_std: Annotated[Optional[str], typer.Option(help="R,G,B, with --input-mean")] = None,
+    adv_split: Annotated[str, typer.Option(help="timm-splitbn: which split is adversarial, aux (AdvProp) or main")]
+    = "aux",
+    dataset: Annotated[str, typer.Option(help=f"the dataset it was trained on, for later stages: "
+                                              f"{_names(DATASETS)}")] = "cifar10",
+):
+    """Import a checkpoint of other code (ResNet-18, PreAct, WRN, the authors' Dual BN, timm SplitBN)."""
+    from .interop import import_checkpoint
+
+    done = import_checkpoint(src, out, arch=arch, layout=layout, norm=norm, num_classes=num_classes,
+                             input_mean=input_mean, input_std=input_std, adv_split=adv_split, dataset=dataset)
+    c = done.model.config
+    say(f"{out}  layout {done.layout}{' (auto)' if layout == 'auto' else ''}: {c.arch} width {c.width:g}, "
+        f"{c.num_classes} classes, norm {c.norm}  -> {done.hash}")
+
+
+@app.command("export")
+@cli_errors
+def export_cmd(
+    checkpoint: Ckpt,
+    branch: Annotated[str, typer.Option(help="the branch to write: adv or clean")],
+    layout: Annotated[str, typer.Option(help=f"the foreign key layout: {_names(PLAIN)}")],
+    out: Annotated[Path, typer.Option(help=".safetensors, or .pt/.pth for a torch state dict")],
+):
+    """Write one branch as a plain single-BN state dict in a foreign layout, for other tools."""
+    from .interop import export_branch
+
+    config = export_branch(checkpoint, out, branch=branch, layout=layout).config
+    say(f"{out}  {branch} branch, layout {layout}")
+    if config.input_mean is not None and out.suffix != ".safetensors":
+        say(f"note: the model expects inputs normalized with mean {list(config.input_mean)}, std "
+            f"{list(config.input_std)}")
 
 
 @app.command("info")

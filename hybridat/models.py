@@ -2,7 +2,9 @@
 
 Every model is a `BranchModel`: `model(x, "adv")`, `model(x, "clean")`, or `model(cat[x_adv, x_clean],
 (n_adv, n_clean))` for one fused forward over both branches. Inputs are pixels in [0, 1]: no mean/std
-normalization (SPEC.md). `width` scales every channel count, for small runs on a CPU.
+normalization (SPEC.md); a model imported from code that expected normalized inputs carries its mean/std in
+its config and normalizes internally, so pixels stay in [0, 1] outside it. `width` scales every channel count,
+for small runs on a CPU.
 """
 
 from __future__ import annotations
@@ -31,9 +33,13 @@ class ModelConfig:
     norm: str = "dual-bn"
     width: float = 1.0
     num_classes: int = 10
+    input_mean: tuple[float, ...] | None = None  # per RGB channel, for models trained on (x - mean) / std
+    input_std: tuple[float, ...] | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        # unset input normalization is left out, so configs without it read exactly as before it existed
+        fields = {k: v for k, v in asdict(self).items() if v is not None or k not in INPUT_NORM}
+        return json.dumps(fields, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
@@ -42,9 +48,16 @@ class ModelConfig:
             fields = json.loads(text)
         except (TypeError, json.JSONDecodeError) as e:
             raise HybridatError(f"the model config is not JSON ({e})") from None
-        if not isinstance(fields, dict) or set(fields) != {"arch", "norm", "width", "num_classes"}:
-            raise HybridatError(f"the model config must be a JSON object with arch, norm, width and num_classes, "
-                                f"got {text[:200]}")
+        required = {"arch", "norm", "width", "num_classes"}
+        if not isinstance(fields, dict) or not required <= set(fields) <= required | set(INPUT_NORM):
+            raise HybridatError(f"the model config must be a JSON object with arch, norm, width and num_classes "
+                                f"(and optionally {' and '.join(INPUT_NORM)}), got {text[:200]}")
+        for key in INPUT_NORM:
+            value = fields.get(key)
+            if value is not None:
+                if not isinstance(value, list) or len(value) != 3:
+                    raise HybridatError(f"{key} must be a list of 3 numbers (R, G, B), got {value!r:.200}")
+                fields[key] = tuple(float(check_number(key, v, -1e6, 1e6)) for v in value)
         return cls(**fields).check()
 
     def check(self) -> "ModelConfig":
@@ -57,7 +70,12 @@ class ModelConfig:
             raise HybridatError(f"unknown norm {self.norm!r}; choose one of: {', '.join(NORMS)}")
         check_number("width", self.width, 0, MAX_WIDTH, low_open=True)
         check_number("num_classes", self.num_classes, 2, 100_000, integer=True)
+        if self.input_std is not None and not all(v > 0 for v in self.input_std):
+            raise HybridatError(f"input_std must be positive, got {self.input_std}")
         return self
+
+
+INPUT_NORM = ("input_mean", "input_std")
 
 
 class Parts:
@@ -91,9 +109,20 @@ def route_sizes(route: Route, n: int) -> tuple[int, int]:
 
 
 class BranchModel(nn.Module):
-    """Base of every network: sets the shared router's row counts, then runs `logits`."""
+    """Base of every network: sets the shared router's row counts, normalizes the input if its config says so,
+    then runs `logits`."""
 
     config: ModelConfig
+
+    def set_input_norm(self, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
+        """(1, 3, 1, 1) buffers input_mean/std (None: pixels go in as they are), not saved: the config holds them."""
+        if (mean is None) != (std is None):
+            raise HybridatError("input mean and std go together: give both or neither")
+        if mean is not None and (len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std)):
+            raise HybridatError(f"input mean and std take 3 values each (R,G,B), std > 0; got {mean}, {std}")
+        for name, values in (("input_mean", mean), ("input_std", std)):
+            buffer = None if values is None else torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1)
+            self.register_buffer(name, buffer, persistent=False)
 
     def share_router(self) -> None:
         self.router = Router()
@@ -103,6 +132,8 @@ class BranchModel(nn.Module):
 
     def forward(self, x: torch.Tensor, route: Route = "adv") -> torch.Tensor:
         self.router.sizes = route_sizes(route, x.shape[0])
+        if self.input_mean is not None:
+            x = (x - self.input_mean) / self.input_std
         return self.logits(x)
 
     def fused(self, x_adv: torch.Tensor, x_clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,6 +340,7 @@ def build_model(config: ModelConfig) -> BranchModel:
     config.check()
     model = ARCHS[config.arch](Parts(get_norm(config.norm), config.width), config.num_classes)
     model.config = config
+    model.set_input_norm(config.input_mean, config.input_std)
     model.share_router()
     # conv weights in channels_last: activations then stay NHWC end to end, which oneDNN (CPU) and cuDNN (GPU)
     # run without layout reorders; state dicts and checkpoints are unaffected (values, not strides)
