@@ -30,7 +30,7 @@ test: install
 # make tables: paper scale on a GPU (110 epochs, full test set, PGD-10/20, AutoAttack on the first 1,000).
 # make mini:   the same grid at a CPU scale (about 2 hours on 2 cores).  make demo: a few minutes.
 SEEDS ?= 0
-NORMS_8 := bn bn-mix dual-bn dual-ap dual-ns cross-bn dual-linear dual-adapter
+NORMS_8 := bn bn-mix dual-bn dual-ap dual-ns cross-bn cross-bn-adv dual-linear dual-adapter
 NORMS_16 := bn bn-mix dual-bn dual-ap dual-ns
 TRADES_NORMS := bn dual-bn
 grid_runs = $(foreach s,$(SEEDS),$(foreach n,$(NORMS_8),$(n)_hybrid_8_s$(s)) \

@@ -71,19 +71,21 @@ def domain_batches(model, x, y, branch: str, eps: float, step: float | None = No
 def train_pass(model):
     """Train mode for a measurement pass through ONE branch; every module's mode is restored afterwards.
 
-    Cross-BN normalizes a branch's rows with the OTHER branch's batch in training, which a one-domain batch does
-    not have; here its layers normalize the rows with their own batch statistics, as every other BN variant does.
+    The Cross-BN variants normalize rows with ONE domain's (or the other branch's) batch in training, which a
+    one-domain batch may not have; here their layers normalize the rows with their own batch statistics, as every
+    other BN variant does.
     """
     modes = [(m, m.training) for m in model.modules()]
-    cross = [m for m in model.modules() if isinstance(m, BranchBatchNorm) and m.batch_ns == "other"]
+    cross = [(m, m.batch_ns) for m in model.modules()
+             if isinstance(m, BranchBatchNorm) and m.batch_ns not in ("own", "mixed")]
     model.train()
-    for m in cross:
+    for m, _ in cross:
         m.batch_ns = "own"
     try:
         yield model
     finally:
-        for m in cross:
-            m.batch_ns = "other"
+        for m, batch in cross:
+            m.batch_ns = batch
         for m, training in modes:
             m.training = training
 

@@ -147,8 +147,10 @@ def train_cmd(
                              "loss_name": loss.value, "eps": eps, "checkpoint_hash": digest} | row)
                 write_csv(rows, out / "train.csv")
             if diverged:
-                raise HybridatError(f"training diverged: loss {row['loss']} in epoch {row['epoch']}; "
-                                    f"{out / 'train.csv'} has every epoch, no checkpoint was written for this one")
+                why = NORMS[norm.value].diverges
+                raise HybridatError(f"training diverged: loss {row['loss']} in epoch {row['epoch']}"
+                                    f"{f' ({why})' if why else ''}; {out / 'train.csv'} has every epoch, "
+                                    "no checkpoint was written for this one")
     if main:
         os.replace(out / "last.safetensors", out / "model.safetensors")
         last = rows[-1]

@@ -172,8 +172,9 @@ def table_cross_bn(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     ev = _eval(frames)
     ev = ev[(ev.op == "") & (ev.loss_name == "hybrid")]
     rows = []
-    for eps in _levels(ev.train_eps[ev.norm.isin(["cross-bn", "dual-bn"])], always=[8]):
-        for norm, label in [("cross-bn", "cross-bn"), ("dual-bn", "dual-bn (Self-BN)")]:
+    for eps in _levels(ev.train_eps[ev.norm.isin(["cross-bn", "cross-bn-adv", "dual-bn"])], always=[8]):
+        for norm, label in [("cross-bn", "cross-bn"), ("cross-bn-adv", "cross-bn-adv"),
+                            ("dual-bn", "dual-bn (Self-BN)")]:
             rows.append({"norm": label, "train ε": _num(eps),
                          **_cells(ev[(ev.norm == norm) & (ev.train_eps == eps)], BOTH)})
     return pd.DataFrame(rows)

@@ -20,7 +20,7 @@ from .attacks import frozen, pgd
 from .data import Split, train_batches
 from .errors import HybridatError
 from .models import BranchModel, BranchView, bn_folded, fused
-from .norms import NORMS
+from .norms import NORMS, get_norm
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def check_config(cfg: TrainConfig, norm: str) -> None:
     """Reject impossible settings before any work is done."""
     if cfg.loss not in LOSSES:
         raise HybridatError(f"unknown loss {cfg.loss!r}; choose one of: {', '.join(LOSSES)}")
-    if norm in ("bn-mix", "dual-ap", "cross-bn") and len(LOSSES[cfg.loss].branches) < 2:
+    if get_norm(norm).needs_both and len(LOSSES[cfg.loss].branches) < 2:
         raise HybridatError(f"norm {norm} mixes both branches in one batch; use --loss hybrid or trades")
     for name in ("eps", "step", "lr", "momentum", "weight_decay", "trades_beta"):
         if getattr(cfg, name) < 0:

@@ -143,3 +143,33 @@ def test_a_diverging_run_fails_clearly_and_leaves_no_model(tmp_path, data_dir):
     assert not (out / "model.safetensors").exists()
     frame = pd.read_csv(out / "train.csv")
     assert frame["loss"].isna().iloc[-1] or not frame["loss"].iloc[-1] < float("inf")
+
+
+@pytest.mark.parametrize("norm", ["cross-bn", "cross-bn-adv"])
+def test_one_sided_cross_bn_trains_from_scratch(tmp_path, data_dir, norm):
+    """The authors' Cross-BN (and its other direction) trains on real CIFAR-10 where the two-way swap diverges."""
+    out = tmp_path / norm
+    small = ["--width", "0.125", "--train-subset", "512", "--epochs", "2", "--batch-size", "64", "--steps", "2",
+             "--step", "4", "--quiet", "--device", "cpu"]
+    result = invoke("train", "--norm", norm, "--data-dir", data_dir, "--out", out, *small)
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out / "train.csv")
+    assert list(frame.epoch) == [1, 2]
+    assert frame[["loss", "loss_adv", "loss_clean"]].abs().max().max() < 10  # finite and not blowing up
+    ckpt = load_checkpoint(out / "model.safetensors")
+    assert ckpt.config.norm == norm
+    import torch
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        for branch in ("adv", "clean"):
+            assert torch.isfinite(ckpt.model(x, branch)).all()
+
+
+def test_cross_bn_swap_diverges_with_its_reason(tmp_path, data_dir):
+    out = tmp_path / "swap"
+    result = invoke("train", "--norm", "cross-bn-swap", "--data-dir", data_dir, "--out", out, "--width", "0.125",
+                    "--train-subset", "256", "--epochs", "1", "--batch-size", "64", "--steps", "2", "--step", "4",
+                    "--quiet", "--device", "cpu")
+    assert result.exit_code == 1
+    assert "training diverged" in result.output and "variance ratio" in result.output
+    assert "Traceback" not in result.output and not (out / "model.safetensors").exists()
