@@ -145,12 +145,13 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool, branch: str = "adv", steps:
     """NS distances per layer between adv and clean, and noise and clean, versions of the batch x (B, 3, H, W).
 
     The adversarial examples are crafted through `branch`. fix_ap: every domain passes through `branch`;
-    otherwise each through its own (adv through adv, clean and noise through clean). Returns (rows in COLUMNS,
+    otherwise each through its own: clean through the clean branch, adv AND noise through the adv branch, so that
+    noise-clean carries the same AP difference as adv-clean and the two curves compare (SPEC.md). Returns (rows in COLUMNS,
     channel rows in CHANNEL_COLUMNS); `branch` is "own" in the rows when fix_ap is off.
     """
     check_choice(branch, BRANCHES, "branch")
     data = domain_batches(model, x, y, branch, eps, step, steps, noise, seed)
-    route = {d: branch if fix_ap else ("adv" if d == "adv" else "clean") for d in DOMAINS}
+    route = {d: branch if fix_ap else ("clean" if d == "clean" else "adv") for d in DOMAINS}
     ns = {d: batch_ns(model, data[d], route[d]) for d in DOMAINS}
     setting = {"fix_ap": bool(fix_ap), "branch": branch if fix_ap else "own", "eps": eps}
     rows, channel_rows = [], []

@@ -96,7 +96,8 @@ def train_cmd(
     eps: Eps = 8.0,
     step: Annotated[float, typer.Option(help="training PGD step in pixel units")] = 2.0,
     steps: Annotated[int, typer.Option(help="training PGD steps")] = 10,
-    epochs: Annotated[int, typer.Option(help="lr x0.1 at 100/110 and x0.01 at 105/110 of them")] = 110,
+    epochs: Annotated[int, typer.Option(help="lr x0.1 at 100/110 and x0.01 at 105/110 of them (short runs: the "
+                                             "first decay no later than the last epoch)")] = 110,
     batch_size: Annotated[int, typer.Option(help="images per branch per step (all GPUs together)")] = 128,
     lr: float = 0.1,
     weight_decay: float = 5e-4,
@@ -246,8 +247,10 @@ def swap_bn_cmd(
     else:
         split = _split_for(ckpt, data_dir, train=True)
         new = reestimate_fn(ckpt.model, branch.value, reestimate, split, batch_size=batch_size, n_images=n,
-                            eps=eps, step=step, steps=steps, seed=seed)
+                            eps=eps, step=step, steps=steps, seed=seed, layers=layers)
         op |= {"branch": branch.value, "domain": reestimate, "n_images": n, "eps": eps, "seed": seed}
+        if reestimate == "adv":
+            op |= {"step": step, "steps": steps}
         if NORMS[ckpt.config.norm].ns_sets == 1:
             console.print(f"note: {ckpt.config.norm} has one NS set, so both branches read the new statistics")
     digest = save_derived(ckpt, new, out, {k: v for k, v in op.items() if v is not None})

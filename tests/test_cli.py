@@ -8,7 +8,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+import torch
+
 from hybridat.checkpoint import load_checkpoint
+from hybridat.models import norm_layers
 from hybridat.cli import app
 
 SMALL = ["--width", "0.0625", "--train-subset", "256", "--epochs", "2", "--batch-size", "64", "--steps", "2",
@@ -97,8 +100,14 @@ def test_all_five_commands_chain(trained, tmp_path, data_dir):
     assert invoke("swap-bn", parent, "--cross", "--out", crossed, "--device", "cpu").exit_code == 0
     reest = runs / "reest" / "model.safetensors"
     result = invoke("swap-bn", parent, "--reestimate", "adv", "--branch", "clean", "--n", "64", "--steps", "1",
-                    "--data-dir", data_dir, "--device", "cpu", "--out", reest)
+                    "--step", "3", "--from-layer", "10", "--data-dir", data_dir, "--device", "cpu", "--out", reest)
     assert result.exit_code == 0, result.output
+    op = load_checkpoint(reest).meta("operation")
+    assert (op["layers"], op["step"], op["steps"], op["domain"]) == (list(range(10, 20)), 3.0, 1, "adv")
+    before, after = load_checkpoint(parent).model.state_dict(), load_checkpoint(reest).model.state_dict()
+    names = [n for n, _ in norm_layers(load_checkpoint(parent).model)]
+    changed = {k.rsplit(".", 1)[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == set(names[10:])  # only layers 10 onward were re-estimated
     for ckpt in (parent, crossed, reest):
         out = runs / ckpt.parent.name / "eval.csv"
         result = invoke("attack", ckpt, "--n", "32", "--steps", "2", "--data-dir", data_dir, "--device", "cpu",
@@ -158,7 +167,6 @@ def test_one_sided_cross_bn_trains_from_scratch(tmp_path, data_dir, norm):
     assert frame[["loss", "loss_adv", "loss_clean"]].abs().max().max() < 10  # finite and not blowing up
     ckpt = load_checkpoint(out / "model.safetensors")
     assert ckpt.config.norm == norm
-    import torch
     x = torch.rand(8, 3, 32, 32)
     with torch.no_grad():
         for branch in ("adv", "clean"):

@@ -204,3 +204,15 @@ def test_save_derived_records_its_parent_and_never_overwrites_it(tmp_path):
         with pytest.raises(HybridatError, match="input checkpoint"):
             save_derived(parent, cross(parent.model), same, {"op": "cross"})
     assert file_hash(path) == parent.hash
+
+
+def test_reestimate_from_a_layer_leaves_the_shallower_layers_alone():
+    model, k = make("dual-bn"), 12
+    new = reestimate(model, "adv", "noise", tiny_split(), batch_size=8, n_images=16, eps=8, layers=deeper_than(model, k))
+    full = reestimate(model, "adv", "noise", tiny_split(), batch_size=8, n_images=16, eps=8)
+    for i, ((_, old), (_, m), (_, f)) in enumerate(zip(*(norm_layers(x) for x in (model, new, full)))):
+        for key in m.ns_keys:
+            same_as = old if i < k or key != "adv" else f  # chosen layers: as the full re-estimate
+            assert all(torch.equal(a, b) for a, b in zip(m.running(key), same_as.running(key))), (i, key)
+        if i >= k:
+            assert not torch.equal(m.running_mean_adv, old.running_mean_adv)
