@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .attacks import ATTACKS
-from .checkpoint import load_checkpoint, save_checkpoint, write_csv
+from .checkpoint import load_checkpoint, save_checkpoint, training_columns, write_csv
 from .data import DATASETS, load_split, num_classes, to_float
 from .errors import HybridatError
 from .evaluate import attack_label, evaluate
@@ -144,8 +144,9 @@ def train_cmd(
                 # so an interrupted run never looks finished to make
                 digest = "" if diverged else save_checkpoint(model, out / "last.safetensors", **meta,
                                                              epoch=str(row["epoch"]))
-                rows.append({"run": out.name, "seed": seed, "norm": norm.value, "arch": arch.value,
-                             "loss_name": loss.value, "eps": eps, "checkpoint_hash": digest} | row)
+                rows.append({"run": out.name, "seed": seed, "norm": norm.value, "arch": arch.value, "width": width,
+                             "loss_name": loss.value, "eps": eps, "checkpoint_hash": digest}
+                            | training_columns(meta["train"]) | row)
                 write_csv(rows, out / "train.csv")
             if diverged:
                 why = NORMS[norm.value].diverges
@@ -285,8 +286,11 @@ def ns_gap_cmd(
         rows += ap_gap(ckpt.model)
     except HybridatError as e:
         console.print(f"note: no AP gap ({e})", highlight=False)
+    train = ckpt.meta("train") or {}
     ids = {"run": ckpt.header.get("run", ""), "seed": ckpt.meta("seed", ""), "norm": ckpt.config.norm,
-           "checkpoint_hash": ckpt.hash}
+           "checkpoint_hash": ckpt.hash, "parent_hash": ckpt.header.get("parent", ""),
+           "operation": ckpt.header.get("operation", ""), "arch": ckpt.config.arch, "width": ckpt.config.width,
+           "loss_name": train.get("loss", ""), "train_eps": train.get("eps", "")} | training_columns(train)
     stem = out.with_suffix("")
     layer = max(r["layer"] for r in channels) if layer is None else layer
     plot_gap_by_depth(rows, f"{stem}-depth.png")

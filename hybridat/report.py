@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from rich.table import Table
 
-from .checkpoint import atomic_path, write_csv
+from .checkpoint import TRAINING_COLUMNS, atomic_path, write_csv
 from .errors import HybridatError
 from .evaluate import attack_label
 
@@ -31,7 +31,15 @@ SCHEMAS = {
 NUMERIC = {"width", "seed", "train_eps", "eps", "step", "steps", "n", "accuracy", "seconds", "eval_seed", "images",
            "loss", "loss_adv", "acc_adv", "loss_clean", "acc_clean", "epoch", "lr", "images_per_s", "layer",
            "distance"}
-LABELS = {"norm", "loss", "train ε", "operation", "ε", "layer", "name"}  # row-label columns, the rest are cells
+LABELS = {"training", "norm", "loss", "train ε", "operation", "ε", "layer", "name"}  # row labels; the rest are cells
+# What identifies a training besides the tables' own keys (norm, loss, train ε) and the seed: rows that differ in
+# any of these are never averaged into one cell. ns-gap tables have no loss / train ε key, so there they count too.
+SETTING_COLUMNS = ("dataset", "arch", "width", *TRAINING_COLUMNS)
+NS_SETTING_COLUMNS = ("loss_name", "train_eps")
+SHORT = {"train_epochs": "epochs", "train_steps": "PGD steps", "train_step": "PGD step", "train_lr": "lr",
+         "train_batch_size": "batch", "train_momentum": "momentum", "train_weight_decay": "wd",
+         "train_clean_weight": "clean weight", "train_trades_beta": "β", "train_subset": "subset", "train_amp": "amp",
+         "loss_name": "loss", "train_eps": "train ε"}
 
 BOTH = [(b, c) for b in ("adv", "clean") for c in ("clean", "PGD-10", "AA")]  # (branch, attack column)
 PAPER = [("adv", "clean"), ("adv", "PGD-10"), ("adv", "AA"), ("clean", "clean")]  # table 2's cells per ε
@@ -77,6 +85,45 @@ def _numeric(frame: pd.DataFrame) -> pd.DataFrame:
     for col in NUMERIC & set(frame.columns):
         frame[col] = pd.to_numeric(frame[col], errors="coerce")
     return frame
+
+
+# ---- trainings ------------------------------------------------------------------------------------------
+
+def _value(v) -> str:
+    """A setting as text, the same however it was written ("2", "2.0" -> "2"; "True" -> "true"; missing -> "?")."""
+    if v is None or (isinstance(v, float) and pd.isna(v)) or str(v).strip() == "":
+        return "?"
+    try:
+        return f"{float(v):g}"
+    except (TypeError, ValueError):
+        return str(v).strip().lower()
+
+
+def _settings(frame: pd.DataFrame, columns) -> pd.DataFrame:
+    """The setting columns the frame has, as text (a column an older CSV lacks is left out, not guessed)."""
+    return pd.DataFrame({c: frame[c].map(_value) for c in columns if c in frame}, index=frame.index)
+
+
+def label_trainings(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Copies of `frames` with a `training` column: the settings in which rows' trainings differ (beyond the
+    tables' keys and the seed), e.g. "lr=0.05, epochs=5"; "" where every row shares them. A row that lacks a
+    setting its CSV's other rows have reads "?", so rows of unknown provenance are never averaged with known ones."""
+    frames = {k: f.copy() for k, f in frames.items()}
+    settings = {k: _settings(f, SETTING_COLUMNS) for k, f in frames.items()}
+    every = pd.concat(settings.values()) if settings else pd.DataFrame()
+    varying = [c for c in SETTING_COLUMNS if c in every and every[c].dropna().nunique() > 1]
+    for kind, frame in frames.items():
+        table = settings[kind]
+        if kind == "nsgap":
+            extra = _settings(frame, NS_SETTING_COLUMNS)
+            table = table.join(extra)
+            varying_here = varying + [c for c in extra if extra[c].nunique() > 1]
+        else:
+            varying_here = varying
+        cols = [c for c in varying_here if c in table]
+        frame["training"] = [", ".join(f"{SHORT.get(c, c)}={v}" for c, v in zip(cols, row))
+                             for row in table[cols].itertuples(index=False)] if cols else ""
+    return frames
 
 
 # ---- cells -----------------------------------------------------------------------------------------------
@@ -142,9 +189,6 @@ def op_label(key: str) -> str:
 def _eval(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Eval rows ready for tables: derived checkpoints inherit training metadata, robust rows at train ε only."""
     ev = frames.get("eval", pd.DataFrame(columns=sorted(SCHEMAS["eval"]))).copy()
-    settings = sorted({f"{a} width {_num(w)}" for a, w in zip(ev.arch, ev.width)})
-    if len(settings) > 1:
-        raise HybridatError(f"the eval CSVs mix model settings ({', '.join(settings)}); report one at a time")
     for _ in range(3):  # one generation per pass: a re-estimate of a cross checkpoint is two deep
         parent = ev.drop_duplicates("checkpoint_hash").set_index("checkpoint_hash")
         for col in ("seed", "train_eps", "loss_name"):
@@ -261,8 +305,27 @@ TITLES = {
 }
 
 
+def _filled(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows with at least one measured cell."""
+    cells = [c for c in table.columns if c not in LABELS]
+    return table[(table[cells] != MISSING).any(axis=1)] if cells else table
+
+
 def build_tables(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    return {key: make(frames) for key, make in TABLES.items()}
+    """The five tables. Rows of different trainings (see `label_trainings`) are never averaged: when the data hold
+    several, every table is built once per training and the parts are stacked under a leading "training" column
+    (rows without any measurement dropped)."""
+    frames = label_trainings(frames)
+    trainings = sorted(set().union(*(set(f.training) for f in frames.values()))) if frames else []
+    if len(trainings) <= 1:
+        return {key: make(frames) for key, make in TABLES.items()}
+    tables = {}
+    for key, make in TABLES.items():
+        parts = [_filled(make({k: f[f.training == t] for k, f in frames.items()})).assign(training=t)
+                 for t in trainings]
+        table = pd.concat(parts, ignore_index=True)
+        tables[key] = table[["training", *(c for c in table.columns if c != "training")]]
+    return tables
 
 
 # ---- rendering -------------------------------------------------------------------------------------------
