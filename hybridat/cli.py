@@ -305,13 +305,18 @@ def ns_gap_cmd(
 def report_cmd(
     runs: Annotated[list[Path], typer.Argument(help="CSV files or folders searched for them")],
     out: Annotated[Path, typer.Option(help="folder for the tables (.md, .tex, .csv), report.md and plots")],
+    margin: Annotated[float, typer.Option(min=0, help="Findings: accuracies within this many percentage points "
+                                                       "count as comparable")] = 2.0,
+    ratio_margin: Annotated[float, typer.Option(min=1, help="Findings: NS gaps within this factor count as "
+                                                             "comparable")] = 1.5,
 ):
-    """Render SPEC.md's five tables from tidy CSVs (mean ± std over seeds); never recomputes anything."""
-    from .report import build_tables, load_runs, print_tables, write_report
+    """The paper's claims checked against the rows (Findings), SPEC.md's five tables (mean ± std over seeds) and
+    figures, from tidy CSVs; never recomputes anything. Prints the findings and where the tables and figures are."""
+    from .report import load_runs, write_report
 
     frames = load_runs(runs)
-    print_tables(build_tables(frames), Console())
-    written = write_report(frames, out)
+    written = write_report(frames, out, margin=margin, ratio_margin=ratio_margin)
+    typer.echo((out / "summary.txt").read_text(encoding="utf-8"), nl=False)
     console.print(f"{len(written)} files in {out}", highlight=False)
 
 

@@ -31,7 +31,8 @@ SCHEMAS = {
 NUMERIC = {"width", "seed", "train_eps", "eps", "step", "steps", "n", "accuracy", "seconds", "eval_seed", "images",
            "loss", "loss_adv", "acc_adv", "loss_clean", "acc_clean", "epoch", "lr", "images_per_s", "layer",
            "distance"}
-LABELS = {"training", "norm", "loss", "train ε", "operation", "ε", "layer", "name"}  # row labels; the rest are cells
+LABELS = {"training", "norm", "loss", "train ε", "operation", "ε", "layer", "name", "claim", "comparison", "metric",
+          "claimed", "verdict"}  # row labels; the rest are cells
 # What identifies a training besides the tables' own keys (norm, loss, train ε) and the seed: rows that differ in
 # any of these are never averaged into one cell. ns-gap tables have no loss / train ε key, so there they count too.
 SETTING_COLUMNS = ("dataset", "arch", "width", *TRAINING_COLUMNS)
@@ -390,27 +391,100 @@ def plot_ns_gap(frames: dict[str, pd.DataFrame]) -> Figure | None:
     return fig
 
 
-def write_report(frames: dict[str, pd.DataFrame], out_dir: Path) -> list[Path]:
-    """Write <key>.md, <key>.tex and <key>.csv per table, report.md with all tables, and ns-gap.png when there
-    are NS-gap rows. Everything is rendered before the first file is written; each file is written atomically."""
+def _variant(norm, loss) -> str:
+    return norm if loss == "hybrid" else f"{norm} {loss}"
+
+
+def plot_accuracy(frames: dict[str, pd.DataFrame]) -> Figure | None:
+    """Accuracy by trained variant, mean ± std over seeds: the adv branch under PGD-10 and the clean branch on
+    clean data, one panel per (training, train ε). None without eval rows of trained models."""
+    ev = _eval(label_trainings(frames))
+    ev = ev[(ev.op == "") & ev.train_eps.notna()]
+    bars = [("adv", "PGD-10", "C3"), ("clean", "clean", "C0")]
+    ev = ev[pd.Series(list(zip(ev.branch, ev.column)), index=ev.index).isin([(b, c) for b, c, _ in bars])]
+    if ev.empty:
+        return None
+    panels = list(ev.groupby(["training", "train_eps"]))
+    width = max(6.0, 0.9 * max(g.norm.nunique() + g.loss_name.nunique() for _, g in panels) + 3)
+    fig = Figure(figsize=(width, 3.6 * len(panels)), layout="constrained")
+    for ((training, eps), g), ax in zip(panels, fig.subplots(len(panels), 1, squeeze=False)[:, 0]):
+        variants = list(dict.fromkeys(_variant(n, l) for n, l in zip(g.norm, g.loss_name)))
+        g = g.assign(variant=[_variant(n, l) for n, l in zip(g.norm, g.loss_name)])
+        for k, (branch, col, color) in enumerate(bars):
+            per_seed = g[(g.branch == branch) & (g.column == col)].groupby(["variant", "unit"]).accuracy.mean() * 100
+            stats = per_seed.groupby("variant").agg(["mean", "std", "count"]).reindex(variants)
+            xs = [i + (k - 0.5) * 0.38 for i in range(len(variants))]
+            ax.bar(xs, stats["mean"], width=0.38, yerr=stats["std"].fillna(0), capsize=3, color=color,
+                   label=f"{branch} branch, {col}")
+            for x, (m, n) in zip(xs, zip(stats["mean"], stats["count"])):
+                if pd.notna(m):
+                    ax.annotate(f"n={n:g}", (x, 0), ha="center", va="bottom", fontsize=6, color="white")
+        ax.set_xticks(range(len(variants)), variants, rotation=20, ha="right")
+        where = f"{training}, " if training else ""
+        ax.set(title=f"{where}train ε={_num(eps)}: accuracy (%), mean ± std over seeds", ylabel="accuracy (%)")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def plot_training(frames: dict[str, pd.DataFrame]) -> Figure | None:
+    """Training curves from train.csv: loss and each branch's training accuracy by epoch, mean over seeds, one line
+    per (variant, ε, training). None without train rows."""
+    tr = label_trainings(frames).get("train")
+    if tr is None or tr.empty:
+        return None
+    tr = tr.assign(curve=[" ".join(x for x in (_variant(n, l), f"ε={_num(e)}", t) if x)
+                          for n, l, e, t in zip(tr.norm, tr.loss_name, tr.eps, tr.training)])
+    fig = Figure(figsize=(15, 4), layout="constrained")
+    panels = [("loss", "training loss"), ("acc_adv", "adv branch accuracy on x_adv"),
+              ("acc_clean", "clean branch accuracy on x")]
+    for ax, (col, title) in zip(fig.subplots(1, 3), panels):
+        for k, (curve, g) in enumerate(tr.groupby("curve", sort=True)):
+            mean = g.groupby("epoch")[col].mean()
+            ax.plot(mean.index, mean.values, marker="o", ms=3, color=f"C{k % 10}",
+                    label=f"{curve} (n={g.seed.nunique()})")
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.axes[0].legend(fontsize=6)
+    return fig
+
+
+FIGURES = {"accuracy.png": plot_accuracy, "training.png": plot_training}
+
+
+def write_report(frames: dict[str, pd.DataFrame], out_dir: Path, margin: float = 2.0,
+                 ratio_margin: float = 1.5) -> list[Path]:
+    """Write findings.md/.tex/.csv, <key>.md, <key>.tex and <key>.csv per table, report.md (findings, then every
+    table), the figures that have data (accuracy.png, training.png, ns-gap.png), and summary.txt: what `report`
+    prints, the findings in short and where the rest is. Everything is rendered before the first file is written;
+    each file is written atomically. margin, ratio_margin: see `findings.findings`."""
+    from .findings import findings, findings_latex, findings_markdown, summary_lines
+
+    out_dir = Path(out_dir)
+    found = findings(frames, margin, ratio_margin)
     tables = build_tables(frames)
-    files: dict[str, str | pd.DataFrame | Figure] = {}
+    files: dict[str, str | pd.DataFrame | Figure] = {
+        "findings.md": findings_markdown(found), "findings.tex": findings_latex(found), "findings.csv": found}
     for key, table in tables.items():
         files |= {f"{key}.md": render_markdown(table, TITLES[key]), f"{key}.tex": render_latex(table, TITLES[key]),
                   f"{key}.csv": table}
-    files["report.md"] = "# hybridat report\n\n" + "\n".join(files[f"{key}.md"] for key in tables)
-    if (figure := plot_ns_gap(frames)) is not None:
-        files["ns-gap.png"] = figure
+    files["report.md"] = "# hybridat report\n\n" + "\n".join(files[f"{k}.md"] for k in ["findings", *tables])
+    figures = {name: fig for name, make in [*FIGURES.items(), ("ns-gap.png", plot_ns_gap)]
+               if (fig := make(frames)) is not None}
+    files |= figures
+    files["summary.txt"] = "\n".join(
+        ["Findings (paired over seeds, 95 % interval; details and rules in findings.md)", *summary_lines(found), "",
+         f"Tables:  {out_dir / 'report.md'} (also .md, .tex, .csv per table)",
+         f"Figures: {', '.join(str(out_dir / n) for n in figures) or 'none (no rows to plot)'}"]) + "\n"
     for name, content in files.items():
         if isinstance(content, pd.DataFrame):
-            write_csv(content, Path(out_dir) / name)
+            write_csv(content, out_dir / name)
             continue
-        with atomic_path(Path(out_dir) / name) as tmp:
+        with atomic_path(out_dir / name) as tmp:
             if isinstance(content, str):
                 tmp.write_text(content, encoding="utf-8")
             else:
                 content.savefig(tmp, format="png", dpi=150)  # the temp name ends in .tmp: say the format
-    return [Path(out_dir) / name for name in files]
+    return [out_dir / name for name in files]
 
 
 def print_tables(tables: dict[str, pd.DataFrame], console) -> None:

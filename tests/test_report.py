@@ -206,7 +206,9 @@ def test_markdown_escapes_pipes():
 def test_write_report_writes_every_file(frames, tables, tmp_path):
     written = write_report(frames, tmp_path / "out")
     names = [p.name for p in written]
-    expected = [f"{k}.{ext}" for k in TABLES for ext in ("md", "tex", "csv")] + ["report.md", "ns-gap.png"]
+    expected = ([f"findings.{ext}" for ext in ("md", "tex", "csv")] + [f"{k}.{ext}" for k in TABLES
+                for ext in ("md", "tex", "csv")] + ["report.md", "accuracy.png", "training.png", "ns-gap.png",
+                                                    "summary.txt"])
     assert names == expected
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(expected)  # no temp files left
     for key, table in tables.items():
@@ -217,12 +219,18 @@ def test_write_report_writes_every_file(frames, tables, tmp_path):
     full = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     assert all(TITLES[k] in full for k in TABLES)
     assert (FIXTURES / "expected" / "ns-vs-ap.md").read_text(encoding="utf-8") in full
-    assert (tmp_path / "out" / "ns-gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in ("ns-gap.png", "accuracy.png", "training.png"):
+        assert (tmp_path / "out" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert full.startswith("# hybridat report\n\n## Findings")
+    summary = (tmp_path / "out" / "summary.txt").read_text(encoding="utf-8")
+    assert summary.splitlines()[-1] == ("Figures: " + ", ".join(str(tmp_path / "out" / f) for f in
+                                                               ("accuracy.png", "training.png", "ns-gap.png")))
+    assert "—" not in summary and max(map(len, summary.splitlines()[:-2])) <= 118  # readable in a terminal
 
 
 def test_write_report_without_ns_gap_has_no_plot(frames, tmp_path):
     names = [p.name for p in write_report({"eval": frames["eval"]}, tmp_path)]
-    assert "ns-gap.png" not in names and "ns-gap.md" in names
+    assert "ns-gap.png" not in names and "training.png" not in names and "ns-gap.md" in names
 
 
 def test_write_report_renders_everything_before_writing(frames, tmp_path, monkeypatch):
@@ -247,7 +255,7 @@ def test_write_report_failure_leaves_no_half_file(frames, tables, tmp_path, monk
     with pytest.raises(OSError):
         write_report(frames, tmp_path)
     left = sorted(p.name for p in tmp_path.iterdir())
-    done = [f"{k}.{e}" for k in ("cross-bn", "ns-vs-ap") for e in ("md", "tex", "csv")]
+    done = [f"{k}.{e}" for k in ("findings", "cross-bn", "ns-vs-ap") for e in ("md", "tex", "csv")]
     assert left == sorted(done + ["two-task.md", "two-task.tex"])  # and no two-task.csv, whole or partial
     assert (tmp_path / "ns-vs-ap.md").read_text(encoding="utf-8") == render_markdown(tables["ns-vs-ap"],
                                                                                    TITLES["ns-vs-ap"])
