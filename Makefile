@@ -116,7 +116,7 @@ demo: $(DEMO)/report/report.md
 # Claim 1: cross-bn vs dual-bn; 2: dual-ap, dual-ns vs dual-bn at eps 8 and 16; 3: ns-gap of dual-bn with and
 # without --fix-ap; 4: dual-bn under --swap-ap; 5: bn and dual-linear (and dual-bn) at eps 8. 27 trainings of
 # ResNet-18 at 1/8 width on 2,000 images for 5 epochs (PGD-3), each evaluated on 500 test images (clean, PGD-10).
-# Estimated 1.8-2.1 hours on 2 otherwise idle cores (README, Pipelines). Resumable; `make -j2 study` gains nothing
+# Estimated 1.75-2.1 hours on 2 otherwise idle cores (README, Pipelines). Resumable; `make -j2 study` gains nothing
 # on 2 cores (each run already uses both).
 STUDY ?= study
 STUDY_SEEDS ?= 0 1 2

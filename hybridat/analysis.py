@@ -146,8 +146,8 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool, branch: str = "adv", steps:
 
     The adversarial examples are crafted through `branch`. fix_ap: every domain passes through `branch`;
     otherwise each through its own: clean through the clean branch, adv AND noise through the adv branch, so that
-    noise-clean carries the same AP difference as adv-clean and the two curves compare (SPEC.md). Returns (rows in COLUMNS,
-    channel rows in CHANNEL_COLUMNS); `branch` is "own" in the rows when fix_ap is off.
+    noise-clean carries the same AP difference as adv-clean and the two curves compare (SPEC.md). Returns
+    (rows in COLUMNS, channel rows in CHANNEL_COLUMNS); `branch` is "own" in the rows when fix_ap is off.
     """
     check_choice(branch, BRANCHES, "branch")
     data = domain_batches(model, x, y, branch, eps, step, steps, noise, seed)

@@ -102,7 +102,8 @@ def _accuracy_rows(ev: pd.DataFrame, training: str, margin: float) -> list[dict]
     for eps in all_eps:
         for cross in ("cross-bn", "cross-bn-adv"):
             if cross == "cross-bn" or (trained.norm == cross).any():
-                compare(1, {"norm": cross, **hybrid}, {"norm": "dual-bn", **hybrid}, "same", f"{cross} − dual-bn", eps)
+                compare(1, {"norm": cross, **hybrid}, {"norm": "dual-bn", **hybrid}, "same", f"{cross} − dual-bn",
+                        eps)
     for eps in sorted(set(all_eps) | {16.0}):
         compare(2, {"norm": "dual-ap", **hybrid}, {"norm": "dual-bn", **hybrid}, "same", "dual-ap − dual-bn", eps)
         compare(2, {"norm": "dual-ns", **hybrid}, {"norm": "dual-bn", **hybrid}, "less", "dual-ns − dual-bn", eps)
@@ -157,7 +158,8 @@ def _ns_rows(ns: pd.DataFrame, training: str, ratio_margin: float) -> list[dict]
                 out.append(_row(3, f"{norm} fixed AP ({fixed_branch}){where}: adv-clean / noise-clean",
                                 f"NS gap, {label}", "same", ci, margin, training, "log2"))
             every = range(0, 1000)
-            ci = Interval.of(_log2_ratio(_gap(at, every, "adv-clean", fix=False), _gap(at, every, "adv-clean", **fixed)))
+            ci = Interval.of(_log2_ratio(_gap(at, every, "adv-clean", fix=False),
+                                         _gap(at, every, "adv-clean", **fixed)))
             out.append(_row(3, f"{norm}{where}: own-branch / fixed-AP adv-clean", "NS gap, all layers", "more", ci,
                             margin, training, "log2"))
     return out
@@ -259,7 +261,8 @@ def findings_markdown(frame: pd.DataFrame) -> str:
 
     claims = "\n".join(f"- ({k}) {text}" for k, text in CLAIMS.items())
     data = frame[frame.n > 0]
-    body = render_markdown(findings_table(data), "Findings").split("\n", 2)[2] if len(data) else "No comparison has data.\n"
+    body = (render_markdown(findings_table(data), "Findings").split("\n", 2)[2] if len(data)
+            else "No comparison has data.\n")
     missing = [f"({c}) {'; '.join(m)}" for c in CLAIMS if (m := _missing(frame[frame.claim == c]))]
     tail = ("\nNo data for: " + " · ".join(missing) + "\n") if missing else ""
     return f"## Findings\n\n{HEADER}\n\n{claims}\n\n{body}{tail}"

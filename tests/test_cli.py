@@ -120,9 +120,16 @@ def test_all_five_commands_chain(trained, tmp_path, data_dir):
     assert (runs / "nsgap" / "fixap-depth.png").stat().st_size > 0
     frame = pd.read_csv(gap)
     assert {"ns", "ap"} == set(frame["kind"]) and (frame["checkpoint_hash"] == load_checkpoint(parent).hash).all()
+    assert (frame["train_epochs"] == 2).all() and (frame["loss_name"] == "hybrid").all()  # the training it measured
+    evals = pd.read_csv(runs / "reest" / "eval.csv")
+    assert (evals["train_steps"] == 2).all() and (evals["train_subset"] == 256).all()  # inherited from the parent
 
     result = invoke("report", runs, "--out", tmp_path / "report")
     assert result.exit_code == 0, result.output
+    # it prints the findings and where the tables and figures are, nothing wider than a terminal
+    printed = (tmp_path / "report" / "summary.txt").read_text(encoding="utf-8")
+    assert printed in result.output and "(5) Two-task variants" in printed and "—" not in printed
+    assert printed.splitlines()[-1].startswith("Figures: ") and "accuracy.png" in printed.splitlines()[-1]
     table4 = pd.read_csv(tmp_path / "report" / "test-time.csv").set_index("operation")
     assert table4.loc["as trained", "adv: clean"] != "—" and table4.loc["cross", "adv: clean"] != "—"
     assert any(op.startswith("reestimate clean NS on adv data") for op in table4.index)
@@ -165,6 +172,10 @@ def test_one_sided_cross_bn_trains_from_scratch(tmp_path, data_dir, norm):
     frame = pd.read_csv(out / "train.csv")
     assert list(frame.epoch) == [1, 2]
     assert frame[["loss", "loss_adv", "loss_clean"]].abs().max().max() < 10  # finite and not blowing up
+    # every row carries the training config it came from
+    row = frame.iloc[-1]
+    assert (row.train_epochs, row.train_steps, row.train_step, row.train_subset, row.width) == (2, 2, 4, 512, 0.125)
+    assert (row.train_batch_size, row.train_lr, row.dataset, row.train_amp) == (64, 0.1, "cifar10", False)
     ckpt = load_checkpoint(out / "model.safetensors")
     assert ckpt.config.norm == norm
     x = torch.rand(8, 3, 32, 32)

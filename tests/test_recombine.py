@@ -66,7 +66,8 @@ def outputs(model, x):
 
 
 @pytest.mark.parametrize("norm,op", [("dual-bn", cross), ("cross-bn-swap", cross), ("dual-ns", cross),
-                                     ("dual-bn-fixed-ap", cross), ("dual-bn", swap_ap), ("cross-bn-swap", swap_ap), ("cross-bn", swap_ap),
+                                     ("dual-bn-fixed-ap", cross), ("dual-bn", swap_ap), ("cross-bn-swap", swap_ap),
+                                     ("cross-bn", swap_ap),
                                      ("dual-ap", swap_ap), ("gn-dual-ap", swap_ap)])
 def test_twice_gives_back_the_original(norm, op):
     model = make(norm)
@@ -208,7 +209,8 @@ def test_save_derived_records_its_parent_and_never_overwrites_it(tmp_path):
 
 def test_reestimate_from_a_layer_leaves_the_shallower_layers_alone():
     model, k = make("dual-bn"), 12
-    new = reestimate(model, "adv", "noise", tiny_split(), batch_size=8, n_images=16, eps=8, layers=deeper_than(model, k))
+    new = reestimate(model, "adv", "noise", tiny_split(), batch_size=8, n_images=16, eps=8,
+                     layers=deeper_than(model, k))
     full = reestimate(model, "adv", "noise", tiny_split(), batch_size=8, n_images=16, eps=8)
     for i, ((_, old), (_, m), (_, f)) in enumerate(zip(*(norm_layers(x) for x in (model, new, full)))):
         for key in m.ns_keys:
