@@ -146,8 +146,8 @@ def _ns_rows(ns: pd.DataFrame, training: str, ratio_margin: float) -> list[dict]
     for norm in norms:
         rows = ns[ns.norm == norm]
         eps_values = sorted(set(rows.eps.dropna())) or [math.nan]
-        fixed_branch = "adv" if (rows.fix & (rows.branch == "adv")).any() or rows.empty else \
-            sorted(set(rows.branch[rows.fix]))[0]
+        fixed = sorted(set(rows.branch[rows.fix & (rows.kind == "ns")]))
+        fixed_branch = "adv" if not fixed or "adv" in fixed else fixed[0]  # the paper fixes the adv branch
         for eps in eps_values:
             at = rows[rows.eps == eps]
             where = "" if math.isnan(eps) else f", ε={eps:g}"

@@ -368,12 +368,13 @@ def _series(ax, rows: pd.DataFrame, match: dict, **style) -> None:
 
 def plot_ns_gap(frames: dict[str, pd.DataFrame]) -> Figure | None:
     """Distance vs depth, one row per (norm, ε): NS mean gap, NS std gap, AP gap. None without NS-gap rows."""
-    ns = _ns(frames)
+    ns = _ns(label_trainings(frames))
     if ns.empty:
         return None
-    groups = list(ns.groupby(["norm", "eps"], dropna=False))
+    groups = list(ns.groupby(["training", "norm", "eps"], dropna=False))  # different trainings never share a line
     fig = Figure(figsize=(14, 3.6 * len(groups)), layout="constrained")
-    for ((norm, eps), g), axes in zip(groups, fig.subplots(len(groups), 3, squeeze=False)):
+    for ((training, norm, eps), g), axes in zip(groups, fig.subplots(len(groups), 3, squeeze=False)):
+        norm = f"{norm} [{training}]" if training else norm
         for ax, stat in zip(axes, ("mean", "std")):
             for col, match in _ns_specs(g):
                 if match["kind"] == "ns" and match["statistic"] == stat:

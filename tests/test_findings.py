@@ -118,3 +118,10 @@ def test_rendering_shows_data_rows_and_lists_the_rest():
     assert lines[0].startswith("(1) ") and "no comparison" not in lines[0]
     assert any("dual-bn − bn, ε=8, adv branch PGD-10: +9.5 pts [" in line for line in lines)
     assert all(len(line) <= 118 for line in lines)
+
+
+def test_ns_gap_without_fixed_ap_rows_leaves_those_comparisons_empty():
+    rows = [r for r in ns_rows(0, 0.1, 0.1, 0.4) + ns_rows(1, 0.1, 0.1, 0.5) if r["fix_ap"] is False]
+    found = findings({"nsgap": _numeric(pd.DataFrame(rows).astype(str))})
+    three = found[found.claim == 3]
+    assert len(three) == 4 and (three.n == 0).all() and (three.verdict == UNRESOLVED).all()
