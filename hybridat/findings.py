@@ -91,17 +91,19 @@ def _accuracy_rows(ev: pd.DataFrame, training: str, margin: float) -> list[dict]
     trained = ev[ev.op == ""]
     out = []
 
-    def compare(claim, a, b, expect, label, eps, branch_col=PGD, ev_a=None, ev_b=None):
-        ci = Interval.of(_paired(_per_seed(trained if ev_a is None else ev_a, *branch_col, **a, train_eps=eps),
-                                 _per_seed(trained if ev_b is None else ev_b, *branch_col, **b, train_eps=eps)))
-        out.append(_row(claim, f"{label}, ε={eps:g}", f"{branch_col[0]} branch {branch_col[1]}", expect, ci, margin,
-                        training))
+    def compare(claim, a, b, expect, label, eps):
+        ci = Interval.of(_paired(_per_seed(trained, *PGD, **a, train_eps=eps),
+                                 _per_seed(trained, *PGD, **b, train_eps=eps)))
+        out.append(_row(claim, f"{label}, ε={eps:g}", f"{PGD[0]} branch {PGD[1]}", expect, ci, margin, training))
+
+    def present(match) -> bool:
+        return bool(((trained.norm == match["norm"]) & (trained.loss_name == match["loss_name"])).any())
 
     hybrid = {"loss_name": "hybrid"}
     all_eps = sorted(set(trained.train_eps.dropna()) | {8.0})
     for eps in all_eps:
         for cross in ("cross-bn", "cross-bn-adv"):
-            if cross == "cross-bn" or (trained.norm == cross).any():
+            if cross == "cross-bn" or present({"norm": cross, **hybrid}):
                 compare(1, {"norm": cross, **hybrid}, {"norm": "dual-bn", **hybrid}, "same", f"{cross} − dual-bn",
                         eps)
     for eps in sorted(set(all_eps) | {16.0}):
@@ -118,10 +120,9 @@ def _accuracy_rows(ev: pd.DataFrame, training: str, margin: float) -> list[dict]
     variants += [({"norm": "bn", "loss_name": "trades"}, "bn TRADES")]
     for eps in all_eps:
         for match, label in variants:
-            if label == "dual-bn" or (trained.norm == match["norm"]).any():
+            if label == "dual-bn" or present(match):
                 compare(5, match, {"norm": "bn", **hybrid}, "more", f"{label} − bn", eps)
     return out
-
 
 
 def _gap(ns: pd.DataFrame, layers, pair: str, **match) -> pd.Series:
