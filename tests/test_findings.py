@@ -114,7 +114,7 @@ def test_rendering_shows_data_rows_and_lists_the_rest():
     text = findings_markdown(found)
     assert text.startswith("## Findings") and "| (5) | dual-bn − bn, ε=8 | adv branch PGD-10 | > 0 |" in text
     assert "No data for: (1) cross-bn − dual-bn, ε=8" in text and "—" not in text
-    assert "TRADES" not in text and "dual-linear" not in text  # variants never run are not listed as missing
+    assert "bn TRADES − bn" not in text and "dual-linear − bn" not in text  # variants never run: not listed
     lines = summary_lines(found)
     assert lines[0].startswith("(1) ") and "no comparison" not in lines[0]
     assert any("dual-bn − bn, ε=8, adv branch PGD-10: +9.5 pts [" in line for line in lines)
