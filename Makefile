@@ -115,8 +115,8 @@ demo: $(DEMO)/report/report.md
 # ---- study: the smallest grid that feeds every verdict of the Findings (report.md), 3 seeds, at a CPU scale.
 # Claim 1: cross-bn vs dual-bn; 2: dual-ap, dual-ns vs dual-bn at eps 8 and 16; 3: ns-gap of dual-bn with and
 # without --fix-ap; 4: dual-bn under --swap-ap; 5: bn and dual-linear (and dual-bn) at eps 8. 27 trainings of
-# ResNet-18 at 1/8 width on 2,000 images for 5 epochs (PGD-3), each evaluated on 500 test images (clean, PGD-10).
-# Estimated 1.75-2.1 hours on 2 otherwise idle cores (README, Pipelines). Resumable; `make -j2 study` gains nothing
+# ResNet-18 at 1/8 width on 10,000 images for 8 epochs (PGD-3), each evaluated on 2,000 test images (clean, PGD-10).
+# Estimated at 70 minutes on 2 otherwise idle cores (README, Pipelines). Resumable; `make -j2 study` gains nothing
 # on 2 cores (each run already uses both).
 STUDY ?= study
 STUDY_SEEDS ?= 0 1 2
@@ -125,8 +125,8 @@ STUDY_NORMS_16 := dual-bn dual-ap dual-ns
 study_runs = $(foreach s,$(STUDY_SEEDS),$(foreach n,$(STUDY_NORMS_8),$(n)_hybrid_8_s$(s)) \
              $(foreach n,$(STUDY_NORMS_16),$(n)_hybrid_16_s$(s)))
 $(STUDY)_STEP := 6.667
-$(STUDY)_TRAIN ?= --width 0.125 --train-subset 2000 --epochs 5 --batch-size 64 --lr 0.05 --steps 3 --device cpu
-$(STUDY)_EVAL ?= --n 500 --attack clean --attack pgd --steps 10 --batch-size 250 --device cpu
+$(STUDY)_TRAIN ?= --width 0.125 --train-subset 10000 --epochs 8 --steps 3 --device cpu
+$(STUDY)_EVAL ?= --n 2000 --attack clean --attack pgd --steps 10 --batch-size 250 --device cpu
 $(STUDY)_NSGAP ?= --eps 16 --n 256 --device cpu
 $(eval $(call pipeline,$(STUDY),$(call pipeline_files,$(STUDY),$(study_runs),,$(STUDY_SEEDS),swap-ap)))
 study: $(STUDY)/report/report.md
