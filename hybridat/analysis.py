@@ -64,19 +64,21 @@ def domain_batches(model, x, y, branch: str, eps: float, step: float | None = No
 def train_pass(model):
     """Train mode for a measurement pass through ONE branch; every module's mode is restored afterwards.
 
-    Cross-BN normalizes a branch's rows with the OTHER branch's batch in training, which a one-domain batch does
-    not have; here its layers normalize the rows with their own batch statistics, as every other BN variant does.
+    The Cross-BN variants normalize rows with ONE domain's (or the other branch's) batch in training, which a
+    one-domain batch may not have; here their layers normalize the rows with their own batch statistics, as every
+    other BN variant does.
     """
     modes = [(m, m.training) for m in model.modules()]
-    cross = [m for m in model.modules() if isinstance(m, BranchBatchNorm) and m.batch_ns == "other"]
+    cross = [(m, m.batch_ns) for m in model.modules()
+             if isinstance(m, BranchBatchNorm) and m.batch_ns not in ("own", "mixed")]
     model.train()
-    for m in cross:
+    for m, _ in cross:
         m.batch_ns = "own"
     try:
         yield model
     finally:
-        for m in cross:
-            m.batch_ns = "other"
+        for m, batch in cross:
+            m.batch_ns = batch
         for m, training in modes:
             m.training = training
 
@@ -136,8 +138,9 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool, branch: str = "adv", steps:
     """NS distances per layer between adv and clean, and noise and clean, versions of the batch x (B, 3, H, W).
 
     The adversarial examples are crafted through `branch`. fix_ap: every domain passes through `branch`;
-    otherwise each through its own (adv through adv, clean and noise through clean). Returns (rows in COLUMNS,
-    channel rows in CHANNEL_COLUMNS); `branch` is "own" in the rows when fix_ap is off.
+    otherwise each through its own: clean through the clean branch, adv AND noise through the adv branch, so that
+    noise-clean carries the same AP difference as adv-clean and the two curves compare (SPEC.md). Returns
+    (rows in COLUMNS, channel rows in CHANNEL_COLUMNS); `branch` is "own" in the rows when fix_ap is off.
     """
     check_choice(branch, BRANCHES, "branch")
     check_choice(noise, NOISES, "noise")
@@ -146,7 +149,7 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool, branch: str = "adv", steps:
     if step is not None:
         check_number("step", step, 0, 255, low_open=True)
     data = domain_batches(model, x, y, branch, eps, step, steps, noise, seed)
-    route = {d: branch if fix_ap else ("adv" if d == "adv" else "clean") for d in DOMAINS}
+    route = {d: branch if fix_ap else ("clean" if d == "clean" else "adv") for d in DOMAINS}
     ns = {d: batch_ns(model, data[d], route[d]) for d in DOMAINS}
     setting = {"fix_ap": bool(fix_ap), "branch": branch if fix_ap else "own", "eps": eps}
     rows, channel_rows = [], []

@@ -83,6 +83,28 @@ def read_header(path: str | Path) -> dict[str, str]:
     return {k.removeprefix("hybridat."): v for k, v in metadata.items() if k.startswith("hybridat.")}
 
 
+# The training config as CSV columns: every eval, train and ns-gap row says which training it came from, so
+# `report` never averages different trainings into one cell. (loss, eps and seed have their own columns.)
+TRAINING_KEYS = ("dataset", "epochs", "steps", "step", "lr", "batch_size", "momentum", "weight_decay",
+                 "clean_weight", "trades_beta", "train_subset", "amp")
+
+
+def training_column(key: str) -> str:
+    return key if key in ("dataset", "train_subset") else f"train_{key}"
+
+
+TRAINING_COLUMNS = tuple(training_column(k) for k in TRAINING_KEYS)
+
+
+def training_columns(train: dict | None) -> dict:
+    """{train_epochs: ..., train_lr: ..., dataset: ...} from a checkpoint's `train` metadata ("" where unknown)."""
+    train = train or {}
+    values = {training_column(k): train.get(k, "") for k in TRAINING_KEYS}
+    if train and not values["dataset"]:
+        values["dataset"] = "cifar10"  # the default, for checkpoints written before the dataset was recorded
+    return {k: "" if v is None else v for k, v in values.items()}
+
+
 @dataclass
 class Checkpoint:
     model: BranchModel

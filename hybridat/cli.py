@@ -18,7 +18,7 @@ from rich.text import Text
 from safetensors import SafetensorError
 
 from .attacks import ATTACKS
-from .checkpoint import load_checkpoint, write_csv
+from .checkpoint import load_checkpoint, training_columns, write_csv
 from .data import DATASETS, load_split, num_classes, split_files, to_float
 from .errors import HybridatError, check_choice, check_number
 from .evaluate import AA_VERSIONS, attack_label, check_evaluation, evaluate
@@ -140,7 +140,8 @@ def train_cmd(
     eps: Eps = 8.0,
     step: Annotated[float, typer.Option(help="training PGD step in pixel units")] = 2.0,
     steps: Annotated[int, typer.Option(help="training PGD steps")] = 10,
-    epochs: Annotated[int, typer.Option(help="lr x0.1 at 100/110 and x0.01 at 105/110 of them")] = 110,
+    epochs: Annotated[int, typer.Option(help="lr x0.1 at 100/110 and x0.01 at 105/110 of them (short runs: the "
+                                             "first decay no later than the last epoch)")] = 110,
     batch_size: Annotated[int, typer.Option(help="images per branch per step (all GPUs together)")] = 128,
     lr: float = 0.1,
     weight_decay: float = 5e-4,
@@ -303,8 +304,10 @@ def swap_bn_cmd(
         check_outputs([out], [checkpoint, *_data_inputs(_dataset_of(ckpt), data_dir, True)])
         split = _split_for(ckpt, data_dir, train=True)
         new = reestimate_fn(ckpt.model, branch, reestimate, split, batch_size=batch_size, n_images=n,
-                            eps=eps, step=step, steps=steps, seed=seed)
+                            eps=eps, step=step, steps=steps, seed=seed, layers=layers)
         op |= {"branch": branch, "domain": reestimate, "n_images": n, "eps": eps, "seed": seed}
+        if reestimate == "adv":
+            op |= {"step": step, "steps": steps}
         if NORMS[ckpt.config.norm].ns_sets == 1:
             say(f"note: {ckpt.config.norm} has one NS set, so both branches read the new statistics")
     digest = save_derived(ckpt, new, out, {k: v for k, v in op.items() if v is not None})
@@ -351,8 +354,12 @@ def ns_gap_cmd(
         rows += ap_gap(ckpt.model)
     except HybridatError as e:
         say(f"note: no AP gap ({e})")
+    train = ckpt.meta("train") or {}
     ids = {"run": ckpt.header.get("run", ""), "seed": ckpt.meta("seed", ""), "norm": ckpt.config.norm,
-           "checkpoint_hash": ckpt.hash, "unfinished": ckpt.unfinished}
+           "checkpoint_hash": ckpt.hash, "parent_hash": ckpt.header.get("parent", ""),
+           "operation": ckpt.header.get("operation", ""), "arch": ckpt.config.arch, "width": ckpt.config.width,
+           "loss_name": train.get("loss", ""), "train_eps": train.get("eps", ""),
+           "unfinished": ckpt.unfinished} | training_columns(train)
     layer = max(r["layer"] for r in channels) if layer is None else layer
     plot_gap_by_depth(rows, outputs[2])
     plot_channels(channels, layer, outputs[3])
@@ -366,16 +373,22 @@ def ns_gap_cmd(
 def report_cmd(
     runs: Annotated[list[Path], typer.Argument(help="CSV files or folders searched for them")],
     out: Annotated[Path, typer.Option(help="folder for the tables (.md, .tex, .csv), report.md and plots")],
+    margin: Annotated[float, typer.Option(help="Findings: accuracies within this many percentage points "
+                                                       "count as comparable")] = 2.0,
+    ratio_margin: Annotated[float, typer.Option(help="Findings: NS gaps within this factor count as "
+                                                             "comparable")] = 1.5,
 ):
-    """Render SPEC.md's five tables from tidy CSVs (mean ± std over seeds); never recomputes anything."""
-    from .report import build_tables, check_report_out, load_runs, print_tables, write_report
+    """The paper's claims checked against the rows (Findings), SPEC.md's five tables (mean ± std over seeds) and
+    figures, from tidy CSVs; never recomputes anything. Prints the findings and where the tables and figures are."""
+    from .report import check_report_out, load_runs, write_report
 
+    check_number("margin", margin, 0)
+    check_number("ratio margin", ratio_margin, 1)
     check_report_out(out, [r for r in runs if not r.is_dir()])
     sources: list[Path] = []
     frames = load_runs(runs, sources)
-    check_report_out(out, sources)  # also the CSVs found in folders
-    print_tables(build_tables(frames), Console())
-    written = write_report(frames, out, sources)
+    written = write_report(frames, out, margin=margin, ratio_margin=ratio_margin, inputs=sources)
+    typer.echo((out / "summary.txt").read_text(encoding="utf-8"), nl=False)
     say(f"{len(written)} files in {out}")
 
 

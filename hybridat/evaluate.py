@@ -6,7 +6,7 @@ import time
 from typing import Callable
 
 from .attacks import ATTACKS, robust_accuracy
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, training_columns
 from .data import Split, to_float
 from .errors import HybridatError, check_choice, check_number
 from .models import BranchView
@@ -91,4 +91,5 @@ def _row(ckpt, branch, attack, steps, eps, step, n, acc, seconds, seed) -> dict:
             "width": ckpt.config.width, "seed": ckpt.meta("seed", ""), "train_eps": train.get("eps", ""),
             "loss_name": train.get("loss", ""), "branch": branch, "attack": attack, "eps": eps,
             "step": (step if step is not None else eps / 4) if attack == "pgd" else None, "steps": steps,
-            "n": n, "accuracy": acc, "seconds": seconds, "eval_seed": seed, "unfinished": ckpt.unfinished}
+            "n": n, "accuracy": acc, "seconds": seconds, "eval_seed": seed,
+            "unfinished": ckpt.unfinished} | training_columns(train)

@@ -112,10 +112,14 @@ class BranchBatchNorm(BranchNorm):
     batch_ns says which rows' batch statistics normalize a branch's rows in training:
       "own"   each branch its own rows (two separate passes; `bn`, `dual-bn`, `dual-ns`)
       "mixed" all rows of cat[x_adv, x_clean] (`bn-mix`, `dual-ap`)
-      "other" the other branch's rows (`cross-bn`)
-    ns_sets = 1: one running set (updated adv then clean for "own", as two passes would);
+      "clean" the clean rows, for both branches (`cross-bn`: the clean rows are normalized as in Self-BN, the adv
+              rows meet the clean rows' NS under their own AP; the authors' `CrossTrainingBN_clean`)
+      "adv"   the adv rows, for both branches (`cross-bn-adv`, the other direction)
+      "other" the other branch's rows (`cross-bn-swap`, the two-way swap: an ablation that cannot train)
+    ns_sets = 1: one running set (updated adv then clean for "own", as two passes would; for "clean"/"adv" only
+    the rows of that domain update it);
     ns_sets = 2: one running set per domain; in eval a branch reads the set whose statistics it was
-    normalized with in training (its own domain's, or for cross-bn the other domain's).
+    normalized with in training (its own domain's, or for cross-bn-swap the other domain's).
     """
 
     def __init__(self, num_features: int, *, batch_ns: str, ns_sets: int, ap_sets: int,
@@ -141,7 +145,7 @@ class BranchBatchNorm(BranchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W)
         groups = self.router.split(x)
-        if self.training and self.batch_ns != "other":
+        if self.training and self.batch_ns in ("own", "mixed"):
             return self._train_native(x, groups)
         if self.training:
             stats = self._batch_stats(x, groups)
@@ -191,13 +195,20 @@ class BranchBatchNorm(BranchNorm):
             mixed = _mean_var(x)
             self._update(SHARED, mixed, x)
             return {b: mixed for b in groups}
+        if self.batch_ns in BRANCHES:  # one domain's rows normalize every row
+            if self.batch_ns not in groups:
+                raise HybridatError(f"this norm normalizes every row with the {self.batch_ns} rows' batch statistics, "
+                                    f"so in train mode the batch needs {self.batch_ns} rows")
+            source = _mean_var(groups[self.batch_ns])
+            self._update(self.ns_key(self.batch_ns), source, groups[self.batch_ns])
+            return {b: source for b in groups}
         own = {b: _mean_var(g) for b, g in groups.items()}
         for b, g in groups.items():  # adv first, as in two passes adv then clean
             self._update(self.ns_key(b), own[b], g)
         if self.batch_ns == "own":
             return own
         if len(groups) < 2:
-            raise HybridatError("cross-bn normalizes each branch with the other branch's batch statistics, "
+            raise HybridatError("cross-bn-swap normalizes each branch with the other branch's batch statistics, "
                                 "so in train mode it needs both branches in one batch")
         return {b: own[other(b)] for b in groups}
 
@@ -290,6 +301,17 @@ class NormSpec:
     adapters: bool = False
     ns_sets: int = 1
     ap_sets: int = 1
+    diverges: str = ""  # why training this variant is expected to diverge (said in the error when it does)
+
+    @property
+    def batch_ns(self) -> str:
+        """Whose batch statistics normalize a branch's rows in training (see `BranchBatchNorm`); "own" if none."""
+        return getattr(self.layer, "keywords", {}).get("batch_ns", "own")
+
+    @property
+    def needs_both(self) -> bool:
+        """True if a training batch must hold both branches' rows (the statistics of one normalize the other)."""
+        return self.batch_ns != "own"
 
     @property
     def branches(self) -> int:
@@ -307,6 +329,10 @@ def _gn(doc: str, groups: Callable[[int], int], ap_sets: int) -> NormSpec:
     return NormSpec(partial(BranchGroupNorm, groups=groups, ap_sets=ap_sets), doc, ns_sets=0, ap_sets=ap_sets)
 
 
+SWAP_DIVERGES = ("cross-bn-swap normalizes each half with the other half's batch NS, which squares the adv/clean "
+                 "variance ratio at every norm layer (rho -> rho^2), so activations blow up with depth; it is an "
+                 "ablation that cannot train (SPEC.md); train cross-bn or cross-bn-adv instead")
+
 _GROUPS = {
     "gn": lambda c: math.gcd(32, c),  # 32 groups (Wu & He 2018), fewer when a narrow layer has fewer channels
     "in": lambda c: c,  # one group per channel = InstanceNorm
@@ -317,9 +343,14 @@ NORMS: dict[str, NormSpec] = {
     "bn": _bn("single BN, clean and adv in separate passes", "own", 1, 1),
     "bn-mix": _bn("single BN on the mixed batch cat[x_adv, x_clean]", "mixed", 1, 1),
     "dual-bn": _bn("Dual BN / Self-BN: NS and AP per branch", "own", 2, 2),
-    "dual-ap": _bn("two AP sets, shared NS of the mixed batch (the paper's Setup1)", "mixed", 1, 2),
-    "dual-ns": _bn("two NS sets, shared AP (the paper's Setup2)", "own", 2, 1),
-    "cross-bn": _bn("Cross-BN: each branch normalized with the other branch's NS, own AP", "other", 2, 2),
+    "dual-ap": _bn("two AP sets, shared NS of the mixed batch", "mixed", 1, 2),
+    "dual-ns": _bn("two NS sets, shared AP", "own", 2, 1),
+    "cross-bn": _bn("Cross-BN (the authors' CrossTrainingBN_clean): adv rows normalized with the clean rows' batch "
+                    "NS and the adv AP, clean rows as in Self-BN; running NS of clean data", "clean", 1, 2),
+    "cross-bn-adv": _bn("Cross-BN the other way: clean rows normalized with the adv rows' batch NS and the clean AP, "
+                        "adv rows as in Self-BN; running NS of adversarial data", "adv", 1, 2),
+    "cross-bn-swap": _bn("two-way swap (ablation): each branch normalized with the other branch's batch NS, own AP",
+                         "other", 2, 2, diverges=SWAP_DIVERGES),
     "dual-linear": _bn("single BN, one classifier head per branch", "own", 1, 1, dual_head=True),
     "bn-noaffine": _bn("single BN without AP", "own", 1, 0),
     "dual-bn-fixed-ap": _bn("Dual BN with AP removed (frozen at gamma=1, beta=0)", "own", 2, 0),

@@ -114,7 +114,7 @@ def _copy_set(dst: BranchBatchNorm, dst_key: str, src: BranchBatchNorm, src_key:
 
 def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int = 128, n_batches: int | None = None,
                n_images: int | None = None, eps: float = 8.0, step: float = 2.0, steps: int = 10, seed: int = 0,
-               augment_data: bool = True, attack_branch: str | None = None):
+               augment_data: bool = True, attack_branch: str | None = None, layers: Iterable[int] | None = None):
     """A copy whose `branch` reads running NS recomputed from one pass over `domain` data of `split`.
 
     The pass draws training batches (seed: order, augmentation and attack noise; the first n_images, at most
@@ -124,7 +124,9 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
     the cumulative average of the batch statistics (momentum None). Only that set changes, AP and every other
     buffer stay bit-identical. In a shared-NS model (bn, bn-mix, dual-ap, ...) that set is the one both branches
     read. In cross-bn the set the branch reads (the other domain's) is the one refilled, from rows normalized by
-    their own batch statistics (see `train_pass`).
+    their own batch statistics (see `train_pass`). `layers` (indices, see `deeper_than`; None = all): only those
+    layers' sets are re-estimated, every other layer keeps its running NS bit-identical (the pass still uses batch
+    statistics everywhere, as training does).
     """
     check_choice(branch, BRANCHES, "branch")
     check_choice(domain, DOMAINS, "domain")
@@ -137,7 +139,9 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
     if n_batches is not None and n_batches < 1:
         raise HybridatError(f"n_batches must be >= 1, got {n_batches}")
     new = copy.deepcopy(model)
-    pairs = [(m, o) for (_, m), (_, o) in zip(norm_layers(new), norm_layers(model)) if isinstance(m, BranchBatchNorm)]
+    chosen = {i for i, _, _ in _chosen(new, layers)}
+    pairs = [(m, o) for i, ((_, m), (_, o)) in enumerate(zip(norm_layers(new), norm_layers(model)))
+             if isinstance(m, BranchBatchNorm) and i in chosen]
     if not pairs:
         raise HybridatError(f"the {_norm(model)} model has no running NS to re-estimate")
     momenta = [m.momentum for m, _ in pairs]
@@ -154,6 +158,10 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
                     generator=generator)
         with train_pass(new), torch.no_grad():
             new(x, branch)
+    for (_, m), (_, original) in zip(norm_layers(new), norm_layers(model)):
+        if isinstance(m, BranchBatchNorm) and all(m is not p for p, _ in pairs):  # not chosen: as before the pass
+            for key in m.ns_keys:
+                _copy_set(m, key, original, key)
     for (m, original), momentum in zip(pairs, momenta):
         m.momentum = momentum
         source, target = m.ns_key(branch), m.eval_key(branch)

@@ -15,7 +15,7 @@ from matplotlib.ticker import MaxNLocator
 from rich.table import Table
 from rich.text import Text
 
-from .checkpoint import write_csv
+from .checkpoint import TRAINING_COLUMNS, write_csv
 from .files import atomic_path, check_outputs
 from .errors import HybridatError
 from .evaluate import attack_label
@@ -33,7 +33,16 @@ SCHEMAS = {
 NUMERIC = {"width", "seed", "train_eps", "eps", "step", "steps", "n", "accuracy", "seconds", "eval_seed", "images",
            "loss", "loss_adv", "acc_adv", "loss_clean", "acc_clean", "epoch", "lr", "images_per_s", "layer",
            "distance"}
-LABELS = {"norm", "loss", "train ε", "operation", "ε", "layer", "name"}  # row-label columns, the rest are cells
+LABELS = {"training", "norm", "loss", "train ε", "operation", "ε", "layer", "name", "claim", "comparison", "metric",
+          "claimed", "verdict"}  # row labels; the rest are cells
+# What identifies a training besides the tables' own keys (norm, loss, train ε) and the seed: rows that differ in
+# any of these are never averaged into one cell. ns-gap tables have no loss / train ε key, so there they count too.
+SETTING_COLUMNS = ("dataset", "arch", "width", *TRAINING_COLUMNS)
+NS_SETTING_COLUMNS = ("loss_name", "train_eps")
+SHORT = {"train_epochs": "epochs", "train_steps": "PGD steps", "train_step": "PGD step", "train_lr": "lr",
+         "train_batch_size": "batch", "train_momentum": "momentum", "train_weight_decay": "wd",
+         "train_clean_weight": "clean weight", "train_trades_beta": "β", "train_subset": "subset", "train_amp": "amp",
+         "loss_name": "loss", "train_eps": "train ε"}
 
 BOTH = [(b, c) for b in ("adv", "clean") for c in ("clean", "PGD-10", "AA")]  # (branch, attack column)
 PAPER = [("adv", "clean"), ("adv", "PGD-10"), ("adv", "AA"), ("clean", "clean")]  # table 2's cells per ε
@@ -93,6 +102,45 @@ def _numeric(frame: pd.DataFrame) -> pd.DataFrame:
     for col in NUMERIC & set(frame.columns):
         frame[col] = pd.to_numeric(frame[col], errors="coerce")
     return frame
+
+
+# ---- trainings ------------------------------------------------------------------------------------------
+
+def _value(v) -> str:
+    """A setting as text, the same however it was written ("2", "2.0" -> "2"; "True" -> "true"; missing -> "?")."""
+    if v is None or (isinstance(v, float) and pd.isna(v)) or str(v).strip() == "":
+        return "?"
+    try:
+        return f"{float(v):g}"
+    except (TypeError, ValueError):
+        return str(v).strip().lower()
+
+
+def _settings(frame: pd.DataFrame, columns) -> pd.DataFrame:
+    """The setting columns the frame has, as text (a column an older CSV lacks is left out, not guessed)."""
+    return pd.DataFrame({c: frame[c].map(_value) for c in columns if c in frame}, index=frame.index)
+
+
+def label_trainings(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Copies of `frames` with a `training` column: the settings in which rows' trainings differ (beyond the
+    tables' keys and the seed), e.g. "lr=0.05, epochs=5"; "" where every row shares them. A row that lacks a
+    setting its CSV's other rows have reads "?", so rows of unknown provenance are never averaged with known ones."""
+    frames = {k: f.copy() for k, f in frames.items()}
+    settings = {k: _settings(f, SETTING_COLUMNS) for k, f in frames.items()}
+    every = pd.concat(settings.values()) if settings else pd.DataFrame()
+    varying = [c for c in SETTING_COLUMNS if c in every and every[c].dropna().nunique() > 1]
+    for kind, frame in frames.items():
+        table = settings[kind]
+        if kind == "nsgap":
+            extra = _settings(frame, NS_SETTING_COLUMNS)
+            table = table.join(extra)
+            varying_here = varying + [c for c in extra if extra[c].nunique() > 1]
+        else:
+            varying_here = varying
+        cols = [c for c in varying_here if c in table]
+        frame["training"] = [", ".join(f"{SHORT.get(c, c)}={v}" for c, v in zip(cols, row))
+                             for row in table[cols].itertuples(index=False)] if cols else ""
+    return frames
 
 
 # ---- cells -----------------------------------------------------------------------------------------------
@@ -158,9 +206,6 @@ def op_label(key: str) -> str:
 def _eval(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Eval rows ready for tables: derived checkpoints inherit training metadata, robust rows at train ε only."""
     ev = frames.get("eval", pd.DataFrame(columns=sorted(SCHEMAS["eval"]))).copy()
-    settings = sorted({f"{a} width {_num(w)}" for a, w in zip(ev.arch, ev.width)})
-    if len(settings) > 1:
-        raise HybridatError(f"the eval CSVs mix model settings ({', '.join(settings)}); report one at a time")
     for _ in range(3):  # one generation per pass: a re-estimate of a cross checkpoint is two deep
         parent = ev.drop_duplicates("checkpoint_hash").set_index("checkpoint_hash")
         for col in ("seed", "train_eps", "loss_name"):
@@ -188,8 +233,9 @@ def table_cross_bn(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     ev = _eval(frames)
     ev = ev[(ev.op == "") & (ev.loss_name == "hybrid")]
     rows = []
-    for eps in _levels(ev.train_eps[ev.norm.isin(["cross-bn", "dual-bn"])], always=[8]):
-        for norm, label in [("cross-bn", "cross-bn"), ("dual-bn", "dual-bn (Self-BN)")]:
+    for eps in _levels(ev.train_eps[ev.norm.isin(["cross-bn", "cross-bn-adv", "dual-bn"])], always=[8]):
+        for norm, label in [("cross-bn", "cross-bn"), ("cross-bn-adv", "cross-bn-adv"),
+                            ("dual-bn", "dual-bn (Self-BN)")]:
             rows.append({"norm": label, "train ε": _num(eps),
                          **_cells(ev[(ev.norm == norm) & (ev.train_eps == eps)], BOTH)})
     return pd.DataFrame(rows)
@@ -276,8 +322,27 @@ TITLES = {
 }
 
 
+def _filled(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows with at least one measured cell."""
+    cells = [c for c in table.columns if c not in LABELS]
+    return table[(table[cells] != MISSING).any(axis=1)] if cells else table
+
+
 def build_tables(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    return {key: make(frames) for key, make in TABLES.items()}
+    """The five tables. Rows of different trainings (see `label_trainings`) are never averaged: when the data hold
+    several, every table is built once per training and the parts are stacked under a leading "training" column
+    (rows without any measurement dropped)."""
+    frames = label_trainings(frames)
+    trainings = sorted(set().union(*(set(f.training) for f in frames.values()))) if frames else []
+    if len(trainings) <= 1:
+        return {key: make(frames) for key, make in TABLES.items()}
+    tables = {}
+    for key, make in TABLES.items():
+        parts = [_filled(make({k: f[f.training == t] for k, f in frames.items()})).assign(training=t)
+                 for t in trainings]
+        table = pd.concat(parts, ignore_index=True)
+        tables[key] = table[["training", *(c for c in table.columns if c != "training")]]
+    return tables
 
 
 # ---- rendering -------------------------------------------------------------------------------------------
@@ -319,12 +384,13 @@ def _series(ax, rows: pd.DataFrame, match: dict, **style) -> None:
 
 def plot_ns_gap(frames: dict[str, pd.DataFrame]) -> Figure | None:
     """Distance vs depth, one row per (norm, ε): NS mean gap, NS std gap, AP gap. None without NS-gap rows."""
-    ns = _ns(frames)
+    ns = _ns(label_trainings(frames))
     if ns.empty:
         return None
-    groups = list(ns.groupby(["norm", "eps"], dropna=False))
+    groups = list(ns.groupby(["training", "norm", "eps"], dropna=False))  # different trainings never share a line
     fig = Figure(figsize=(14, 3.6 * len(groups)), layout="constrained")
-    for ((norm, eps), g), axes in zip(groups, fig.subplots(len(groups), 3, squeeze=False)):
+    for ((training, norm, eps), g), axes in zip(groups, fig.subplots(len(groups), 3, squeeze=False)):
+        norm = f"{norm} [{training}]" if training else norm
         for ax, stat in zip(axes, ("mean", "std")):
             for col, match in _ns_specs(g):
                 if match["kind"] == "ns" and match["statistic"] == stat:
@@ -342,9 +408,70 @@ def plot_ns_gap(frames: dict[str, pd.DataFrame]) -> Figure | None:
     return fig
 
 
+def _variant(norm, loss) -> str:
+    return norm if loss == "hybrid" else f"{norm} {loss}"
+
+
+def plot_accuracy(frames: dict[str, pd.DataFrame]) -> Figure | None:
+    """Accuracy by trained variant, mean ± std over seeds: the adv branch under PGD-10 and the clean branch on
+    clean data, one panel per (training, train ε). None without eval rows of trained models."""
+    ev = _eval(label_trainings(frames))
+    ev = ev[(ev.op == "") & ev.train_eps.notna()]
+    bars = [("adv", "PGD-10", "C3"), ("clean", "clean", "C0")]
+    ev = ev[pd.Series(list(zip(ev.branch, ev.column)), index=ev.index).isin([(b, c) for b, c, _ in bars])]
+    if ev.empty:
+        return None
+    panels = list(ev.groupby(["training", "train_eps"]))
+    width = max(6.0, 0.9 * max(g.norm.nunique() + g.loss_name.nunique() for _, g in panels) + 3)
+    fig = Figure(figsize=(width, 3.6 * len(panels)), layout="constrained")
+    for ((training, eps), g), ax in zip(panels, fig.subplots(len(panels), 1, squeeze=False)[:, 0]):
+        variants = list(dict.fromkeys(_variant(n, l) for n, l in zip(g.norm, g.loss_name)))
+        g = g.assign(variant=[_variant(n, l) for n, l in zip(g.norm, g.loss_name)])
+        for k, (branch, col, color) in enumerate(bars):
+            per_seed = g[(g.branch == branch) & (g.column == col)].groupby(["variant", "unit"]).accuracy.mean() * 100
+            stats = per_seed.groupby("variant").agg(["mean", "std", "count"]).reindex(variants)
+            xs = [i + (k - 0.5) * 0.38 for i in range(len(variants))]
+            ax.bar(xs, stats["mean"], width=0.38, yerr=stats["std"].fillna(0), capsize=3, color=color,
+                   label=f"{branch} branch, {col}")
+            for x, (m, n) in zip(xs, zip(stats["mean"], stats["count"])):
+                if pd.notna(m):
+                    ax.annotate(f"n={n:g}", (x, 0), ha="center", va="bottom", fontsize=6, color="white")
+        ax.set_xticks(range(len(variants)), variants, rotation=20, ha="right")
+        where = f"{training}, " if training else ""
+        ax.set(title=f"{where}train ε={_num(eps)}: accuracy (%), mean ± std over seeds", ylabel="accuracy (%)")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def plot_training(frames: dict[str, pd.DataFrame]) -> Figure | None:
+    """Training curves from train.csv: loss and each branch's training accuracy by epoch, mean over seeds, one line
+    per (variant, ε, training). None without train rows."""
+    tr = label_trainings(frames).get("train")
+    if tr is None or tr.empty:
+        return None
+    tr = tr.assign(curve=[" ".join(x for x in (_variant(n, l), f"ε={_num(e)}", t) if x)
+                          for n, l, e, t in zip(tr.norm, tr.loss_name, tr.eps, tr.training)])
+    fig = Figure(figsize=(15, 4), layout="constrained")
+    panels = [("loss", "training loss"), ("acc_adv", "adv branch accuracy on x_adv"),
+              ("acc_clean", "clean branch accuracy on x")]
+    for ax, (col, title) in zip(fig.subplots(1, 3), panels):
+        for k, (curve, g) in enumerate(tr.groupby("curve", sort=True)):
+            mean = g.groupby("epoch")[col].mean()
+            ax.plot(mean.index, mean.values, marker="o", ms=3, color=f"C{k % 10}",
+                    label=f"{curve} (n={g.seed.nunique()})")
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.axes[0].legend(fontsize=6)
+    return fig
+
+
+FIGURES = {"accuracy.png": plot_accuracy, "training.png": plot_training}
+
+
 def report_files(out_dir: Path) -> list[Path]:
     """Every file `write_report` may write into out_dir."""
-    names = [f"{key}.{ext}" for key in TITLES for ext in ("md", "tex", "csv")] + ["report.md", "ns-gap.png"]
+    names = [f"{key}.{ext}" for key in ["findings", *TITLES] for ext in ("md", "tex", "csv")]
+    names += ["report.md", "summary.txt", "ns-gap.png", *FIGURES]
     return [Path(out_dir) / name for name in names]
 
 
@@ -355,29 +482,42 @@ def check_report_out(out_dir: Path, inputs=()) -> None:
     check_outputs(report_files(out_dir), inputs)
 
 
-def write_report(frames: dict[str, pd.DataFrame], out_dir: Path, inputs=()) -> list[Path]:
-    """Write <key>.md, <key>.tex and <key>.csv per table, report.md with all tables, and ns-gap.png when there
-    are NS-gap rows. Everything is rendered before the first file is written; each file is written atomically;
-    none is written over a file of `inputs` (the CSVs read: `load_runs(..., sources=inputs)`)."""
+def write_report(frames: dict[str, pd.DataFrame], out_dir: Path, margin: float = 2.0,
+                 ratio_margin: float = 1.5, inputs=()) -> list[Path]:
+    """Write findings.md/.tex/.csv, <key>.md, <key>.tex and <key>.csv per table, report.md (findings, then every
+    table), the figures that have data (accuracy.png, training.png, ns-gap.png), and summary.txt: what `report`
+    prints, the findings in short and where the rest is. Everything is rendered before the first file is written;
+    each file is written atomically; none over a file of `inputs` (the CSVs read: `load_runs(..., sources=inputs)`).
+    margin, ratio_margin: see `findings.findings`."""
+    from .findings import findings, findings_latex, findings_markdown, summary_lines
+
+    out_dir = Path(out_dir)
     check_report_out(out_dir, inputs)
+    found = findings(frames, margin, ratio_margin)
     tables = build_tables(frames)
-    files: dict[str, str | pd.DataFrame | Figure] = {}
+    files: dict[str, str | pd.DataFrame | Figure] = {
+        "findings.md": findings_markdown(found), "findings.tex": findings_latex(found), "findings.csv": found}
     for key, table in tables.items():
         files |= {f"{key}.md": render_markdown(table, TITLES[key]), f"{key}.tex": render_latex(table, TITLES[key]),
                   f"{key}.csv": table}
-    files["report.md"] = "# hybridat report\n\n" + "\n".join(files[f"{key}.md"] for key in tables)
-    if (figure := plot_ns_gap(frames)) is not None:
-        files["ns-gap.png"] = figure
+    files["report.md"] = "# hybridat report\n\n" + "\n".join(files[f"{k}.md"] for k in ["findings", *tables])
+    figures = {name: fig for name, make in [*FIGURES.items(), ("ns-gap.png", plot_ns_gap)]
+               if (fig := make(frames)) is not None}
+    files |= figures
+    files["summary.txt"] = "\n".join(
+        ["Findings (paired over seeds, 95 % interval; details and rules in findings.md)", *summary_lines(found), "",
+         f"Tables:  {out_dir / 'report.md'} (also .md, .tex, .csv per table)",
+         f"Figures: {', '.join(str(out_dir / n) for n in figures) or 'none (no rows to plot)'}"]) + "\n"
     for name, content in files.items():
         if isinstance(content, pd.DataFrame):
-            write_csv(content, Path(out_dir) / name)
+            write_csv(content, out_dir / name)
             continue
-        with atomic_path(Path(out_dir) / name) as tmp:
+        with atomic_path(out_dir / name) as tmp:
             if isinstance(content, str):
                 tmp.write_text(content, encoding="utf-8")
             else:
                 content.savefig(tmp, format="png", dpi=150)  # the temp name ends in .tmp: say the format
-    return [Path(out_dir) / name for name in files]
+    return [out_dir / name for name in files]
 
 
 def print_tables(tables: dict[str, pd.DataFrame], console) -> None:

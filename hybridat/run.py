@@ -27,11 +27,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .checkpoint import save_checkpoint, write_csv
+from .checkpoint import save_checkpoint, training_columns, write_csv
 from .data import DATASETS, load_split, split_files
 from .errors import HybridatError, check_choice
 from .files import atomic_path, check_outputs
 from .models import BranchModel, ModelConfig, build_model
+from .norms import NORMS
 from .runtime import init_distributed, is_main_process, seed_everything
 from .train import TrainConfig, check_config, make_optimizer, train
 
@@ -250,8 +251,8 @@ def _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank,
         restore_state(state, model, optimizer, generator)
         rows, start = state["rows"], state["epoch"]
     meta = {"train": cfg.to_dict() | {"dataset": dataset}, "seed": str(cfg.seed), "run": out.name}
-    ids = {"run": out.name, "seed": cfg.seed, "norm": config.norm, "arch": config.arch, "loss_name": cfg.loss,
-           "eps": cfg.eps}
+    ids = {"run": out.name, "seed": cfg.seed, "norm": config.norm, "arch": config.arch, "width": config.width,
+           "loss_name": cfg.loss, "eps": cfg.eps}
     for row in train(model, split, cfg, generator, rank, world, on_step, graphs=graphs, start_epoch=start,
                      optimizer=optimizer):
         problem = _divergence(row, model)  # the same on every rank: the row is all-reduced, weights in sync
@@ -259,15 +260,16 @@ def _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank,
             # last.safetensors, then the resume state, then the CSV: a kill between any two leaves a state that
             # redoes at most this epoch, with the same numbers
             digest = "" if problem else save_checkpoint(model, out / LAST, **meta, epoch=str(row["epoch"]))
-            rows.append(ids | {"checkpoint_hash": digest} | row)
+            rows.append(ids | {"checkpoint_hash": digest} | training_columns(meta["train"]) | row)
             if not problem:
                 save_state(out / STATE, model, optimizer, generator, row["epoch"], ident, rows)
             write_csv(rows, out / CSV)
             if on_epoch is not None:
                 on_epoch(rows[-1])
         if problem:
-            raise HybridatError(f"training diverged: {problem} in epoch {row['epoch']}; {out / CSV} has every "
-                                "epoch, no model was written")
+            why = NORMS[config.norm].diverges  # a variant known to diverge says why
+            raise HybridatError(f"training diverged: {problem} in epoch {row['epoch']}{f' ({why})' if why else ''}; "
+                                f"{out / CSV} has every epoch, no model was written")
     if main:
         if not (out / LAST).is_file():
             raise HybridatError(f"{out}: the resume state says the run is complete, but {LAST} is missing; "

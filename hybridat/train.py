@@ -21,7 +21,7 @@ from .data import Split, train_batches
 from .errors import HybridatError, check_choice, check_number
 from .graphs import Graphed, graphs_supported, warm_up
 from .models import BranchModel, BranchView, bn_folded, fused
-from .norms import NORMS
+from .norms import NORMS, get_norm
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ LOSSES: dict[str, Loss] = {
 def check_config(cfg: TrainConfig, norm: str) -> None:
     """Reject impossible settings (NaN and infinity included) before any work is done."""
     check_choice(cfg.loss, LOSSES, "loss")
-    if norm in ("bn-mix", "dual-ap", "cross-bn") and len(LOSSES[cfg.loss].branches) < 2:
+    if get_norm(norm).needs_both and len(LOSSES[cfg.loss].branches) < 2:
         raise HybridatError(f"norm {norm} mixes both branches in one batch; use --loss hybrid or trades")
     check_number("eps", cfg.eps, 0, 255)
     check_number("step", cfg.step, 0, 255)
@@ -153,9 +153,22 @@ def fit_step(net, model: BranchModel, optimizer, x, y, cfg: TrainConfig) -> tupl
     return loss, logits
 
 
+def lr_milestones(epochs: int) -> tuple[int, int]:
+    """The epochs (0-based) from which the lr is x0.1 and x0.01: the paper's 100 and 105 of 110, scaled.
+
+    Rule: m1 = round(E*100/110) clamped to [1, E-1], so that every run of 2 or more epochs spends at least its
+    last epoch at x0.1 (unclamped, 5 epochs would round to 5 and never decay); m2 = max(round(E*105/110), m1 + 1),
+    which may equal E (no x0.01 epoch) when the run is too short for both. E = 110 gives (100, 105); 5 gives (4, 5);
+    1 gives (1, 2): a one-epoch run never decays.
+    """
+    m1 = max(1, min(round(epochs * 100 / 110), epochs - 1))
+    return m1, max(round(epochs * 105 / 110), m1 + 1)
+
+
 def lr_factor(epoch: int, epochs: int) -> float:
-    """The paper's schedule scaled to `epochs`: x0.1 at 100/110 of training, x0.01 at 105/110."""
-    return 0.1 ** ((epoch >= round(epochs * 100 / 110)) + (epoch >= round(epochs * 105 / 110)))
+    """The lr multiplier of 0-based `epoch` in a run of `epochs`: 1, then x0.1 and x0.01 at `lr_milestones`."""
+    m1, m2 = lr_milestones(epochs)
+    return 0.1 ** ((epoch >= m1) + (epoch >= m2))
 
 
 def make_optimizer(model: BranchModel, cfg: TrainConfig) -> torch.optim.Optimizer:

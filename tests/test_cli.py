@@ -8,7 +8,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+import torch
+
 from hybridat.checkpoint import load_checkpoint
+from hybridat.models import norm_layers
 from hybridat.cli import app
 
 SMALL = ["--width", "0.0625", "--train-subset", "256", "--epochs", "2", "--batch-size", "64", "--steps", "2",
@@ -97,8 +100,14 @@ def test_all_five_commands_chain(trained, tmp_path, data_dir):
     assert invoke("swap-bn", parent, "--cross", "--out", crossed, "--device", "cpu").exit_code == 0
     reest = runs / "reest" / "model.safetensors"
     result = invoke("swap-bn", parent, "--reestimate", "adv", "--branch", "clean", "--n", "64", "--steps", "1",
-                    "--data-dir", data_dir, "--device", "cpu", "--out", reest)
+                    "--step", "3", "--from-layer", "10", "--data-dir", data_dir, "--device", "cpu", "--out", reest)
     assert result.exit_code == 0, result.output
+    op = load_checkpoint(reest).meta("operation")
+    assert (op["layers"], op["step"], op["steps"], op["domain"]) == (list(range(10, 20)), 3.0, 1, "adv")
+    before, after = load_checkpoint(parent).model.state_dict(), load_checkpoint(reest).model.state_dict()
+    names = [n for n, _ in norm_layers(load_checkpoint(parent).model)]
+    changed = {k.rsplit(".", 1)[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == set(names[10:])  # only layers 10 onward were re-estimated
     for ckpt in (parent, crossed, reest):
         out = runs / ckpt.parent.name / "eval.csv"
         result = invoke("attack", ckpt, "--n", "32", "--steps", "2", "--data-dir", data_dir, "--device", "cpu",
@@ -111,9 +120,16 @@ def test_all_five_commands_chain(trained, tmp_path, data_dir):
     assert (runs / "nsgap" / "fixap-depth.png").stat().st_size > 0
     frame = pd.read_csv(gap)
     assert {"ns", "ap"} == set(frame["kind"]) and (frame["checkpoint_hash"] == load_checkpoint(parent).hash).all()
+    assert (frame["train_epochs"] == 2).all() and (frame["loss_name"] == "hybrid").all()  # the training it measured
+    evals = pd.read_csv(runs / "reest" / "eval.csv")
+    assert (evals["train_steps"] == 2).all() and (evals["train_subset"] == 256).all()  # inherited from the parent
 
     result = invoke("report", runs, "--out", tmp_path / "report")
     assert result.exit_code == 0, result.output
+    # it prints the findings and where the tables and figures are, nothing wider than a terminal
+    printed = (tmp_path / "report" / "summary.txt").read_text(encoding="utf-8")
+    assert printed in result.output and "(5) Two-task variants" in printed and "—" not in printed
+    assert printed.splitlines()[-1].startswith("Figures: ") and "accuracy.png" in printed.splitlines()[-1]
     table4 = pd.read_csv(tmp_path / "report" / "test-time.csv").set_index("operation")
     assert table4.loc["as trained", "adv: clean"] != "—" and table4.loc["cross", "adv: clean"] != "—"
     assert any(op.startswith("reestimate clean NS on adv data") for op in table4.index)
@@ -143,3 +159,36 @@ def test_a_diverging_run_fails_clearly_and_leaves_no_model(tmp_path, data_dir):
     assert not (out / "model.safetensors").exists()
     frame = pd.read_csv(out / "train.csv")
     assert frame["loss"].isna().iloc[-1] or not frame["loss"].iloc[-1] < float("inf")
+
+
+@pytest.mark.parametrize("norm", ["cross-bn", "cross-bn-adv"])
+def test_one_sided_cross_bn_trains_from_scratch(tmp_path, data_dir, norm):
+    """The authors' Cross-BN (and its other direction) trains on real CIFAR-10 where the two-way swap diverges."""
+    out = tmp_path / norm
+    small = ["--width", "0.125", "--train-subset", "512", "--epochs", "2", "--batch-size", "64", "--steps", "2",
+             "--step", "4", "--quiet", "--device", "cpu"]
+    result = invoke("train", "--norm", norm, "--data-dir", data_dir, "--out", out, *small)
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out / "train.csv")
+    assert list(frame.epoch) == [1, 2]
+    assert frame[["loss", "loss_adv", "loss_clean"]].abs().max().max() < 10  # finite and not blowing up
+    # every row carries the training config it came from
+    row = frame.iloc[-1]
+    assert (row.train_epochs, row.train_steps, row.train_step, row.train_subset, row.width) == (2, 2, 4, 512, 0.125)
+    assert (row.train_batch_size, row.train_lr, row.dataset, row.train_amp) == (64, 0.1, "cifar10", False)
+    ckpt = load_checkpoint(out / "model.safetensors")
+    assert ckpt.config.norm == norm
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        for branch in ("adv", "clean"):
+            assert torch.isfinite(ckpt.model(x, branch)).all()
+
+
+def test_cross_bn_swap_diverges_with_its_reason(tmp_path, data_dir):
+    out = tmp_path / "swap"
+    result = invoke("train", "--norm", "cross-bn-swap", "--data-dir", data_dir, "--out", out, "--width", "0.125",
+                    "--train-subset", "256", "--epochs", "1", "--batch-size", "64", "--steps", "2", "--step", "4",
+                    "--quiet", "--device", "cpu")
+    assert result.exit_code == 1
+    assert "training diverged" in result.output and "variance ratio" in result.output
+    assert "Traceback" not in result.output and not (out / "model.safetensors").exists()

@@ -13,8 +13,7 @@ from hybridat.norms import NORMS, BranchBatchNorm, Router
 from conftest import perturb, tiny
 
 C = 6
-TWO_PASS_OK = [n for n, s in NORMS.items() if getattr(s.layer, "keywords", {}).get("batch_ns") != "mixed"
-               and n != "cross-bn"]
+TWO_PASS_OK = [n for n, s in NORMS.items() if s.batch_ns == "own"]
 
 
 def layer(name: str, seed: int = 0):
@@ -50,7 +49,8 @@ def ref_bn(weight=None, bias=None):
 
 
 def test_registry_keys_are_lowercase_and_cover_spec():
-    expected = {"bn", "bn-mix", "dual-bn", "dual-ap", "dual-ns", "cross-bn", "dual-linear", "gn", "in", "ln",
+    expected = {"bn", "bn-mix", "dual-bn", "dual-ap", "dual-ns", "cross-bn", "cross-bn-adv", "cross-bn-swap",
+                "dual-linear", "gn", "in", "ln",
                 "gn-dual-ap", "in-dual-ap", "ln-dual-ap", "bn-noaffine", "dual-bn-fixed-ap", "dual-adapter"}
     assert set(NORMS) == expected
     assert all(k == k.lower() for k in NORMS)
@@ -133,15 +133,65 @@ def test_dual_ns_shares_ap_and_keeps_ns_per_branch(halves):
     torch.testing.assert_close(run(m, xc, (7, 0)), run(m, xc, (0, 7)))  # same NS, shared AP: identical
 
 
-def test_cross_bn_normalizes_each_half_with_the_other_halfs_stats(halves):
-    xa, xc = halves
-    m = layer("cross-bn").train()
+def normalize(x, stats_of, w, b):
+    """Hand-written BN: x normalized with the biased batch statistics of `stats_of`, then w, b per channel."""
+    var, mean = torch.var_mean(stats_of, dim=(0, 2, 3), correction=0)
+    return (x - mean[:, None, None]) / torch.sqrt(var[:, None, None] + 1e-5) * w[:, None, None] + b[:, None, None]
+
+
+@pytest.mark.parametrize("name,source", [("cross-bn", "clean"), ("cross-bn-adv", "adv")])
+def test_one_sided_cross_bn_against_a_hand_written_reference(halves, name, source):
+    """cross-bn: adv rows with the CLEAN rows' batch NS and the adv AP, clean rows as in Self-BN (their own NS,
+    clean AP); one running set, of clean data only. cross-bn-adv: the same with the domains exchanged."""
+    xa, xc = (h.clone().requires_grad_() for h in halves)
+    m = layer(name).train()
+    assert len(m.ns_keys) == 1 and len(m.ap_keys) == 2
     y = run(m, torch.cat([xa, xc]), (5, 7))
+    src = xc if source == "clean" else xa
+    want_a = normalize(xa, src, m.weight_adv, m.bias_adv)
+    want_c = normalize(xc, src, m.weight_clean, m.bias_clean)
+    torch.testing.assert_close(y[:5], want_a)
+    torch.testing.assert_close(y[5:], want_c)
+    # the rows of the source domain are normalized exactly as Self-BN would (own NS, own AP)
+    own = ref_bn(*m.affine(source)).train()
+    torch.testing.assert_close(y[5:] if source == "clean" else y[:5], own(src))
+    # gradients flow through the source rows' statistics, as in the authors' layer
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [xa, xc, m.weight_adv], g)
+    want = torch.autograd.grad(torch.cat([want_a, want_c]), [xa, xc, m.weight_adv], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert got[0 if source == "clean" else 1].abs().sum() > 0
+    # the one running set holds the source domain's statistics only (as nn.BatchNorm2d on those rows)
+    torch.testing.assert_close(m.running_mean, own.running_mean)
+    torch.testing.assert_close(m.running_var, own.running_var)
+    assert m.num_batches_tracked.item() == 1
+    # in eval both branches read that running set, each with its own AP
+    m.eval(), own.eval()
+    with torch.no_grad():
+        for branch, rows, sizes in (("adv", xa, (5, 0)), ("clean", xc, (0, 7))):
+            w, b = m.affine(branch)
+            plain = (rows - m.running_mean[:, None, None]) / torch.sqrt(m.running_var[:, None, None] + 1e-5)
+            torch.testing.assert_close(run(m, rows, sizes), plain * w[:, None, None] + b[:, None, None])
 
-    def normalize(x, stats_of, w, b):
-        var, mean = torch.var_mean(stats_of, dim=(0, 2, 3), correction=0)
-        return (x - mean[:, None, None]) / torch.sqrt(var[:, None, None] + 1e-5) * w[:, None, None] + b[:, None, None]
 
+@pytest.mark.parametrize("name,missing", [("cross-bn", (5, 0)), ("cross-bn-adv", (0, 7))])
+def test_one_sided_cross_bn_needs_its_source_rows_in_training(halves, name, missing):
+    from hybridat.errors import HybridatError
+
+    m = layer(name).train()
+    x = halves[0] if missing[0] else halves[1]
+    with pytest.raises(HybridatError, match="batch statistics"):
+        run(m, x, missing)
+    src = halves[1] if missing[0] else halves[0]  # a batch of only the source rows is fine: Self-BN
+    sizes = (0, 7) if missing[0] else (5, 0)
+    torch.testing.assert_close(run(m, src, sizes), ref_bn(*m.affine("clean" if missing[0] else "adv")).train()(src))
+
+
+def test_cross_bn_swap_normalizes_each_half_with_the_other_halfs_stats(halves):
+    xa, xc = halves
+    m = layer("cross-bn-swap").train()
+    y = run(m, torch.cat([xa, xc]), (5, 7))
     torch.testing.assert_close(y[:5], normalize(xa, xc, m.weight_adv, m.bias_adv))
     torch.testing.assert_close(y[5:], normalize(xc, xa, m.weight_clean, m.bias_clean))
     ra, rc = ref_bn().train(), ref_bn().train()
@@ -154,10 +204,10 @@ def test_cross_bn_normalizes_each_half_with_the_other_halfs_stats(halves):
     torch.testing.assert_close(run(m, xa, (5, 0)), want)
 
 
-def test_cross_bn_needs_both_halves_in_training(halves):
+def test_cross_bn_swap_needs_both_halves_in_training(halves):
     from hybridat.errors import HybridatError
 
-    m = layer("cross-bn").train()
+    m = layer("cross-bn-swap").train()
     with pytest.raises(HybridatError, match="both branches"):
         run(m, halves[0], (5, 0))
 

@@ -65,8 +65,9 @@ def outputs(model, x):
         return {b: model(x, b) for b in BRANCHES}
 
 
-@pytest.mark.parametrize("norm,op", [("dual-bn", cross), ("cross-bn", cross), ("dual-ns", cross),
-                                     ("dual-bn-fixed-ap", cross), ("dual-bn", swap_ap), ("cross-bn", swap_ap),
+@pytest.mark.parametrize("norm,op", [("dual-bn", cross), ("cross-bn-swap", cross), ("dual-ns", cross),
+                                     ("dual-bn-fixed-ap", cross), ("dual-bn", swap_ap), ("cross-bn-swap", swap_ap),
+                                     ("cross-bn", swap_ap),
                                      ("dual-ap", swap_ap), ("gn-dual-ap", swap_ap)])
 def test_twice_gives_back_the_original(norm, op):
     model = make(norm)
@@ -77,7 +78,7 @@ def test_twice_gives_back_the_original(norm, op):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input is untouched
 
 
-@pytest.mark.parametrize("norm,op,names", [("dual-bn", cross, NS_NAMES), ("cross-bn", cross, NS_NAMES),
+@pytest.mark.parametrize("norm,op,names", [("dual-bn", cross, NS_NAMES), ("cross-bn-swap", cross, NS_NAMES),
                                            ("dual-bn", swap_ap, AP_NAMES), ("gn-dual-ap", swap_ap, AP_NAMES)])
 def test_derived_checkpoint_evaluates_like_a_hand_exchange(tmp_path, norm, op, names):
     save_checkpoint(make(norm), tmp_path / "parent.safetensors", run="r")
@@ -93,7 +94,7 @@ def test_derived_checkpoint_evaluates_like_a_hand_exchange(tmp_path, norm, op, n
         assert not torch.allclose(got[b], old[b])
 
 
-@pytest.mark.parametrize("norm,written", [("dual-bn", "adv"), ("cross-bn", "clean")])
+@pytest.mark.parametrize("norm,written", [("dual-bn", "adv"), ("cross-bn-swap", "clean")])
 def test_taking_a_branchs_ns_means_the_set_it_reads(norm, written):
     """adv takes clean's NS: afterwards adv reads what clean read. Cross-BN's adv reads the clean-domain set."""
     model = make(norm)
@@ -171,7 +172,8 @@ def test_reestimate_runs_the_adversarial_examples_through_the_network():
 
 @pytest.mark.parametrize("norm,branch,domain,target", [
     ("dual-bn", "adv", "adv", "adv"), ("dual-bn", "clean", "noise", "clean"),
-    ("cross-bn", "adv", "noise", "clean"),  # cross-bn's adv branch reads the clean-domain set
+    ("cross-bn-swap", "adv", "noise", "clean"),  # cross-bn-swap's adv branch reads the clean-domain set
+    ("cross-bn", "adv", "noise", "shared"),  # one running set, read by both branches
     ("bn", "adv", "noise", "shared"), ("dual-ap", "clean", "clean", "shared"),
 ])
 def test_reestimate_changes_only_the_set_the_branch_reads(norm, branch, domain, target):
@@ -203,3 +205,16 @@ def test_save_derived_records_its_parent_and_never_overwrites_it(tmp_path):
         with pytest.raises(HybridatError, match="is an input"):
             save_derived(parent, cross(parent.model), same, {"op": "cross"})
     assert path.read_bytes() == before
+
+
+def test_reestimate_from_a_layer_leaves_the_shallower_layers_alone():
+    model, k = make("dual-bn"), 12
+    new = reestimate(model, "adv", "noise", tiny_split(), batch_size=8, n_images=16, eps=8,
+                     layers=deeper_than(model, k))
+    full = reestimate(model, "adv", "noise", tiny_split(), batch_size=8, n_images=16, eps=8)
+    for i, ((_, old), (_, m), (_, f)) in enumerate(zip(*(norm_layers(x) for x in (model, new, full)))):
+        for key in m.ns_keys:
+            same_as = old if i < k or key != "adv" else f  # chosen layers: as the full re-estimate
+            assert all(torch.equal(a, b) for a, b in zip(m.running(key), same_as.running(key))), (i, key)
+        if i >= k:
+            assert not torch.equal(m.running_mean_adv, old.running_mean_adv)

@@ -149,11 +149,40 @@ def test_no_data_gives_missing_cells_not_numbers():
     assert tables["ns-gap"].empty and "own branch: adv-clean mean" in tables["ns-gap"].columns
 
 
-def test_mixed_model_settings_are_refused(frames):
+def test_mixed_model_settings_are_split_not_averaged(frames):
     ev = frames["eval"].copy()
-    ev.loc[ev.index[:3], "width"] = 0.25
-    with pytest.raises(HybridatError, match="mix model settings"):
-        build_tables({"eval": ev})
+    ev.loc[ev.norm == "bn", "width"] = 0.25  # the bn runs had another width than the rest
+    t = build_tables({"eval": ev})["ns-vs-ap"]
+    assert list(t.columns[:2]) == ["training", "norm"]
+    assert list(zip(t.training, t.norm)) == [("width=0.25", "bn"), ("width=1", "dual-bn"), ("width=1", "dual-ap")]
+    assert t.iloc[0]["ε=8 adv: clean"] == "87.0 ± 1.4 (n=2)"  # the fixture's bn cell, alone
+
+
+def test_two_checkpoints_differing_only_in_a_training_setting_give_two_rows(tmp_path, data_dir):
+    """Same norm, loss, eps and seed; one trained with lr 0.1, the other with lr 0.05: two rows, not one mean."""
+    from hybridat.checkpoint import load_checkpoint, save_checkpoint, write_csv
+    from hybridat.data import load_split
+    from hybridat.evaluate import evaluate
+    from hybridat.train import TrainConfig
+
+    from conftest import tiny
+
+    split = load_split("cifar10", train=False, data_dir=data_dir, n=32)
+    accs = {}
+    for lr, seed in ((0.1, 0), (0.05, 1)):
+        path = tmp_path / f"lr{lr}" / "model.safetensors"
+        train = TrainConfig(lr=lr, epochs=5).to_dict() | {"dataset": "cifar10"}
+        save_checkpoint(tiny("dual-bn", seed=seed), path, run=f"lr{lr}", seed="0", train=train)
+        rows = evaluate(load_checkpoint(path), split, ["clean"], ["adv", "clean"], eps=8)
+        assert rows[0]["train_lr"] == lr and rows[0]["train_epochs"] == 5 and rows[0]["dataset"] == "cifar10"
+        write_csv(rows, path.parent / "eval.csv")
+        accs[lr] = rows[0]["accuracy"]
+    assert accs[0.1] != accs[0.05]  # different weights: a mean would hide both
+    t = build_tables(load_runs([tmp_path]))["ns-vs-ap"]
+    dual = t[t.norm == "dual-bn"].set_index("training")
+    assert sorted(dual.index) == ["lr=0.05", "lr=0.1"]
+    for lr in (0.1, 0.05):
+        assert dual.loc[f"lr={lr:g}", "ε=8 adv: clean"] == f"{100 * accs[lr]:.1f} (n=1)"
 
 
 def test_latex_escapes_and_booktabs():
@@ -177,7 +206,9 @@ def test_markdown_escapes_pipes():
 def test_write_report_writes_every_file(frames, tables, tmp_path):
     written = write_report(frames, tmp_path / "out")
     names = [p.name for p in written]
-    expected = [f"{k}.{ext}" for k in TABLES for ext in ("md", "tex", "csv")] + ["report.md", "ns-gap.png"]
+    expected = ([f"findings.{ext}" for ext in ("md", "tex", "csv")] + [f"{k}.{ext}" for k in TABLES
+                for ext in ("md", "tex", "csv")] + ["report.md", "accuracy.png", "training.png", "ns-gap.png",
+                                                    "summary.txt"])
     assert names == expected
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(expected)  # no temp files left
     for key, table in tables.items():
@@ -188,12 +219,18 @@ def test_write_report_writes_every_file(frames, tables, tmp_path):
     full = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     assert all(TITLES[k] in full for k in TABLES)
     assert (FIXTURES / "expected" / "ns-vs-ap.md").read_text(encoding="utf-8") in full
-    assert (tmp_path / "out" / "ns-gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in ("ns-gap.png", "accuracy.png", "training.png"):
+        assert (tmp_path / "out" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert full.startswith("# hybridat report\n\n## Findings")
+    summary = (tmp_path / "out" / "summary.txt").read_text(encoding="utf-8")
+    assert summary.splitlines()[-1] == ("Figures: " + ", ".join(str(tmp_path / "out" / f) for f in
+                                                               ("accuracy.png", "training.png", "ns-gap.png")))
+    assert "—" not in summary and max(map(len, summary.splitlines()[:-2])) <= 118  # readable in a terminal
 
 
 def test_write_report_without_ns_gap_has_no_plot(frames, tmp_path):
     names = [p.name for p in write_report({"eval": frames["eval"]}, tmp_path)]
-    assert "ns-gap.png" not in names and "ns-gap.md" in names
+    assert "ns-gap.png" not in names and "training.png" not in names and "ns-gap.md" in names
 
 
 def test_write_report_renders_everything_before_writing(frames, tmp_path, monkeypatch):
@@ -218,7 +255,7 @@ def test_write_report_failure_leaves_no_half_file(frames, tables, tmp_path, monk
     with pytest.raises(OSError):
         write_report(frames, tmp_path)
     left = sorted(p.name for p in tmp_path.iterdir())
-    done = [f"{k}.{e}" for k in ("cross-bn", "ns-vs-ap") for e in ("md", "tex", "csv")]
+    done = [f"{k}.{e}" for k in ("findings", "cross-bn", "ns-vs-ap") for e in ("md", "tex", "csv")]
     assert left == sorted(done + ["two-task.md", "two-task.tex"])  # and no two-task.csv, whole or partial
     assert (tmp_path / "ns-vs-ap.md").read_text(encoding="utf-8") == render_markdown(tables["ns-vs-ap"],
                                                                                    TITLES["ns-vs-ap"])

@@ -1,0 +1,128 @@
+"""Findings: paired differences over seeds, their 95 % interval, and verdicts that never say more than it allows."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from hybridat.findings import (CONSISTENT, NOT_CONSISTENT, UNRESOLVED, Interval, findings, findings_markdown,
+                               summary_lines, verdict)
+from hybridat.report import _numeric
+
+
+def test_interval_is_the_t_interval_of_the_paired_differences():
+    ci = Interval.of(pd.Series([1.0, 2.0, 3.0]))
+    half = 4.302652729911275 / math.sqrt(3)  # t(0.975, df=2) * sd 1 / sqrt(3), by hand
+    assert (ci.mean, ci.n) == (2.0, 3)
+    assert ci.low == pytest.approx(2 - half) and ci.high == pytest.approx(2 + half)
+    one = Interval.of(pd.Series([5.0]))
+    assert one.n == 1 and one.mean == 5 and math.isnan(one.low)
+    assert Interval.of(pd.Series([], dtype=float)).n == 0
+
+
+@pytest.mark.parametrize("expect,low,high,want", [
+    ("same", -1, 1, CONSISTENT), ("same", 2.5, 4, NOT_CONSISTENT), ("same", -4, -2.1, NOT_CONSISTENT),
+    ("same", -3, 1, UNRESOLVED), ("same", 1, 3, UNRESOLVED),
+    ("more", 0.5, 3, CONSISTENT), ("more", -3, -0.1, NOT_CONSISTENT), ("more", -1, 1, UNRESOLVED),
+    ("less", -3, -0.5, CONSISTENT), ("less", 0.2, 3, NOT_CONSISTENT), ("less", -1, 1, UNRESOLVED),
+])
+def test_verdict_rules(expect, low, high, want):
+    assert verdict(expect, Interval((low + high) / 2, low, high, 3), margin=2.0) == want
+
+
+def test_one_seed_never_resolves_anything():
+    assert verdict("more", Interval(50.0, math.nan, math.nan, 1), 2.0) == UNRESOLVED
+
+
+def eval_rows(norm, accs, *, lr=0.1, branch="adv", attack="pgd", eps=8, op="", parent=""):
+    """One eval row per seed: accuracy `accs[seed]`, through `branch` under `attack`."""
+    return [{"checkpoint_hash": f"{norm}{op}{lr}s{seed}", "parent_hash": parent, "operation": op, "norm": norm,
+             "arch": "resnet18", "width": 0.125, "seed": seed, "train_eps": eps, "loss_name": "hybrid",
+             "branch": branch, "attack": attack, "eps": eps, "steps": 10 if attack == "pgd" else None,
+             "accuracy": acc, "train_lr": lr} for seed, acc in accs.items()]
+
+
+def frames_of(rows):
+    return {"eval": _numeric(pd.DataFrame(rows).astype(str).replace("None", ""))}
+
+
+def row(found, comparison, metric="adv branch PGD-10"):
+    hit = found[(found.comparison == comparison) & (found.metric == metric)]
+    assert len(hit) == 1, found[["comparison", "metric"]]
+    return hit.iloc[0]
+
+
+def test_paired_over_common_seeds_only_and_within_one_training():
+    rows = (eval_rows("dual-bn", {0: 0.40, 1: 0.42, 2: 0.44, 3: 0.50})
+            + eval_rows("dual-ap", {0: 0.405, 1: 0.418, 2: 0.445})  # seed 3 has no pair
+            + eval_rows("dual-ns", {0: 0.30, 1: 0.33, 2: 0.335})
+            + eval_rows("dual-ap", {0: 0.90, 1: 0.90, 2: 0.90}, lr=0.05))  # another training: never paired with lr 0.1
+    found = findings(frames_of(rows))
+    assert set(found.training) == {"lr=0.05", "lr=0.1"}
+    mine = found[found.training == "lr=0.1"]
+    ap = row(mine, "dual-ap − dual-bn, ε=8")
+    assert ap.n == 3 and ap.difference == pytest.approx((0.5 - 0.2 + 0.5) / 3)  # points: +0.5, -0.2, +0.5
+    assert ap.verdict == CONSISTENT  # the interval lies within ±2 points
+    ns = row(mine, "dual-ns − dual-bn, ε=8")
+    assert ns.difference == pytest.approx(-29.5 / 3) and ns.verdict == CONSISTENT  # -10, -9, -10.5: a drop
+    assert row(found[found.training == "lr=0.05"], "dual-ap − dual-bn, ε=8").n == 0  # no dual-bn in that training
+    # a claim with no data still has its comparison, unresolved, with n = 0
+    cross = row(mine, "cross-bn − dual-bn, ε=8")
+    assert cross.n == 0 and cross.verdict == UNRESOLVED
+
+
+def test_swap_ap_compares_the_derived_checkpoint_with_its_parent_seed_by_seed():
+    trained = {s: a for s, a in enumerate([0.30, 0.32, 0.31])}
+    rows = eval_rows("dual-bn", trained, branch="clean") + eval_rows("dual-bn", {0: 0.5, 1: 0.5, 2: 0.5})
+    for s in trained:  # derived: no seed of their own, inherited from the parent
+        for branch, acc in (("clean", 0.45 + s / 100), ("adv", 0.10)):
+            r = eval_rows("dual-bn", {s: acc}, branch=branch, op='{"op": "swap-ap"}', parent=f"dual-bn0.1s{s}")[0]
+            rows.append(r | {"seed": None, "checkpoint_hash": f"swap{s}"})
+    found = findings(frames_of(rows))
+    gain = row(found, "dual-bn swap-AP − as trained, ε=8", "clean branch PGD-10")
+    assert gain.n == 3 and gain.verdict == CONSISTENT and gain.difference == pytest.approx(15)  # +15, +14, +16
+    loss = row(found, "dual-bn swap-AP − as trained, ε=8", "adv branch PGD-10")
+    assert loss.difference == pytest.approx(-40) and loss.verdict == CONSISTENT  # -40 in every seed
+
+
+def ns_rows(seed, fixed_adv, fixed_noise, own_adv):
+    rows = []
+    for layer in range(20):
+        for stat in ("mean", "std"):
+            for fix, pair, d in ((True, "adv-clean", fixed_adv), (True, "noise-clean", fixed_noise),
+                                 (False, "adv-clean", own_adv), (False, "noise-clean", own_adv)):
+                rows.append({"checkpoint_hash": f"h{seed}", "seed": seed, "norm": "dual-bn", "kind": "ns",
+                             "layer": layer, "layer_name": f"l{layer}", "pair": pair, "statistic": stat,
+                             "measure": "wasserstein", "distance": d, "fix_ap": fix,
+                             "branch": "adv" if fix else "own", "eps": 16})
+    return rows
+
+
+def test_ns_gap_claims_are_ratios_by_depth():
+    rows = ns_rows(0, 0.10, 0.10, 0.40) + ns_rows(1, 0.11, 0.10, 0.50) + ns_rows(2, 0.10, 0.11, 0.45)
+    found = findings({"nsgap": _numeric(pd.DataFrame(rows).astype(str))})
+    for depth in ("layers 0-6", "layers 7-13", "layers 14-19"):
+        r = row(found, "dual-bn fixed AP (adv), ε=16: adv-clean / noise-clean", f"NS gap, {depth}")
+        assert r.n == 3 and r.unit == "log2" and abs(r.difference) < 0.1 and r.verdict == CONSISTENT  # within 1.5x
+    own = row(found, "dual-bn, ε=16: own-branch / fixed-AP adv-clean", "NS gap, all layers")
+    assert 2 ** own.difference == pytest.approx((4 * 4.545 * 4.5) ** (1 / 3), rel=0.01) and own.verdict == CONSISTENT
+
+
+def test_rendering_shows_data_rows_and_lists_the_rest():
+    rows = eval_rows("dual-bn", {0: 0.40, 1: 0.42}) + eval_rows("bn", {0: 0.30, 1: 0.33})
+    found = findings(frames_of(rows))
+    text = findings_markdown(found)
+    assert text.startswith("## Findings") and "| (5) | dual-bn − bn, ε=8 | adv branch PGD-10 | > 0 |" in text
+    assert "No data for: (1) cross-bn − dual-bn, ε=8" in text and "—" not in text
+    assert "bn TRADES − bn" not in text and "dual-linear − bn" not in text  # variants never run: not listed
+    lines = summary_lines(found)
+    assert lines[0].startswith("(1) ") and "no comparison" not in lines[0]
+    assert any("dual-bn − bn, ε=8, adv branch PGD-10: +9.5 pts [" in line for line in lines)
+    assert all(len(line) <= 118 for line in lines)
+
+
+def test_ns_gap_without_fixed_ap_rows_leaves_those_comparisons_empty():
+    rows = [r for r in ns_rows(0, 0.1, 0.1, 0.4) + ns_rows(1, 0.1, 0.1, 0.5) if r["fix_ap"] is False]
+    found = findings({"nsgap": _numeric(pd.DataFrame(rows).astype(str))})
+    three = found[found.claim == 3]
+    assert len(three) == 4 and (three.n == 0).all() and (three.verdict == UNRESOLVED).all()
