@@ -77,9 +77,11 @@ def read_header(path: str | Path) -> dict[str, str]:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise HybridatError(f"{path} is not a readable safetensors file ({e})") from None
+        raise HybridatError(f"{path} is not a readable safetensors file ({e}); a checkpoint of other code (.pt, "
+                            f".pth) becomes one with `hybridat import`") from None
     if metadata.get("hybridat.format") != FORMAT:
-        raise HybridatError(f"{path} is a safetensors file but not a hybridat model checkpoint")
+        raise HybridatError(f"{path} is a safetensors file but not a hybridat model checkpoint; a state dict of "
+                            "other code becomes one with `hybridat import`")
     return {k.removeprefix("hybridat."): v for k, v in metadata.items() if k.startswith("hybridat.")}
 
 

@@ -75,3 +75,10 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path):
             raise RuntimeError("interrupted")
     assert target.read_text() == "a\n1\n"  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]  # no temp file left
+
+
+def test_a_torch_pickle_is_pointed_at_hybridat_import(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3)}, path)
+    with pytest.raises(HybridatError, match=r"not a readable safetensors file .*`hybridat import`"):
+        load_checkpoint(path)
