@@ -187,7 +187,7 @@ class Stepper:
         self.net, self.model, self.optimizer, self.cfg = net, model, optimizer, cfg
         device = next(model.parameters()).device
         self.sums = torch.zeros(len(SUMS), device=device)
-        self.graphs, self.warmup = graphs, warmup
+        self.warmup = warmup
         self.graph = Graphed(self._static_step, capture=graphs and graphs_supported(device)) if graphs else None
         self.x = self.y = self.lr = None  # static buffers and the lr the graph holds
 
