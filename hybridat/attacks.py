@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridat.errors import HybridatError
-from hybridat.graphs import Graphed, warm_up
+from hybridat.graphs import Graphed
 
 STARTS = ("uniform", "normal", "none")
 NORMS = {"linf": "Linf", "l2": "L2"}  # our name -> pyautoattack's name
@@ -217,26 +217,17 @@ def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     rest, so the numbers are the eager path's. The first full batch runs eagerly (warm-up), and so does a last,
     smaller batch. capture=False calls the step function in place of replays (the CPU stand-in)."""
     correct = torch.zeros((), dtype=torch.long, device=x.device)
-    static: dict[str, torch.Tensor] = {}
 
     def attack_and_count():
-        adv = pgd_from(model, static["x"], static["y"], static["start"], eps, step, steps)
-        correct.add_(_count_correct(model, adv, static["y"]))
+        s = graph.static
+        correct.add_(_count_correct(model, pgd_from(model, s["x"], s["y"], s["start"], eps, step, steps), s["y"]))
 
-    graph, warmed = Graphed(attack_and_count, capture), False
+    graph = Graphed(attack_and_count, capture)
     for i, lo in enumerate(range(0, x.shape[0], batch_size)):
         xb, yb = x[lo:lo + batch_size].detach(), y[lo:lo + batch_size]
         start = _start(xb, eps, "uniform", "linf", torch.Generator(x.device).manual_seed(seed + i))
         if len(yb) != batch_size:
             correct += _count_correct(model, pgd_from(model, xb, yb, start, eps, step, steps), yb)
-            continue
-        for name, value in (("x", xb), ("y", yb), ("start", start)):
-            if name not in static:
-                static[name] = torch.empty_like(value)
-            static[name].copy_(value)
-        if not warmed:
-            warm_up(attack_and_count, capture)
-            warmed = True
         else:
-            graph.run()
+            graph.run(x=xb, y=yb, start=start)
     return correct

@@ -27,22 +27,31 @@ def graphs_supported(device: torch.device) -> bool:
 
 
 class Graphed:
-    """`fn()` (reading and writing only tensors that live across calls) as one CUDA graph, captured on demand.
+    """`fn()` as one CUDA graph over static input buffers, captured on demand.
 
-    `run()` replays it; `invalidate()` makes the next `run()` capture again (after a change the graph cannot see,
-    such as a new learning rate). With capture=False, `run()` calls `fn()`: the CPU stand-in of a replay."""
+    `run(**inputs)` copies the inputs into `static` (allocated at the first call), then runs `fn()`: the first
+    `warmup` calls eagerly (`warm_up`), later ones by replaying the graph, captured at the first of them.
+    `invalidate()` makes the next replay capture again (after a change the graph cannot see, such as a new learning
+    rate). With capture=False every call runs `fn()` eagerly: the CPU stand-in of a replay."""
 
-    def __init__(self, fn: Callable[[], None], capture: bool):
-        self.fn, self.capture, self.graph = fn, capture, None
+    def __init__(self, fn: Callable[[], None], capture: bool, warmup: int = 1):
+        self.fn, self.capture, self.warmup, self.graph = fn, capture, warmup, None
+        self.static: dict[str, torch.Tensor] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None  # re-captures reuse one memory pool
 
     def invalidate(self) -> None:
         self.graph = None
 
-    def run(self) -> None:
+    def run(self, **inputs: torch.Tensor) -> None:
+        for name, value in inputs.items():
+            if name not in self.static:
+                self.static[name] = torch.empty_like(value)
+            self.static[name].copy_(value)
+        if self.warmup > 0:  # real work, eagerly: cuDNN's search, lazily made state (momentum buffers)
+            self.warmup -= 1
+            return warm_up(self.fn, self.capture)
         if not self.capture:
-            self.fn()
-            return
+            return self.fn()
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=self.pool):

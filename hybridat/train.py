@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .attacks import frozen, pgd
 from .data import Split, train_batches
 from .errors import HybridatError, check_choice, check_number
-from .graphs import Graphed, graphs_supported, warm_up
+from .graphs import Graphed, graphs_supported
 from .models import BranchModel, BranchView, bn_folded, fused
 from .norms import NORMS, get_norm
 
@@ -187,32 +187,24 @@ class Stepper:
         self.net, self.model, self.optimizer, self.cfg = net, model, optimizer, cfg
         device = next(model.parameters()).device
         self.sums = torch.zeros(len(SUMS), device=device)
-        self.warmup = warmup
-        self.graph = Graphed(self._static_step, capture=graphs and graphs_supported(device)) if graphs else None
-        self.x = self.y = self.lr = None  # static buffers and the lr the graph holds
+        self.graph = Graphed(self._static_step, graphs and graphs_supported(device), warmup) if graphs else None
+        self.lr = None  # the lr the graph holds
 
     def _eager(self, x: torch.Tensor, y: torch.Tensor) -> None:
         loss, logits = fit_step(self.net, self.model, self.optimizer, x, y, self.cfg)
         self.sums += step_sums(loss, logits, y)
 
     def _static_step(self) -> None:
-        self._eager(self.x, self.y)
+        self._eager(self.graph.static["x"], self.graph.static["y"])
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self.graph is None or (self.x is not None and x.shape != self.x.shape):
+        if self.graph is None or ("x" in self.graph.static and x.shape != self.graph.static["x"].shape):
             return self._eager(x, y)
-        if self.x is None:
-            self.x, self.y = torch.empty_like(x), torch.empty_like(y)
-        self.x.copy_(x)
-        self.y.copy_(y)
-        if self.warmup > 0:  # real training steps; cuDNN's search and the momentum buffers happen here
-            self.warmup -= 1
-            return warm_up(self._static_step, self.graph.capture)
         lr = self.optimizer.param_groups[0]["lr"]
         if lr != self.lr:
             self.graph.invalidate()
             self.lr = lr
-        self.graph.run()
+        self.graph.run(x=x, y=y)
 
 
 def train(model: BranchModel, split: Split, cfg: TrainConfig, generator: torch.Generator,

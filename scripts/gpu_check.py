@@ -16,7 +16,7 @@ import torch
 
 from hybridat.attacks import _start, pgd_accuracy, pgd_from, robust_accuracy
 from hybridat.bench import synthetic_split
-from hybridat.graphs import Graphed, warm_up
+from hybridat.graphs import Graphed
 from hybridat.models import BranchView, ModelConfig, build_model
 from hybridat.runtime import tune_host
 from hybridat.train import TrainConfig, train
@@ -74,14 +74,14 @@ def check_pgd() -> dict:
     eps, step = 8 / 255, 2 / 255
     start = _start(x[:500], eps, "uniform", "linf", torch.Generator("cuda").manual_seed(3))
     eager = pgd_from(model, x[:500], y[:500], start, eps, step, 20)
-    static = {"x": x[:500].clone(), "y": y[:500].clone(), "start": start.clone()}
     out = {}
 
     def fn():
-        out["adv"] = pgd_from(model, static["x"], static["y"], static["start"], eps, step, 20)
-    warm_up(fn, True)
+        s = graph.static
+        out["adv"] = pgd_from(model, s["x"], s["y"], s["start"], eps, step, 20)
     graph = Graphed(fn, True)
-    graph.run()
+    for _ in range(2):  # the first eagerly (warm-up), the second captured and replayed
+        graph.run(x=x[:500], y=y[:500], start=start)
     torch.cuda.synchronize()
     acc_graph = pgd_accuracy(model, x, y, eps, step, 20, 500, seed=0, capture=True).item() / len(y)
     acc_eager = robust_accuracy(model, x, y, "pgd", eps, step, 20, batch_size=500, seed=0, graphs=False)
