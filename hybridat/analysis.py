@@ -1,8 +1,17 @@
 """NS gap and AP gap (SPEC.md "NS gap"): how far apart two data domains' normalization statistics are, layer by
 layer, and how far apart the two branches' affine parameters are. Model and data in, tidy rows out; two plots.
 
+Two protocols of the literature (`mode`): "train" reads each norm layer's input with the model in train mode, so
+every norm upstream re-centres the batch with its own statistics (the paper authors' momentum-1 copy); "eval" reads
+it with forward hooks on the model in eval mode (running NS upstream). The gap is taken against the clean batch's NS
+(`reference="batch"`) or against the running NS the checkpoint stores (`reference="running"`, the authors' notebooks).
+
+Any `torch.nn.Module` with BatchNorm layers can be measured: a hybridat model (`model(x, branch)`) through either
+branch, any other module (`model(x)`) as one branch, its `nn.BatchNorm*` layers in depth order.
+
 eps and step are in pixel units (8 means 8/255) and are converted where the attack or the noise is made.
-Layer indices are positions in `norm_layers(model)` (depth order), as in `recombine`.
+Layer indices are positions in `measured_layers(model)` (depth order; `norm_layers` for a hybridat model, as in
+`recombine`).
 """
 
 from __future__ import annotations
@@ -14,50 +23,93 @@ from functools import partial
 
 import pandas as pd
 import torch
+from torch import nn
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .attacks import pgd
 from .files import atomic_path
 from .errors import HybridatError, check_choice, check_number
-from .models import BranchView, norm_layers
+from .models import BranchModel, BranchView, norm_layers
 from .norms import BRANCHES, BranchBatchNorm, set_name
 
 DOMAINS = ("clean", "adv", "noise")
 NOISES = ("uniform", "gaussian")
-PAIRS = (("adv", "clean"), ("noise", "clean"))
-COLUMNS = ("kind", "layer", "layer_name", "pair", "statistic", "measure", "distance", "fix_ap", "branch", "eps")
-CHANNEL_COLUMNS = ("layer", "layer_name", "domain", "channel", "mean", "std", "fix_ap", "branch", "eps")
+MODES = ("train", "eval")  # the model's mode while the NS are read
+REFERENCES = ("batch", "running")  # what a domain's NS are compared with: the clean batch's, or the stored ones
+SINGLE = "model"  # the `branch` of rows measured on a module that is not a hybridat model (one branch)
+PROTOCOL = ("mode", "reference", "noise_clip")  # recorded in every row; `report` never mixes rows that differ in them
+PROTOCOL_DEFAULTS = {"mode": "train", "reference": "batch", "noise_clip": True}  # what ns-gap measured before them
+COLUMNS = ("kind", "layer", "layer_name", "pair", "statistic", "measure", "distance", "fix_ap", "branch", "eps",
+           *PROTOCOL)
+CHANNEL_COLUMNS = ("layer", "layer_name", "domain", "channel", "mean", "std", "fix_ap", "branch", "eps", *PROTOCOL)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def branched(model: nn.Module) -> bool:
+    """True for a hybridat model, called as model(x, branch); any other module is called as model(x)."""
+    return isinstance(model, BranchModel)
+
+
+def measured_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every norm layer whose input NS are measured, in depth order: a hybridat model's norm
+    layers, or any other module's BatchNorm layers."""
+    if branched(model):
+        return norm_layers(model)
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, BATCH_NORMS)]
+
+
+def _through(model: nn.Module, branch: str | None) -> nn.Module:
+    """x -> logits through `branch` (a hybridat model) or the module itself."""
+    return BranchView(model, branch) if branched(model) else model
+
+
+def running_ns(model: nn.Module, branch: str) -> list[tuple[int, str, torch.Tensor, torch.Tensor]]:
+    """(layer index, name, mean (C,), std (C,)) of the running NS each norm layer normalizes `branch` with in eval
+    mode, as stored in the checkpoint (std = sqrt(running_var), the unbiased estimate BN keeps)."""
+    out = []
+    for i, (name, m) in enumerate(measured_layers(model)):
+        if isinstance(m, BranchBatchNorm):
+            mean, var = m.running(m.eval_key(branch))
+        elif isinstance(m, BATCH_NORMS) and m.running_mean is not None:
+            mean, var = m.running_mean, m.running_var
+        else:
+            raise HybridatError(f"layer {name} keeps no running NS, so there is nothing to compare with: use "
+                                f"reference 'batch'")
+        out.append((i, name, mean.detach().float(), var.detach().float().sqrt()))
+    return out
 
 
 def perturb(model, x: torch.Tensor, y: torch.Tensor, domain: str, branch: str, eps: float, *,
             step: float | None = None, steps: int = 10, start: str = "uniform", noise: str = "uniform",
-            generator: torch.Generator | None = None) -> torch.Tensor:
+            noise_clip: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
     """x (B, 3, H, W) in [0, 1] moved into `domain`: clean = x; adv = L∞ PGD through `branch` in eval mode
-    (no trace on the model; step None = ε/4); noise = x + U(-ε, ε), or Gaussian of the same std ε/√3; in [0, 1]."""
+    (no trace on the model; step None = ε/4), in [0, 1]; noise = x + U(-ε, ε), or Gaussian of the same std ε/√3,
+    clipped to [0, 1] with noise_clip, else left as drawn (U: in [-ε, 1 + ε], the authors' noise baseline)."""
     check_choice(domain, DOMAINS, "domain")
     check_choice(noise, NOISES, "noise")
     check_number("eps", eps, 0, 255)
+    if branched(model):
+        check_choice(branch, BRANCHES, "branch")
     if domain == "clean":
         return x
     if domain == "adv":
         step = None if step is None else step / 255
-        return pgd(BranchView(model, check_choice(branch, BRANCHES, "branch")), x, y, eps / 255, step, steps,
-                   start=start, generator=generator)
+        return pgd(_through(model, branch), x, y, eps / 255, step, steps, start=start, generator=generator)
     if noise == "uniform":
         delta = torch.empty_like(x).uniform_(-eps / 255, eps / 255, generator=generator)
     else:
         std = eps / 255 / math.sqrt(3)  # the std of U(-ε, ε)
         delta = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * std
-    return (x + delta).clamp(0, 1)
+    return (x + delta).clamp(0, 1) if noise_clip else x + delta
 
 
 def domain_batches(model, x, y, branch: str, eps: float, step: float | None = None, steps: int = 10,
-                   noise: str = "uniform", seed: int = 0) -> dict[str, torch.Tensor]:
+                   noise: str = "uniform", seed: int = 0, noise_clip: bool = True) -> dict[str, torch.Tensor]:
     """{"clean": x, "adv": PGD-`steps` through `branch` (uniform start), "noise": x + noise}, all (B, 3, H, W)."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    return {d: perturb(model, x, y, d, branch, eps, step=step, steps=steps, noise=noise, generator=generator)
-            for d in DOMAINS}
+    return {d: perturb(model, x, y, d, branch, eps, step=step, steps=steps, noise=noise, noise_clip=noise_clip,
+                       generator=generator) for d in DOMAINS}
 
 
 @contextmanager
@@ -89,20 +141,38 @@ def _record(stats: dict, index: int, module, inputs) -> None:
     stats[index] = (mean, var.sqrt())
 
 
+@contextmanager
+def eval_pass(model):
+    """Eval mode for a measurement pass; every module's mode is restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 @torch.no_grad()
-def batch_ns(model, x: torch.Tensor, branch: str) -> list[tuple[int, str, torch.Tensor, torch.Tensor]]:
-    """(layer index, layer name, mean (C,), std (C,)) of every norm layer's input when x goes through `branch` in
-    train mode (batch statistics upstream, as in training; see `train_pass`). std is the biased one BN divides by.
-    Batch-independent norms report the same per-channel input statistics. The model is not changed (a deep copy
-    runs)."""
-    check_choice(branch, BRANCHES, "branch")
+def batch_ns(model, x: torch.Tensor, branch: str = "adv",
+             mode: str = "train") -> list[tuple[int, str, torch.Tensor, torch.Tensor]]:
+    """(layer index, layer name, mean (C,), std (C,)) of every norm layer's input (see `measured_layers`) when x
+    goes through `branch` (ignored for a module that is not a hybridat model). mode "train": batch statistics
+    upstream, as in training (see `train_pass`); "eval": running NS upstream (forward hooks in eval mode). std is
+    the biased one BN divides by. Batch-independent norms report the same per-channel input statistics. The model
+    is not changed (a deep copy runs)."""
+    check_choice(mode, MODES, "mode")
+    if branched(model):
+        check_choice(branch, BRANCHES, "branch")
     work = copy.deepcopy(model)
-    layers = norm_layers(work)
+    layers = measured_layers(work)
+    if not layers:
+        raise HybridatError(f"{type(model).__name__} has no norm layer (BatchNorm) whose statistics could be read")
     stats: dict[int, tuple] = {}
     for i, (_, m) in enumerate(layers):
         m.register_forward_pre_hook(partial(_record, stats, i))
-    with train_pass(work):
-        work(x, branch)
+    with (train_pass if mode == "train" else eval_pass)(work):
+        _through(work, branch)(x)
     return [(i, name, *stats[i]) for i, (name, _) in enumerate(layers)]
 
 
@@ -133,32 +203,55 @@ def _distance_rows(base: dict, statistic: str, a, b) -> list[dict]:
     return [base | {"statistic": statistic, "measure": m, "distance": fn(a, b)} for m, fn in MEASURES.items()]
 
 
-def ns_gap(model, x, y, *, eps: float, fix_ap: bool, branch: str = "adv", steps: int = 10,
-           step: float | None = None, noise: str = "uniform", seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """NS distances per layer between adv and clean, and noise and clean, versions of the batch x (B, 3, H, W).
+def pairs(reference: str) -> tuple[tuple[str, str], ...]:
+    """The domain pairs of `reference`: adv and noise against the clean batch, or every domain (clean too, the
+    baseline of the measurement) against the running NS."""
+    check_choice(reference, REFERENCES, "reference")
+    return (("adv", "clean"), ("noise", "clean")) if reference == "batch" else tuple((d, "running") for d in
+                                                                                      ("adv", "noise", "clean"))
+
+
+def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv", steps: int = 10,
+           step: float | None = None, noise: str = "uniform", seed: int = 0, mode: str = "train",
+           reference: str = "batch", noise_clip: bool = True) -> tuple[list[dict], list[dict]]:
+    """NS distances per layer between the adv and the noisy version of the batch x (B, 3, H, W) and a reference.
 
     The adversarial examples are crafted through `branch`. fix_ap: every domain passes through `branch`;
     otherwise each through its own: clean through the clean branch, adv AND noise through the adv branch, so that
-    noise-clean carries the same AP difference as adv-clean and the two curves compare (SPEC.md). Returns
-    (rows in COLUMNS, channel rows in CHANNEL_COLUMNS); `branch` is "own" in the rows when fix_ap is off.
+    noise-clean carries the same AP difference as adv-clean and the two curves compare (SPEC.md). A module that is
+    not a hybridat model has one branch: every domain passes through it (fix_ap holds trivially; branch "model").
+    mode: the model's mode while NS are read (`batch_ns`). reference "batch": pairs adv-clean, noise-clean against
+    the clean batch's NS; "running": adv-, noise- and clean-running against the running NS the clean domain is
+    normalized with in eval mode (with fix_ap: `branch`'s, e.g. for dual-bn through adv the running NS of
+    adversarial training data, as the authors' notebooks compared). noise_clip: see `perturb`.
+    Returns (rows in COLUMNS, channel rows in CHANNEL_COLUMNS; domain "running" holds the reference's channels).
     """
-    check_choice(branch, BRANCHES, "branch")
     check_choice(noise, NOISES, "noise")
+    check_choice(mode, MODES, "mode")
+    check_choice(reference, REFERENCES, "reference")
     check_number("eps", eps, 0, 255)
     check_number("steps", steps, 0, 100_000, integer=True)
     if step is not None:
         check_number("step", step, 0, 255, low_open=True)
-    data = domain_batches(model, x, y, branch, eps, step, steps, noise, seed)
+    single = not branched(model)
+    if single:
+        fix_ap, branch = True, SINGLE
+    else:
+        check_choice(branch, BRANCHES, "branch")
+    data = domain_batches(model, x, y, branch, eps, step, steps, noise, seed, noise_clip)
     route = {d: branch if fix_ap else ("clean" if d == "clean" else "adv") for d in DOMAINS}
-    ns = {d: batch_ns(model, data[d], route[d]) for d in DOMAINS}
-    setting = {"fix_ap": bool(fix_ap), "branch": branch if fix_ap else "own", "eps": eps}
+    ns = {d: batch_ns(model, data[d], route[d], mode) for d in DOMAINS}
+    if reference == "running":
+        ns["running"] = running_ns(model, route["clean"])
+    setting = {"fix_ap": bool(fix_ap), "branch": branch if fix_ap else "own", "eps": eps, "mode": mode,
+               "reference": reference, "noise_clip": bool(noise_clip)}
     rows, channel_rows = [], []
     for layer, name, *_ in ns["clean"]:
-        for d1, d2 in PAIRS:
+        for d1, d2 in pairs(reference):
             (*_, mean1, std1), (*_, mean2, std2) = ns[d1][layer], ns[d2][layer]
             base = {"kind": "ns", "layer": layer, "layer_name": name, "pair": f"{d1}-{d2}"}
             rows += _distance_rows(base, "mean", mean1, mean2) + _distance_rows(base, "std", std1, std2)
-        for d in DOMAINS:
+        for d in ns:
             _, _, mean, std = ns[d][layer]
             channel_rows += [{"layer": layer, "layer_name": name, "domain": d, "channel": c, "mean": m, "std": s}
                              | setting for c, (m, s) in enumerate(zip(mean.tolist(), std.tolist()))]
@@ -166,19 +259,20 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool, branch: str = "adv", steps:
 
 
 def ap_gap(model) -> list[dict]:
-    """Distances per layer between the adv and clean AP sets (weight and bias), rows in COLUMNS."""
+    """Distances per layer between the adv and clean AP sets (weight and bias), rows in COLUMNS. A model without
+    two AP sets (any module that is not a hybridat model has one) is refused with one line."""
     rows = []
-    for layer, (name, m) in enumerate(norm_layers(model)):
-        if len(m.ap_keys) != 2:
+    for layer, (name, m) in enumerate(measured_layers(model)):
+        if len(getattr(m, "ap_keys", ())) != 2:
             continue
         base = {"kind": "ap", "layer": layer, "layer_name": name, "pair": "adv-clean"}
         for stat in ("weight", "bias"):
             a, c = getattr(m, set_name(stat, "adv")), getattr(m, set_name(stat, "clean"))
             rows += _distance_rows(base, stat, a, c)
     if not rows:
-        norm = getattr(getattr(model, "config", None), "norm", "this")
+        norm = getattr(getattr(model, "config", None), "norm", type(model).__name__)
         raise HybridatError(f"the {norm} model has no two AP sets, so there is no AP gap between its branches")
-    return [{k: r.get(k) for k in COLUMNS} for r in rows]  # fix_ap, branch, eps stay empty
+    return [{k: r.get(k) for k in COLUMNS} for r in rows]  # fix_ap, branch, eps and the protocol stay empty
 
 
 def _records(rows) -> list[dict]:
@@ -191,46 +285,75 @@ def _save(fig: Figure, path) -> None:
         fig.savefig(tmp, format="png", dpi=120)
 
 
+def protocol_text(mode, reference, noise_clip) -> str:
+    """One line that says how NS rows were measured, for plot titles and tables."""
+    ref = "the clean batch's NS" if reference == "batch" else "the stored running NS"
+    clip = "noise clipped to [0, 1]" if str(noise_clip).lower() in ("true", "1", "1.0") else "noise not clipped"
+    return f"NS read in {mode} mode, against {ref}, {clip}"
+
+
+def _protocol(r: dict) -> tuple:
+    return tuple(r.get(k, PROTOCOL_DEFAULTS[k]) for k in PROTOCOL)
+
+
+def _protocols(records: list[dict]) -> list[tuple]:
+    return list(dict.fromkeys(_protocol(r) for r in records if r["kind"] == "ns"))
+
+
+def _pair_color(pair: str) -> str:
+    return {"adv": "C3", "noise": "C0"}.get(pair.split("-")[0], "0.5")
+
+
 def plot_gap_by_depth(rows, path, measure: str = "wasserstein") -> None:
-    """Distance vs layer index, one panel per statistic (NS mean/std, AP weight/bias where present); adv–clean
-    and noise–clean lines, solid with fixed AP, dashed through each domain's own branch."""
+    """Distance vs layer index, one panel per statistic (NS mean/std, AP weight/bias where present); one line per
+    domain pair (adv red, noise blue, clean grey), solid with fixed AP, dashed through each domain's own branch.
+    The protocol (`protocol_text`) is the title, or part of each line's label where the rows hold several."""
     check_choice(measure, tuple(MEASURES), "measure")
+    records = [r for r in _records(rows) if r["measure"] == measure]
+    protocols = _protocols(records)
     lines: dict[str, dict[tuple, list]] = {}  # statistic -> (pair, setting) -> [(layer, distance)]
-    for r in _records(rows):
-        if r["measure"] == measure:
-            setting = "AP" if r["kind"] == "ap" else (f"fix AP: {r['branch']}" if r["fix_ap"] else "own branch")
-            points = lines.setdefault(r["statistic"], {}).setdefault((r["pair"], setting), [])
-            points.append((r["layer"], r["distance"]))
+    for r in records:
+        setting = "AP" if r["kind"] == "ap" else (f"fix AP: {r['branch']}" if r["fix_ap"] else "own branch")
+        if r["kind"] != "ap" and len(protocols) > 1:
+            setting += f"; {protocol_text(*_protocol(r))}"
+        points = lines.setdefault(r["statistic"], {}).setdefault((r["pair"], setting), [])
+        points.append((r["layer"], r["distance"]))
     if not lines:
         raise HybridatError(f"no {measure} rows to plot")
     stats = [s for s in ("mean", "std", "weight", "bias") if s in lines]
-    fig = Figure(figsize=(4.5 * len(stats), 3.5), layout="constrained")
+    fig = Figure(figsize=(4.5 * len(stats), 3.8), layout="constrained")
+    if len(protocols) == 1:
+        fig.suptitle(protocol_text(*protocols[0]), fontsize=9)
     for ax, stat in zip(fig.subplots(1, len(stats), squeeze=False)[0], stats):
         for (pair, setting), points in sorted(lines[stat].items()):
             layers, dist = zip(*sorted(points))
-            style = "--" if setting == "own branch" else "-"
-            ax.plot(layers, dist, style, marker="o", ms=3, color="C3" if pair == "adv-clean" else "C0",
-                    label=f"{pair} ({setting})")
+            style = "--" if setting.startswith("own branch") else "-"
+            ax.plot(layers, dist, style, marker="o", ms=3, color=_pair_color(pair), label=f"{pair} ({setting})")
         ax.set(title=f"{stat}", xlabel="norm layer (depth)", ylabel=f"{measure} distance")
         ax.legend(fontsize=7)
     _save(fig, path)
 
 
 def plot_channels(channel_rows, layer: int, path) -> None:
-    """Per-channel bars of the batch mean at one layer for clean, adv and noise; one panel per setting."""
-    panels: dict[tuple, dict[str, list]] = {}  # (fix_ap, branch) -> domain -> [(channel, mean)]
+    """Per-channel bars of the mean at one layer for each domain (clean, adv, noise, and the running NS where they
+    are the reference); one panel per setting and protocol."""
+    panels: dict[tuple, dict[str, list]] = {}  # (fix_ap, branch, protocol) -> domain -> [(channel, mean)]
     for r in _records(channel_rows):
         if r["layer"] == layer:
-            bars = panels.setdefault((r["fix_ap"], r["branch"]), {}).setdefault(r["domain"], [])
+            bars = panels.setdefault((r["fix_ap"], r["branch"], _protocol(r)), {}).setdefault(r["domain"], [])
             bars.append((r["channel"], r["mean"]))
     if not panels:
         raise HybridatError(f"no channel statistics for layer {layer}")
-    fig = Figure(figsize=(10, 3 * len(panels)), layout="constrained")
-    for ax, ((fixed, branch), domains) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels.items()):
-        for k, d in enumerate(x for x in DOMAINS if x in domains):
+    fig = Figure(figsize=(10, 3.2 * len(panels)), layout="constrained")
+    for ax, ((fixed, branch, protocol), domains) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0],
+                                                         panels.items()):
+        present = [d for d in (*DOMAINS, "running") if d in domains]
+        width = 0.84 / len(present)
+        for k, d in enumerate(present):
             channels, means = zip(*sorted(domains[d]))
-            ax.bar([c + (k - 1) * 0.28 for c in channels], means, width=0.28, label=d)
-        ax.set(title=f"layer {layer}, {'fix AP: ' + branch if fixed else 'own branch'}", xlabel="channel",
-               ylabel="batch mean")
+            ax.bar([c + (k - (len(present) - 1) / 2) * width for c in channels], means, width=width, label=d)
+        ax.set(title=f"layer {layer}, {'fix AP: ' + branch if fixed else 'own branch'}; {protocol_text(*protocol)}",
+               xlabel="channel", ylabel="mean")
+        ax.title.set_fontsize(9)
         ax.legend(fontsize=7)
     _save(fig, path)

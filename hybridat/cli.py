@@ -326,16 +326,25 @@ def ns_gap_cmd(
     steps: Annotated[int, typer.Option(help="PGD steps of the adversarial domain")] = 10,
     n: Annotated[int, typer.Option(help="test images in the batch")] = 512,
     noise: Annotated[str, typer.Option(help="uniform U(-eps, eps) or gaussian of the same std")] = "uniform",
+    noise_clip: Annotated[bool, typer.Option(help="clip the noisy images to [0, 1] (the authors' noise baseline "
+                                                  "does not)")] = True,
+    measure: Annotated[str, typer.Option(help="train: read NS in train mode, batch NS upstream (the authors' "
+                                              "momentum-1 protocol); eval: forward hooks in eval mode, running NS "
+                                              "upstream")] = "train",
+    reference: Annotated[str, typer.Option(help="batch: each domain against the clean batch's NS; running: against "
+                                                "the checkpoint's running NS (the authors' notebooks)")] = "batch",
     layer: Annotated[Optional[int], typer.Option(help="layer of the per-channel plot [default: the last]")] = None,
     data_dir: DataDir = None,
     seed: Seed = 0,
     device: DeviceOpt = "auto",
 ):
     """Per-layer NS distance between adversarial, noisy and clean versions of the same test images."""
-    from .analysis import NOISES, ap_gap, ns_gap, plot_channels, plot_gap_by_depth
+    from .analysis import MODES, NOISES, REFERENCES, ap_gap, ns_gap, plot_channels, plot_gap_by_depth
 
     check_choice(branch, BRANCHES, "branch")
     check_choice(noise, NOISES, "noise")
+    check_choice(measure, MODES, "measure")
+    check_choice(reference, REFERENCES, "reference")
     check_number("eps", eps, 0, 255)
     check_number("steps", steps, 0, 100_000, integer=True)
     check_number("n", n, 1, integer=True)
@@ -349,9 +358,11 @@ def ns_gap_cmd(
     check_outputs(outputs, [checkpoint, *_data_inputs(_dataset_of(ckpt), data_dir, False)])
     split = _split_for(ckpt, data_dir, train=False, n=n)
     rows, channels = ns_gap(ckpt.model, to_float(split.images), split.labels, eps=eps, fix_ap=fix_ap,
-                            branch=branch, steps=steps, noise=noise, seed=seed)
-    try:
-        rows += ap_gap(ckpt.model)
+                            branch=branch, steps=steps, noise=noise, seed=seed, mode=measure, reference=reference,
+                            noise_clip=noise_clip)
+    protocol = {"mode": measure, "reference": reference, "noise_clip": noise_clip}
+    try:  # the AP gap does not depend on the protocol; recorded with it, it sits next to the NS gap in `report`
+        rows += [r | protocol for r in ap_gap(ckpt.model)]
     except HybridatError as e:
         say(f"note: no AP gap ({e})")
     train = ckpt.meta("train") or {}

@@ -141,6 +141,8 @@ def _log2_ratio(a: pd.Series, b: pd.Series) -> pd.Series:
 
 def _ns_rows(ns: pd.DataFrame, training: str, ratio_margin: float) -> list[dict]:
     """Claim 3: fixed-AP adv-clean vs noise-clean by depth; own-branch vs fixed-AP adv-clean over all layers."""
+    from .report import ns_pairs
+
     margin = math.log2(ratio_margin)
     out = []
     norms = sorted(set(ns.norm.dropna())) or ["dual-bn"]
@@ -149,19 +151,18 @@ def _ns_rows(ns: pd.DataFrame, training: str, ratio_margin: float) -> list[dict]
         eps_values = sorted(set(rows.eps.dropna())) or [math.nan]
         fixed = sorted(set(rows.branch[rows.fix & (rows.kind == "ns")]))
         fixed_branch = "adv" if not fixed or "adv" in fixed else fixed[0]  # the paper fixes the adv branch
+        adv, noise = ns_pairs(rows)  # against the clean batch, or the running NS (one reference per training)
         for eps in eps_values:
             at = rows[rows.eps == eps]
             where = "" if math.isnan(eps) else f", ε={eps:g}"
             fixed = {"fix": True, "branch": fixed_branch}
             for label, layers in DEPTHS:
-                ci = Interval.of(_log2_ratio(_gap(at, layers, "adv-clean", **fixed),
-                                             _gap(at, layers, "noise-clean", **fixed)))
-                out.append(_row(3, f"{norm} fixed AP ({fixed_branch}){where}: adv-clean / noise-clean",
+                ci = Interval.of(_log2_ratio(_gap(at, layers, adv, **fixed), _gap(at, layers, noise, **fixed)))
+                out.append(_row(3, f"{norm} fixed AP ({fixed_branch}){where}: {adv} / {noise}",
                                 f"NS gap, {label}", "same", ci, margin, training, "log2"))
             every = range(0, 1000)
-            ci = Interval.of(_log2_ratio(_gap(at, every, "adv-clean", fix=False),
-                                         _gap(at, every, "adv-clean", **fixed)))
-            out.append(_row(3, f"{norm}{where}: own-branch / fixed-AP adv-clean", "NS gap, all layers", "more", ci,
+            ci = Interval.of(_log2_ratio(_gap(at, every, adv, fix=False), _gap(at, every, adv, **fixed)))
+            out.append(_row(3, f"{norm}{where}: own-branch / fixed-AP {adv}", "NS gap, all layers", "more", ci,
                             margin, training, "log2"))
     return out
 

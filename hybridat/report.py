@@ -15,6 +15,7 @@ from matplotlib.ticker import MaxNLocator
 from rich.table import Table
 from rich.text import Text
 
+from .analysis import PROTOCOL, PROTOCOL_DEFAULTS
 from .checkpoint import TRAINING_COLUMNS, write_csv
 from .files import atomic_path, check_outputs
 from .errors import HybridatError
@@ -36,13 +37,15 @@ NUMERIC = {"width", "seed", "train_eps", "eps", "step", "steps", "n", "accuracy"
 LABELS = {"training", "norm", "loss", "train ε", "operation", "ε", "layer", "name", "claim", "comparison", "metric",
           "claimed", "verdict"}  # row labels; the rest are cells
 # What identifies a training besides the tables' own keys (norm, loss, train ε) and the seed: rows that differ in
-# any of these are never averaged into one cell. ns-gap tables have no loss / train ε key, so there they count too.
+# any of these are never averaged into one cell. ns-gap tables have no loss / train ε key, so there they count too,
+# and so does how the NS were measured (analysis.PROTOCOL): rows measured differently never share a cell or a line.
 SETTING_COLUMNS = ("dataset", "arch", "width", *TRAINING_COLUMNS)
-NS_SETTING_COLUMNS = ("loss_name", "train_eps")
+NS_SETTING_COLUMNS = ("loss_name", "train_eps", *PROTOCOL)
 SHORT = {"train_epochs": "epochs", "train_steps": "PGD steps", "train_step": "PGD step", "train_lr": "lr",
          "train_batch_size": "batch", "train_momentum": "momentum", "train_weight_decay": "wd",
          "train_clean_weight": "clean weight", "train_trades_beta": "β", "train_subset": "subset", "train_amp": "amp",
-         "loss_name": "loss", "train_eps": "train ε"}
+         "loss_name": "loss", "train_eps": "train ε", "mode": "NS mode", "reference": "NS reference",
+         "noise_clip": "noise clip"}
 
 BOTH = [(b, c) for b in ("adv", "clean") for c in ("clean", "PGD-10", "AA")]  # (branch, attack column)
 PAPER = [("adv", "clean"), ("adv", "PGD-10"), ("adv", "AA"), ("clean", "clean")]  # table 2's cells per ε
@@ -69,6 +72,10 @@ def load_runs(paths: list[Path], sources: list[Path] | None = None) -> dict[str,
             kind, frame = _read(file)
             if kind is None and not path.is_dir():
                 raise HybridatError(f"{file} is not an eval, train or ns-gap CSV: its columns match no known schema")
+            if kind == "nsgap":  # a CSV from before the protocol columns was measured as PROTOCOL_DEFAULTS say
+                for col, default in PROTOCOL_DEFAULTS.items():
+                    if col not in frame:
+                        frame[col] = str(default)
             if kind is not None:
                 _check_accuracies(file, frame)
                 found[kind].append(frame)
@@ -292,12 +299,19 @@ def _ns(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.concat([ns, ap], ignore_index=True)
 
 
+def ns_pairs(ns: pd.DataFrame) -> tuple[str, str]:
+    """The adv and noise pairs of these rows: against the clean batch ("adv-clean", "noise-clean"), or against the
+    running NS where that was the reference (`ns-gap --reference running`)."""
+    running = "reference" in ns and (ns.reference[ns.kind == "ns"] == "running").any()
+    return ("adv-running", "noise-running") if running else ("adv-clean", "noise-clean")
+
+
 def _ns_specs(ns: pd.DataFrame) -> list[tuple[str, dict]]:
     """(column, match): NS gaps with each domain through its own branch, then all through one branch, then AP."""
     fixed = sorted(set(ns.branch[ns.fix & (ns.kind == "ns")])) or ["adv"]
     settings = [("own branch", {"fix": False})] + [(f"fix-AP {b}", {"fix": True, "branch": b}) for b in fixed]
     specs = [(f"{name}: {pair} {stat}", {"kind": "ns", "pair": pair, "statistic": stat, **match})
-             for name, match in settings for stat in ("mean", "std") for pair in ("adv-clean", "noise-clean")]
+             for name, match in settings for stat in ("mean", "std") for pair in ns_pairs(ns)]
     return specs + [(f"AP gap: {stat}", {"kind": "ap", "statistic": stat}) for stat in ("weight", "bias")]
 
 
@@ -395,7 +409,7 @@ def plot_ns_gap(frames: dict[str, pd.DataFrame]) -> Figure | None:
             for col, match in _ns_specs(g):
                 if match["kind"] == "ns" and match["statistic"] == stat:
                     # colour = domain pair; line style = whether the domains met their own AP or one fixed AP
-                    _series(ax, g, match, color="C3" if match["pair"] == "adv-clean" else "C0",
+                    _series(ax, g, match, color="C3" if match["pair"].startswith("adv") else "C0",
                             ls="-" if match["fix"] else "--", label=f"{col.split(': ')[0]} {match['pair']}")
             ax.set(title=f"{norm} ε={_num(eps)}: NS {stat} gap", xlabel="layer", ylabel="Wasserstein distance")
         for stat, color in (("weight", "C2"), ("bias", "C4")):

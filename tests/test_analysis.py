@@ -2,20 +2,24 @@
 
 import copy
 import math
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from scipy.stats import wasserstein_distance
 
-from hybridat.analysis import (ap_gap, batch_ns, domain_batches, mad, ns_gap, plot_channels, plot_gap_by_depth,
-                               wasserstein_1d)
+from hybridat.analysis import (ap_gap, batch_ns, domain_batches, mad, measured_layers, ns_gap, perturb,
+                               plot_channels, plot_gap_by_depth, protocol_text, wasserstein_1d)
 from hybridat.errors import HybridatError
 from hybridat.models import ModelConfig, build_model, norm_layers
 
-COLUMNS = ["kind", "layer", "layer_name", "pair", "statistic", "measure", "distance", "fix_ap", "branch", "eps"]
-CHANNEL_COLUMNS = ["layer", "layer_name", "domain", "channel", "mean", "std", "fix_ap", "branch", "eps"]
+PROTOCOL = ["mode", "reference", "noise_clip"]
+COLUMNS = ["kind", "layer", "layer_name", "pair", "statistic", "measure", "distance", "fix_ap", "branch", "eps",
+           *PROTOCOL]
+CHANNEL_COLUMNS = ["layer", "layer_name", "domain", "channel", "mean", "std", "fix_ap", "branch", "eps", *PROTOCOL]
 
 
 @torch.no_grad()
@@ -154,3 +158,142 @@ def test_plots_write_png_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["channels.png", "depth.png"]  # no temp files left
     with pytest.raises(HybridatError, match="layer 99"):
         plot_channels(channels, 99, tmp_path / "none.png")
+
+
+# ---- the two protocols (train / eval mode), the running-NS reference, unclipped noise, any nn.Module ----------
+
+def _hooked_input_stats(model, call, layers):
+    """Hand-written reference: forward pre-hooks on `layers` record each input's per-channel mean and biased std."""
+    seen = {}
+
+    def hook(name, module, inputs):
+        h = inputs[0].detach().double()
+        mean = h.mean(dim=(0, 2, 3))
+        seen[name] = (mean, (h - mean[:, None, None]).pow(2).mean(dim=(0, 2, 3)).sqrt())
+
+    handles = [m.register_forward_pre_hook(partial(hook, name)) for name, m in layers]
+    with torch.no_grad():
+        call()
+    for h in handles:
+        h.remove()
+    return [seen[name] for name, _ in layers]
+
+
+def torchvision_resnet18():
+    """A plain torchvision ResNet-18 (model(x), nn.BatchNorm2d) with random, distinct running NS and AP."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.weight.copy_(1 + 0.1 * torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["dual-bn", "torchvision"])
+def test_eval_mode_reads_what_hand_written_hooks_on_the_eval_model_read(kind):
+    model = make(kind) if kind != "torchvision" else torchvision_resnet18()
+    x = batch(16)[0]
+    layers = measured_layers(model)
+    assert len(layers) == 20
+    call = (lambda: model(x, "clean")) if kind != "torchvision" else (lambda: model(x))
+    want = _hooked_input_stats(model.eval(), call, layers)
+    got = batch_ns(model, x, "clean", mode="eval")
+    assert [name for _, name, *_ in got] == [name for name, _ in layers]
+    for (_, _, mean, std), (ref_mean, ref_std) in zip(got, want):
+        torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(std.double(), ref_std, rtol=1e-5, atol=1e-6)
+    # the protocols differ: below the first layer, running NS upstream are not the batch's own
+    train = batch_ns(model, x, "clean", mode="train")
+    torch.testing.assert_close(train[0][2], got[0][2])
+    assert all((t[2] - e[2]).abs().max() > 1e-3 for t, e in zip(train[1:], got[1:]))
+
+
+@pytest.mark.parametrize("kind", ["dual-bn", "torchvision"])
+def test_train_mode_equals_the_authors_momentum_one_copy(kind):
+    """The authors read NS by a forward in train mode through a copy whose BN momentum is 1: the running mean is
+    then the batch mean and the running var the batch's unbiased variance."""
+    model = make(kind) if kind != "torchvision" else torchvision_resnet18()
+    x = batch(16)[0]
+    copy_ = copy.deepcopy(model).train()
+    layers = measured_layers(copy_)
+    counts = {}  # values per channel each layer saw: N*H*W, for the unbiased variance
+    for name, m in layers:
+        m.momentum = 1.0
+        m.register_forward_pre_hook(lambda mod, inputs, name=name: counts.__setitem__(
+            name, inputs[0].numel() // inputs[0].shape[1]))
+    with torch.no_grad():
+        copy_(x, "adv") if kind != "torchvision" else copy_(x)
+    got = batch_ns(model, x, "adv", mode="train")
+    for (_, name, mean, std), (_, m) in zip(got, layers):
+        running_mean, running_var = m.running("adv") if kind != "torchvision" else (m.running_mean, m.running_var)
+        n = counts[name]
+        torch.testing.assert_close(mean, running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(std.pow(2) * n / (n - 1), running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_unclipped_noise_has_the_documented_range():
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x[:, :, 0], x[:, :, 1] = 0.0, 1.0  # rows at the ends of the box
+    model, y = make("dual-bn"), torch.zeros(8, dtype=torch.long)
+    kept = perturb(model, x, y, "noise", "adv", 8, noise_clip=False, generator=torch.Generator().manual_seed(1))
+    clipped = perturb(model, x, y, "noise", "adv", 8, noise_clip=True, generator=torch.Generator().manual_seed(1))
+    delta = kept - x
+    assert delta.abs().max() <= 8 / 255 + 1e-7 and delta.abs().max() > 0.99 * 8 / 255  # U(-eps, eps)
+    assert kept.min() < 0 and kept.max() > 1  # the documented range is [-eps, 1 + eps]
+    assert kept.min() >= -8 / 255 - 1e-7 and kept.max() <= 1 + 8 / 255 + 1e-7
+    assert torch.equal(clipped, kept.clamp(0, 1))  # the same draw, clipped
+    rows, channels = ns_gap(model, x, y, eps=8, fix_ap=True, steps=1, noise_clip=False)
+    assert all(r["noise_clip"] is False for r in rows + channels)
+
+
+def test_reference_running_compares_each_domain_with_the_stored_ns():
+    model, (x, y) = make("dual-bn"), batch(16)
+    rows, channels = ns_gap(model, x, y, eps=8, fix_ap=False, steps=1, reference="running", mode="eval")
+    assert {r["pair"] for r in rows} == {"adv-running", "noise-running", "clean-running"}
+    assert all(r["reference"] == "running" and r["mode"] == "eval" for r in rows)
+    # without --fix-ap the clean domain goes through the clean branch: its running NS are the reference
+    layer = norm_layers(model)[7][1]
+    stored = [r["mean"] for r in channels if r["layer"] == 7 and r["domain"] == "running"]
+    assert stored == layer.running_mean_clean.tolist()
+    clean_ns = batch_ns(model, x, "clean", mode="eval")[7]
+    row = next(r for r in rows if (r["layer"], r["pair"], r["statistic"], r["measure"]) ==
+               (7, "clean-running", "std", "wasserstein"))
+    assert row["distance"] == wasserstein_1d(clean_ns[3], layer.running_var_clean.sqrt())
+    with pytest.raises(HybridatError, match="keeps no running NS"):
+        ns_gap(make("gn-dual-ap"), x, y, eps=8, fix_ap=True, steps=1, reference="running")
+    with pytest.raises(HybridatError, match="unknown reference"):
+        ns_gap(model, x, y, eps=8, reference="stored")
+
+
+def test_a_torchvision_module_runs_through_ns_gap_and_is_left_unchanged():
+    model, (x, y) = torchvision_resnet18(), batch(16)
+    before = copy.deepcopy(model.state_dict())
+    zero, _ = ns_gap(model, x, y, eps=0, steps=1)  # identical domains: every distance exactly 0
+    assert all(r["distance"] == 0 for r in zero)
+    rows, channels = ns_gap(model, x, y, eps=16, steps=2, mode="eval")
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert sorted({(r["layer"], r["layer_name"]) for r in rows}) == list(enumerate(names))
+    assert all(r["branch"] == "model" and r["fix_ap"] is True for r in rows)
+    assert all(r["distance"] > 0 for r in rows if r["pair"] == "adv-clean")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and not model.training
+    with pytest.raises(HybridatError, match="no two AP sets"):
+        ap_gap(model)
+    with pytest.raises(HybridatError, match="no norm layer"):
+        batch_ns(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)), x)
+
+
+def test_plots_say_how_the_ns_were_measured(tmp_path):
+    model, (x, y) = make("dual-bn"), batch()
+    train, _ = ns_gap(model, x, y, eps=8, fix_ap=True, steps=1)
+    evald, channels = ns_gap(model, x, y, eps=8, fix_ap=True, steps=1, mode="eval", reference="running",
+                             noise_clip=False)
+    assert protocol_text("eval", "running", False) == ("NS read in eval mode, against the stored running NS, "
+                                                       "noise not clipped")
+    plot_gap_by_depth(train + evald, tmp_path / "both.png")  # two protocols: each line says which
+    plot_channels(channels, 3, tmp_path / "channels.png")
+    assert (tmp_path / "both.png").stat().st_size > 0 and (tmp_path / "channels.png").stat().st_size > 0

@@ -57,6 +57,21 @@ def test_attack_writes_one_row_per_branch_and_attack(trained, tmp_path, data_dir
     assert pgd <= clean
 
 
+def test_ns_gap_protocol_flags_are_recorded_in_every_row(trained, tmp_path, data_dir):
+    out = tmp_path / "gap.csv"
+    result = invoke("ns-gap", trained / "model.safetensors", "--measure", "eval", "--reference", "running",
+                    "--no-noise-clip", "--eps", "8", "--n", "16", "--steps", "1", "--data-dir", data_dir,
+                    "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, result.output
+    frame, channels = pd.read_csv(out), pd.read_csv(tmp_path / "gap-channels.csv")
+    for f in (frame, channels):  # the AP rows too: they sit next to the NS gap of this protocol in `report`
+        assert (f["mode"] == "eval").all() and (f["reference"] == "running").all() and (~f["noise_clip"]).all()
+    assert set(frame.pair) == {"adv-running", "noise-running", "clean-running", "adv-clean"}  # adv-clean: AP rows
+    assert set(frame.pair[frame.kind == "ap"]) == {"adv-clean"}
+    assert set(channels.domain) == {"clean", "adv", "noise", "running"}
+    assert (tmp_path / "gap-depth.png").stat().st_size > 0 and (tmp_path / "gap-channels.png").stat().st_size > 0
+
+
 def test_info_prints_config(trained):
     result = invoke("info", trained / "model.safetensors")
     assert result.exit_code == 0

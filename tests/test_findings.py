@@ -126,3 +126,24 @@ def test_ns_gap_without_fixed_ap_rows_leaves_those_comparisons_empty():
     found = findings({"nsgap": _numeric(pd.DataFrame(rows).astype(str))})
     three = found[found.claim == 3]
     assert len(three) == 4 and (three.n == 0).all() and (three.verdict == UNRESOLVED).all()
+
+
+def test_ns_gap_claims_never_mix_protocols_and_follow_the_running_reference():
+    """The same checkpoints measured two ways: each protocol is its own group, and with the running NS as the
+    reference the claim compares adv-running with noise-running."""
+    batch = [r | {"mode": "train", "reference": "batch", "noise_clip": True}
+             for r in ns_rows(0, 0.10, 0.10, 0.40) + ns_rows(1, 0.11, 0.10, 0.50)]
+    running = [r | {"mode": "eval", "reference": "running", "noise_clip": False,
+                    "pair": r["pair"].replace("-clean", "-running"),
+                    "distance": r["distance"] * (4 if r["pair"] == "adv-clean" else 1)}
+               for r in ns_rows(0, 0.10, 0.10, 0.40) + ns_rows(1, 0.11, 0.10, 0.50)]
+    found = findings({"nsgap": _numeric(pd.DataFrame(batch + running).astype(str))})
+    three = found[found.claim == 3]
+    assert set(three.training) == {"NS mode=train, NS reference=batch, noise clip=true",
+                                   "NS mode=eval, NS reference=running, noise clip=false"}
+    by = three.set_index(["training", "comparison", "metric"])
+    same = by.loc[("NS mode=train, NS reference=batch, noise clip=true",
+                   "dual-bn fixed AP (adv), ε=16: adv-clean / noise-clean", "NS gap, layers 0-6")]
+    four = by.loc[("NS mode=eval, NS reference=running, noise clip=false",
+                   "dual-bn fixed AP (adv), ε=16: adv-running / noise-running", "NS gap, layers 0-6")]
+    assert same.n == four.n == 2 and abs(same.difference) < 0.1 and four.difference > 1.9  # log2(4 x ...)

@@ -266,3 +266,27 @@ def test_print_tables(tables):
     print_tables(tables, console)
     text = console.export_text()
     assert TITLES["cross-bn"] in text and "81.0 ± 1.4 (n=2)" in text and "0.600 (n=1)" in text
+
+
+def test_ns_gap_rows_measured_differently_are_never_mixed(frames, tmp_path):
+    """One checkpoint's NS gap in both protocols: two parts of table 5, each with its own reference's pairs; an
+    ns-gap CSV from before the protocol columns reads as the protocol it was measured with (train, batch, clipped)."""
+    old = frames["nsgap"]
+    new = old.copy().assign(mode="eval", reference="running", noise_clip="False")
+    new["pair"] = new.pair.str.replace("-clean", "-running")
+    new["distance"] = new.distance * 10
+    (tmp_path / "a").mkdir()
+    shutil.copy(FIXTURES / "nsgap.csv", tmp_path / "a" / "old.csv")
+    new.to_csv(tmp_path / "a" / "new.csv", index=False)
+    loaded = load_runs([tmp_path / "a"])["nsgap"]
+    assert set(zip(loaded["mode"], loaded["reference"], loaded["noise_clip"])) == {("train", "batch", "True"),
+                                                                                   ("eval", "running", "False")}
+    t = build_tables({"nsgap": loaded})["ns-gap"]
+    parts = dict(iter(t.groupby("training")))
+    assert set(parts) == {"NS mode=train, NS reference=batch, noise clip=true",
+                          "NS mode=eval, NS reference=running, noise clip=false"}
+    train = parts["NS mode=train, NS reference=batch, noise clip=true"].set_index("layer")
+    evald = parts["NS mode=eval, NS reference=running, noise clip=false"].set_index("layer")
+    assert train.loc["0", "own branch: adv-clean mean"] == "0.110 ± 0.014 (n=2)"  # as without the new rows
+    assert evald.loc["0", "own branch: adv-running mean"] == "1.100 ± 0.141 (n=2)"
+    assert evald["own branch: adv-clean mean"].isna().all()  # that column belongs to the other part only
