@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .attacks import pgd
 from .files import atomic_path
@@ -321,16 +322,21 @@ def plot_gap_by_depth(rows, path, measure: str = "wasserstein") -> None:
     if not lines:
         raise HybridatError(f"no {measure} rows to plot")
     stats = [s for s in ("mean", "std", "weight", "bias") if s in lines]
-    fig = Figure(figsize=(4.5 * len(stats), 3.8), layout="constrained")
+    fig = Figure(figsize=(4.5 * len(stats), 4.2), layout="constrained")
     if len(protocols) == 1:
         fig.suptitle(protocol_text(*protocols[0]), fontsize=9)
+    labels = {}
     for ax, stat in zip(fig.subplots(1, len(stats), squeeze=False)[0], stats):
         for (pair, setting), points in sorted(lines[stat].items()):
             layers, dist = zip(*sorted(points))
             style = "--" if setting.startswith("own branch") else "-"
-            ax.plot(layers, dist, style, marker="o", ms=3, color=_pair_color(pair), label=f"{pair} ({setting})")
+            line, = ax.plot(layers, dist, style, marker="o", ms=2.5, color=_pair_color(pair))
+            labels.setdefault(f"{pair} ({setting})", line)
         ax.set(title=f"{stat}", xlabel="norm layer (depth)", ylabel=f"{measure} distance")
-        ax.legend(fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if all(d > 0 for points in lines[stat].values() for _, d in points):
+            ax.set_yscale("log")  # own-branch and fixed-AP gaps lie orders of magnitude apart
+    fig.legend(labels.values(), labels.keys(), loc="outside lower center", ncols=min(len(labels), 3), fontsize=7)
     _save(fig, path)
 
 
