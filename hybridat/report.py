@@ -415,6 +415,9 @@ def plot_ns_gap(frames: dict[str, pd.DataFrame]) -> Figure | None:
         for stat, color in (("weight", "C2"), ("bias", "C4")):
             _series(axes[2], g, {"kind": "ap", "statistic": stat}, color=color, label=f"AP {stat}")
         axes[2].set(title=f"{norm}: AP gap between branches", xlabel="layer", ylabel="Wasserstein distance")
+        for ax, stat in zip(axes, ("mean", "std")):  # own-branch and fixed-AP gaps lie orders of magnitude apart
+            if (g.distance[(g.kind == "ns") & (g.statistic == stat)] > 0).all():
+                ax.set_yscale("log")
         for ax in axes:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layer indices
             if ax.get_legend_handles_labels()[0]:

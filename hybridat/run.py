@@ -33,7 +33,7 @@ from .errors import HybridatError, check_choice
 from .files import atomic_path, check_outputs
 from .models import BranchModel, ModelConfig, build_model
 from .norms import NORMS
-from .runtime import init_distributed, is_main_process, seed_everything
+from .runtime import distributed, is_main_process, seed_everything
 from .train import TrainConfig, check_config, make_optimizer, train
 
 MODEL, LAST, STATE, CSV, LOCK = "model.safetensors", "last.safetensors", "resume.safetensors", "train.csv", ".lock"
@@ -221,18 +221,21 @@ def run_training(out: str | Path, config: ModelConfig, cfg: TrainConfig, *, data
     if out.exists() and not out.is_dir():
         raise HybridatError(f"{out} is a file; --out takes a run folder")
     check_outputs([out / name for name in RUN_FILES], split_files(dataset, True, data_dir))
-    rank, world = init_distributed(device)
-    main = is_main_process()
-    out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out) if main else _nothing():
-        ident = identity(config, cfg, dataset)
-        state = prepare_folder(out, ident, resume=resume, overwrite=overwrite) if main else None
-        if world > 1:  # the other ranks read the state rank 0 checked (one node, one file system)
+    with distributed(device) as (rank, world):
+        main = is_main_process()
+        out.mkdir(parents=True, exist_ok=True)
+        with run_lock(out) if main else _nothing():
+            ident = identity(config, cfg, dataset)
+            state = prepare_folder(out, ident, resume=resume, overwrite=overwrite) if main else None
+            if world > 1:  # the other ranks read the state rank 0 checked (one node, one file system)
+                torch.distributed.barrier()
+                if not main and resume and (out / STATE).is_file():
+                    state = read_state(out / STATE)
+            result = _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank, world, main,
+                                 on_step, on_epoch, graphs)
+        if world > 1:  # rank 0 has written the model: every rank leaves the group together
             torch.distributed.barrier()
-            if not main and resume and (out / STATE).is_file():
-                state = read_state(out / STATE)
-        return _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank, world, main,
-                           on_step, on_epoch, graphs)
+        return result
 
 
 @contextmanager

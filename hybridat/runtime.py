@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -78,16 +80,25 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world_size); joins the process group when launched by torchrun (WORLD_SIZE > 1)."""
+@contextmanager
+def distributed(device: torch.device) -> Iterator[tuple[int, int]]:
+    """(rank, world_size) inside; joins the process group when launched by torchrun (WORLD_SIZE > 1) and leaves it
+    on the way out (a group the caller had already joined is the caller's to leave). Leaving explicitly: a rank that
+    exits with its gloo connections still open can make a peer still reading them abort."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
+        yield 0, 1
+        return
+    joined = not dist.is_initialized()
+    if joined:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world
+    try:
+        yield dist.get_rank(), world
+    finally:
+        if joined:
+            dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
