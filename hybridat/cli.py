@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import torch
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -29,7 +30,34 @@ from .norms import BRANCHES, NORMS
 from .runtime import resolve_device, tune_host
 from .train import LOSSES, TrainConfig, summary
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# typer vendors click; its usage errors (an unknown command or flag, a value of the wrong type, a missing argument)
+# derive from click's ClickException, reached here through the public typer.BadParameter
+USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class OneLineUsageErrors(TyperGroup):
+    """A usage error ends as every other bad input does: one line on stderr and exit code 1 (not click's boxed
+    message and exit code 2). `hybridat` alone still prints the help."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except USAGE_ERROR as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # the help is printed already
+                sys.exit(0)
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            error_line(f"{e.format_message()}{hint}")
+            sys.exit(1)
+        except typer.Abort:
+            error_line("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hybrid adversarial training and the analysis of Dual BN.")
 console = Console(stderr=True)
 

@@ -209,6 +209,14 @@ CASES = [
                              "--out", "o.csv"], "dta does not exist", 1),
     ("zero-image split", ["attack", "m.safetensors", "--device", "cpu", "--data-dir", "empty-data", "--out", "o.csv"],
      "has no images", 1),
+    # -- usage errors (typer's parsing) end as every other bad input: one line, exit 1
+    ("--epochs not a number", ["train", "--epochs", "abc", "--out", "never"], "Invalid value for '--epochs'", 1),
+    ("--eps not a number", ["attack", "m.safetensors", "--eps", "eight", "--out", "o.csv"],
+     "Invalid value for '--eps'", 1),
+    ("unknown flag", ["ns-gap", "m.safetensors", "--fixap", "--out", "o.csv"], "No such option: --fixap", 1),
+    ("unknown command", ["nsgap", "m.safetensors"], "No such command 'nsgap'", 1),
+    ("missing argument", ["info"], "Missing argument", 1),
+    ("missing --out", ["swap-bn", "m.safetensors", "--cross"], "Missing option '--out'", 1),
     # -- report: accuracies are fractions
     ("report accuracy 7.5", ["report", "acc-high", "--out", "rep"], "accuracy must lie in [0, 1], got 7.5", 1),
     ("report accuracy -3", ["report", "acc-low", "--out", "rep"], "accuracy must lie in [0, 1], got -3", 1),
@@ -258,7 +266,7 @@ def test_hostile(case, args, fragment, code, base, tmp_path, monkeypatch):
 def test_the_table_is_large_and_covers_every_command():
     assert len(CASES) >= 40
     commands = {_values(c)[1][0] for c in CASES}
-    assert commands == {"train", "attack", "swap-bn", "ns-gap", "report", "bench", "info"}
+    assert commands == {"train", "attack", "swap-bn", "ns-gap", "report", "bench", "info", "nsgap"}
 
 
 def test_unfinished_checkpoint_is_marked_in_the_csv(base, tmp_path, monkeypatch):
@@ -303,3 +311,9 @@ def test_hostile_checkpoint_never_builds_the_big_model(base, monkeypatch):
     with pytest.raises(Exception, match="do not match"):
         load_checkpoint(base / "huge.safetensors")
     assert built == ["meta"]  # built once, on the meta device, and refused before the real build
+
+
+@pytest.mark.parametrize("args", [[], ["--help"], ["ns-gap", "--help"]])
+def test_help_is_not_an_error(args):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and "Usage" in result.output and "error:" not in result.output
