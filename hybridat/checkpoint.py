@@ -68,21 +68,39 @@ def save_checkpoint(model: BranchModel, path: str | Path, **meta) -> str:
     return checkpoint_hash(tensors, model.config)
 
 
+TO_IMPORT = "a checkpoint of other code (.pt, .pth, .safetensors) becomes one with `hybridat import`"
+
+
 def read_header(path: str | Path) -> dict[str, str]:
     """The checkpoint's `hybridat.*` metadata without the `hybridat.` prefix; validates the file kind."""
     path = Path(path)
+    if path.is_dir():
+        raise HybridatError(f"{path} is a folder, not a checkpoint file (a run folder holds model.safetensors); "
+                            f"{TO_IMPORT}")
     if not path.is_file():
         raise HybridatError(f"no checkpoint at {path}")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise HybridatError(f"{path} is not a readable safetensors file ({e}); a checkpoint of other code (.pt, "
-                            f".pth) becomes one with `hybridat import`") from None
+        kind = _foreign_kind(path)
+        what = f"is {kind}, not a hybridat checkpoint" if kind else f"is not a readable safetensors file ({e})"
+        raise HybridatError(f"{path} {what}; {TO_IMPORT}") from None
     if metadata.get("hybridat.format") != FORMAT:
-        raise HybridatError(f"{path} is a safetensors file but not a hybridat model checkpoint; a state dict of "
-                            "other code becomes one with `hybridat import`")
+        raise HybridatError(f"{path} is a safetensors file but not a hybridat model checkpoint; {TO_IMPORT}")
     return {k.removeprefix("hybridat."): v for k, v in metadata.items() if k.startswith("hybridat.")}
+
+
+def _foreign_kind(path: Path) -> str:
+    """What a file that safetensors could not read is, where its first bytes tell: empty, or torch.save's zip
+    archive or bare pickle (read by `hybridat import`, never here); "" otherwise."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "an empty file"
+    if head == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save: a zip archive, or a bare pickle (protocol 2+)
+        return "a PyTorch file (torch.save)"
+    return ""
 
 
 # The training config as CSV columns: every eval, train and ns-gap row says which training it came from, so

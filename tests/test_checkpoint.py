@@ -1,6 +1,8 @@
 """Checkpoints rebuild their model exactly; bad files give one clear error; writes are atomic."""
 
 import json
+import random
+import re
 
 import pytest
 import torch
@@ -77,8 +79,20 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]  # no temp file left
 
 
-def test_a_torch_pickle_is_pointed_at_hybridat_import(tmp_path):
+@pytest.mark.parametrize("kind,message", [
+    ("zip", "is a PyTorch file (torch.save), not a hybridat checkpoint"),
+    ("legacy", "is a PyTorch file (torch.save), not a hybridat checkpoint"),  # torch.save's pre-1.6 bare pickle
+    ("empty", "is an empty file, not a hybridat checkpoint"),
+    ("random", "is not a readable safetensors file (Error while deserializing header"),
+    ("folder", "is a folder, not a checkpoint file"),
+])
+def test_a_file_that_is_not_safetensors_is_pointed_at_hybridat_import(tmp_path, kind, message):
     path = tmp_path / "model.pt"
-    torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3)}, path)
-    with pytest.raises(HybridatError, match=r"not a readable safetensors file .*`hybridat import`"):
+    if kind in ("zip", "legacy"):
+        torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3)}, path, _use_new_zipfile_serialization=kind == "zip")
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(b"" if kind == "empty" else bytes(random.Random(0).randrange(256) for _ in range(4096)))
+    with pytest.raises(HybridatError, match=re.escape(message) + ".*`hybridat import`"):
         load_checkpoint(path)

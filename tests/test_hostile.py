@@ -12,6 +12,7 @@ import errno
 import fcntl
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from hybridat.train import TrainConfig, make_optimizer
 
 from conftest import fake_cifar10, perturb, tiny
 
+TO_IMPORT = "a checkpoint of other code (.pt, .pth, .safetensors) becomes one with `hybridat import`"
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 TRAIN_META = {"loss": "hybrid", "eps": 8.0, "epochs": 2, "steps": 1, "dataset": "cifar10"}
 LONG = "x" * 240 + ".csv"  # 244 bytes: a legal name, but its temp name would pass 255
@@ -89,6 +91,10 @@ def _build(ws: Path) -> None:
                torch.Generator().manual_seed(0), 1, other, [{"epoch": 1}])
     (runs / "corrupt" / "resume.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
     (runs / "foreign" / "notes.txt").write_text("my notes")
+    torch.save(model.state_dict(), ws / "foreign.pt")  # a checkpoint of other code
+    (ws / "random.safetensors").write_bytes(random.Random(0).randbytes(4096))
+    (ws / "empty.safetensors").write_bytes(b"")
+    (ws / "dir.safetensors").mkdir()
     (ws / "a-file").write_text("a plain file")
     (ws / "folder").mkdir()
     (ws / "ro").mkdir()
@@ -204,6 +210,17 @@ CASES = [
     ("NaN weights: ns-gap", ["ns-gap", "nan.safetensors", "--out", "o.csv", *FAST], "non-finite weights", 1),
     ("no such checkpoint, markup in name", ["attack", "no[/]such[red].safetensors", "--out", "o.csv"],
      "no checkpoint at no[/]such[red].safetensors", 1),
+    # -- a file that is not a hybridat checkpoint, given to every command that loads one: pointed at `import`
+    *[(f"{what}: {cmd[0]}", [cmd[0], name, *cmd[1:]], fragment, 1)
+      for what, name, fragment in [
+          ("a .pt", "foreign.pt", f"is a PyTorch file (torch.save), not a hybridat checkpoint; {TO_IMPORT}"),
+          ("random bytes", "random.safetensors", f"(Error while deserializing header: header too large); {TO_IMPORT}"),
+          ("an empty file", "empty.safetensors", f"is an empty file, not a hybridat checkpoint; {TO_IMPORT}"),
+          ("a folder", "dir.safetensors", f"is a folder, not a checkpoint file (a run folder holds model.safetensors); "
+                                          f"{TO_IMPORT}")]
+      for cmd in [["info"], ["attack", "--out", "o.csv"], ["swap-bn", "--cross", "--out", "o.safetensors"],
+                  ["ns-gap", "--out", "o.csv"],
+                  ["export", "--branch", "clean", "--layout", "torchvision", "--out", "o.pt"]]],
     # -- data: a mistyped folder is neither created nor downloaded into; an empty split
     ("mistyped --data-dir", ["attack", "m.safetensors", "--n", "8", "--device", "cpu", "--data-dir", "dta",
                              "--out", "o.csv"], "dta does not exist", 1),
@@ -266,7 +283,7 @@ def test_hostile(case, args, fragment, code, base, tmp_path, monkeypatch):
 def test_the_table_is_large_and_covers_every_command():
     assert len(CASES) >= 40
     commands = {_values(c)[1][0] for c in CASES}
-    assert commands == {"train", "attack", "swap-bn", "ns-gap", "report", "bench", "info", "nsgap"}
+    assert commands == {"train", "attack", "swap-bn", "ns-gap", "report", "bench", "info", "nsgap", "export"}
 
 
 def test_unfinished_checkpoint_is_marked_in_the_csv(base, tmp_path, monkeypatch):
