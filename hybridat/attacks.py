@@ -6,19 +6,19 @@ Every attack runs inside `frozen(model)` and so leaves no trace on the model (ST
 
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridat.errors import HybridatError
+from hybridat.errors import HybridatError, check_choice, check_number
 from hybridat.graphs import Graphed
 
 STARTS = ("uniform", "normal", "none")
 NORMS = {"linf": "Linf", "l2": "L2"}  # our name -> pyautoattack's name
-AA_VERSIONS = ("standard", "plus", "rand", "custom")
-AA_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")
+AA_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")  # pyautoattack's names
 
 
 @contextmanager
@@ -122,23 +122,116 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torc
     return pgd(model, x, y, eps, step=eps, steps=1, start="none")
 
 
-def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str = "standard",
+UNTARGETED = ("apgd-ce", "apgd-dlr", "fab")  # the attacks whose restarts AutoAttack's versions set
+
+
+@dataclass(frozen=True)
+class AASettings:
+    """What one AutoAttack run runs: `attacks` in order, `restarts` of each untargeted attack (APGD-CE,
+    APGD-DLR, FAB) and APGD's `eot_iter` (EOT gradient samples). Fixed in every version of the reference code
+    (L∞, L2), so not recorded: APGD 100 iterations; APGD-T and FAB-T 1 restart for each of 9 target classes;
+    Square 5,000 queries, 1 restart."""
+    attacks: tuple[str, ...]
+    restarts: int = 1
+    eot_iter: int = 1
+
+    @property
+    def version(self) -> str:
+        """The reference version with exactly these settings, else "custom"."""
+        return next((v for v, s in AA_VERSIONS.items() if s == self), "custom")
+
+    @property
+    def name(self) -> str:
+        """The `attack` of an eval row: "autoattack" is the standard version only."""
+        return {"standard": "autoattack"}.get(self.version, f"autoattack-{self.version}")
+
+    def columns(self) -> dict:
+        """The eval row's record of what ran."""
+        return {"aa_attacks": ",".join(self.attacks), "aa_restarts": self.restarts, "aa_eot_iter": self.eot_iter}
+
+
+AA_VERSIONS = {  # as pyautoattack's AutoAttack._set_version sets them for L∞ and L2
+    "standard": AASettings(("apgd-ce", "apgd-t", "fab-t", "square"), restarts=1),
+    "plus": AASettings(("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"), restarts=5),
+    "rand": AASettings(("apgd-ce", "apgd-dlr"), restarts=1, eot_iter=20),
+}
+
+
+def aa_settings(version: str | None = None, attacks: str | list[str] | tuple[str, ...] | None = None,
+                restarts: int | None = None) -> AASettings:
+    """What AutoAttack runs, from a version (default "standard"), or a list of attacks (a comma-separated string
+    or a sequence, run in that order) with `restarts` (default 1, the standard version's). Settings that
+    contradict each other are refused, never silently overridden."""
+    if version is not None:
+        check_choice(version, AA_VERSIONS, "AutoAttack version")
+    if restarts is not None:
+        check_number("AutoAttack restarts", restarts, 1, 1000, integer=True)
+    if attacks is None:
+        chosen = AA_VERSIONS[version or "standard"]
+        if restarts is None or restarts == chosen.restarts:
+            return chosen
+        if version is not None:
+            raise HybridatError(f"AutoAttack version {version!r} runs {chosen.restarts} restart(s), not {restarts}; "
+                                "give a version or the restarts (with a list of attacks), not both")
+        attacks = chosen.attacks
+    names = tuple(a.strip() for a in attacks.split(",")) if isinstance(attacks, str) else tuple(attacks)
+    if not names or names == ("",):
+        raise HybridatError(f"no AutoAttack attacks given; name one or more of: {', '.join(AA_ATTACKS)}")
+    for a in names:
+        check_choice(a, AA_ATTACKS, "AutoAttack attack")
+    if len(set(names)) < len(names):
+        raise HybridatError(f"an AutoAttack attack is named twice in {','.join(names)}")
+    if version is not None:
+        chosen = AA_VERSIONS[version]
+        if names != chosen.attacks or (restarts or chosen.restarts) != chosen.restarts:
+            raise HybridatError(f"AutoAttack version {version!r} runs {','.join(chosen.attacks)} with "
+                                f"{chosen.restarts} restart(s); give a version or a list of attacks, not both")
+        return chosen
+    if restarts is not None and not set(names) & set(UNTARGETED):
+        raise HybridatError(f"AutoAttack restarts apply to {', '.join(UNTARGETED)}, none of which is in "
+                            f"{','.join(names)} (apgd-t and fab-t run 1 restart per target class, square 1)")
+    restarts = 1 if restarts is None else restarts
+    if restarts > 1 and "fab" in names and "fab-t" in names and names.index("fab-t") < names.index("fab"):
+        raise HybridatError("pyautoattack runs fab with 1 restart once fab-t has run; list fab before fab-t")
+    return AASettings(names, restarts)
+
+
+def _reference_settings(aa) -> AASettings:
+    """What a pyautoattack.AutoAttack object is set to run, read back from it (for what AASettings records);
+    refused if a setting that AASettings takes as fixed differs (another version of the reference code)."""
+    fixed = dict(apgd_iter=aa.apgd.n_iter, apgdt_iter=aa.apgd_targeted.n_iter,
+                 apgdt_restarts=aa.apgd_targeted.n_restarts, apgdt_targets=aa.apgd_targeted.n_target_classes,
+                 fab_targets=aa.fab.n_target_classes, square_queries=aa.square.n_queries,
+                 square_restarts=aa.square.n_restarts)
+    if fixed != dict(apgd_iter=100, apgdt_iter=100, apgdt_restarts=1, apgdt_targets=9, fab_targets=9,
+                     square_queries=5000, square_restarts=1):
+        raise HybridatError(f"this pyautoattack sets {fixed}, not the reference settings hybridat records")
+    attacks = tuple(aa.attacks_to_run)
+    fab_restarts = aa.fab.n_restarts if "fab" in attacks else None
+    apgd_restarts = aa.apgd.n_restarts if {"apgd-ce", "apgd-dlr"} & set(attacks) else None
+    restarts = {r for r in (fab_restarts, apgd_restarts) if r is not None} or {1}
+    if len(restarts) > 1:
+        raise HybridatError(f"this pyautoattack runs APGD with {apgd_restarts} and FAB with {fab_restarts} restarts")
+    return AASettings(attacks, restarts.pop(), aa.apgd.eot_iter)
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str | None = None,
                batch_size: int = 500, seed: int = 0, device: torch.device | str | None = None,
-               attacks: list[str] | None = None, norm: str = "linf", quiet: bool = True) -> torch.Tensor:
+               attacks: str | list[str] | None = None, restarts: int | None = None, norm: str = "linf",
+               quiet: bool = True) -> torch.Tensor:
     """AutoAttack, Croce & Hein 2020 ("Reliable evaluation of adversarial robustness with an ensemble of
-    diverse parameter-free attacks"), through the reference implementation (pyautoattack). "standard" =
-    APGD-CE, APGD-T, FAB-T, Square; version="custom" runs the given `attacks` (e.g. ["apgd-ce"]).
-    Threat model L∞ (or L2) ball of radius ε, [0, 1]. x (B, C, H, W), y (B,) -> x_adv (B, C, H, W) on x's
-    device. The caller's global RNG state is left as it was (the reference code reseeds it)."""
+    diverse parameter-free attacks"), through the reference implementation (pyautoattack). What runs is
+    `aa_settings(version, attacks, restarts)`: by default the standard version (APGD-CE, APGD-T, FAB-T, Square);
+    a list of attacks (e.g. ["apgd-ce"]) runs with 1 restart unless `restarts` says otherwise (the reference's
+    own custom mode would silently run 5). Threat model L∞ (or L2) ball of radius ε, [0, 1]. x (B, C, H, W),
+    y (B,) -> x_adv (B, C, H, W) on x's device. The caller's global RNG state is left as it was (the reference
+    code reseeds it)."""
     import pyautoattack  # imported here: only evaluation needs it
 
     _check(x, y, eps)
     if norm not in NORMS:
         raise HybridatError(f"unknown norm {norm!r}: choose one of {tuple(NORMS)}.")
-    if (version == "custom") != (attacks is not None) or version not in AA_VERSIONS:
-        raise HybridatError(f"AutoAttack versions are {AA_VERSIONS}; a list of attacks goes with 'custom' only.")
-    if not set(attacks or ()) <= set(AA_ATTACKS):
-        raise HybridatError(f"unknown AutoAttack attack in {attacks}: choose from {AA_ATTACKS}.")
+    settings = aa_settings(version, attacks, restarts)
     device = torch.device(x.device if device is None else device)
     rng_devices = [device] if device.type == "cuda" else []
     logger = logging.getLogger("auto-attack")
@@ -147,8 +240,14 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, v
         logger.setLevel(logging.ERROR)
     try:
         with frozen(model), torch.random.fork_rng(devices=rng_devices):
-            aa = pyautoattack.AutoAttack(model, attacks=attacks, device=device, eps=eps,
-                                         norm=NORMS[norm], seed=seed, version=version)
+            custom = settings.version == "custom"
+            aa = pyautoattack.AutoAttack(model, attacks=list(settings.attacks) if custom else None, device=device,
+                                         eps=eps, norm=NORMS[norm], seed=seed, version=settings.version)
+            if custom:  # the reference's custom mode starts from 5 restarts for APGD and FAB
+                aa.apgd.n_restarts = aa.fab.n_restarts = settings.restarts
+                aa.apgd.eot_iter = settings.eot_iter
+            if _reference_settings(aa) != settings:
+                raise HybridatError(f"pyautoattack was set to run {_reference_settings(aa)}, not {settings}")
             x_adv, _ = aa.run_standard_evaluation(x.detach(), y.detach(), batch_size=batch_size)
     finally:
         logger.setLevel(level)
@@ -177,9 +276,11 @@ ATTACKS = {"clean": _clean, "fgsm": _fgsm, "pgd": _pgd, "autoattack": _autoattac
 
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, eps: float,
                     step: float | None = None, steps: int = 10, batch_size: int = 500, seed: int = 0,
-                    aa_version: str = "standard", graphs: bool = True) -> float:
+                    aa_version: str | None = None, aa_attacks: str | list[str] | None = None,
+                    aa_restarts: int | None = None, graphs: bool = True) -> float:
     """Fraction of x classified correctly after `attack` (a key of ATTACKS), in eval mode. Attacks run
-    batch by batch (batch i seeded with seed + i); AutoAttack (`aa_version`) gets all of x and batches itself.
+    batch by batch (batch i seeded with seed + i); AutoAttack (`aa_settings(aa_version, aa_attacks,
+    aa_restarts)`) gets all of x and batches itself.
     graphs: PGD on a GPU runs each full batch as one CUDA graph (`pgd_accuracy`), with the same numbers."""
     if attack not in ATTACKS:
         raise HybridatError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}.")
@@ -191,7 +292,8 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
         return pgd_accuracy(model, x, y, eps, step, steps, batch_size, seed, capture=True).item() / x.shape[0]
     x_aa = None
     if attack == "autoattack":
-        x_aa = autoattack(model, x, y, eps, version=aa_version, batch_size=batch_size, seed=seed)
+        x_aa = autoattack(model, x, y, eps, version=aa_version, batch_size=batch_size, seed=seed, attacks=aa_attacks,
+                          restarts=aa_restarts)
     correct = torch.zeros((), dtype=torch.long, device=x.device)
     for i, lo in enumerate(range(0, x.shape[0], batch_size)):
         xb, yb = x[lo:lo + batch_size], y[lo:lo + batch_size]

@@ -18,11 +18,11 @@ from rich.table import Table
 from rich.text import Text
 from safetensors import SafetensorError
 
-from .attacks import ATTACKS
+from .attacks import AA_ATTACKS, AA_VERSIONS, ATTACKS
 from .checkpoint import load_checkpoint, training_columns, write_csv
 from .data import DATASETS, load_split, num_classes, split_files, to_float
 from .errors import HybridatError, check_choice, check_number
-from .evaluate import AA_VERSIONS, attack_label, check_evaluation, evaluate
+from .evaluate import attack_label, check_evaluation, evaluate
 from .files import Terminated, check_outputs, os_error_line, signals_interrupt
 from .interop import LAYOUTS, PLAIN
 from .models import ARCHS, ModelConfig
@@ -240,7 +240,13 @@ def attack_cmd(
     branch: Annotated[Optional[list[str]], typer.Option(help="adv or clean, repeatable [default: both]")] = None,
     n: Annotated[Optional[int], typer.Option(help="evaluate the first N test images [default: all]")] = None,
     batch_size: int = 500,
-    aa_version: Annotated[str, typer.Option(help=f"AutoAttack version: {_names(AA_VERSIONS)}")] = "standard",
+    aa_version: Annotated[Optional[str], typer.Option(help=f"AutoAttack version: {_names(AA_VERSIONS)} "
+                                                          "[default: standard]")] = None,
+    aa_attacks: Annotated[Optional[str], typer.Option(
+        help=f"AutoAttack's attacks to run, comma-separated, in order: any of {_names(AA_ATTACKS)} (1 restart "
+             "unless --aa-restarts); instead of --aa-version")] = None,
+    aa_restarts: Annotated[Optional[int], typer.Option(
+        help="restarts of apgd-ce, apgd-dlr and fab [default: the version's: standard 1, plus 5]")] = None,
     dataset: Annotated[Optional[str], typer.Option(help=f"{_names(DATASETS)} [default: the one it was trained on]")]
     = None,
     data_dir: DataDir = None,
@@ -250,7 +256,8 @@ def attack_cmd(
 ):
     """Evaluate a checkpoint per branch: clean, FGSM, PGD, AutoAttack accuracy."""
     branches = branch or ["adv", "clean"]
-    evaluate_args = dict(eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed, aa_version=aa_version)
+    evaluate_args = dict(eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed, aa_version=aa_version,
+                         aa_attacks=aa_attacks, aa_restarts=aa_restarts)
     check_evaluation(attack, branches, **evaluate_args)  # every option, before any work
     if dataset is not None:
         check_choice(dataset, DATASETS, "dataset")
@@ -265,7 +272,7 @@ def attack_cmd(
 
 
 def _print_row(row: dict) -> None:
-    label = attack_label(row["attack"], row["steps"])
+    label = attack_label(row["attack"], row["steps"], row["aa_attacks"] or "", row["aa_restarts"])
     say(f"  {row['branch']:5s} {label:8s} acc {row['accuracy']:.4f}  ({row['seconds']:.1f} s)")
 
 

@@ -5,21 +5,36 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from .attacks import ATTACKS, robust_accuracy
+from .attacks import AA_VERSIONS, ATTACKS, AASettings, aa_settings, robust_accuracy
 from .checkpoint import Checkpoint, training_columns
 from .data import Split, to_float
 from .errors import HybridatError, check_choice, check_number
 from .models import BranchView
 from .norms import BRANCHES, NORMS
 
-AA_VERSIONS = ("standard", "plus", "rand")
+AA_COMPONENTS = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square",
+                 "apgd-dlr": "APGD-DLR", "fab": "FAB"}  # AutoAttack's attacks as the literature names them
 
 
-def attack_label(attack: str, steps: int | None) -> str:
-    """Column name in tables: clean, FGSM, PGD-10, AA (AA-plus, AA-rand for the other AutoAttack versions)."""
+def attack_label(attack: str, steps: int | None, aa_attacks: str = "", aa_restarts: int | None = None) -> str:
+    """Column name in tables: clean, FGSM, PGD-10, AA (the standard version only), AA-plus, AA-rand; any other
+    AutoAttack run says what ran: one attack by its name ("APGD-CE"), several as "AA(apgd-ce,square)", and
+    restarts other than 1 after it ("APGD-CE (5 restarts)")."""
+    if attack == "autoattack-custom" and aa_attacks:
+        names = aa_attacks.split(",")
+        label = AA_COMPONENTS.get(names[0], names[0]) if len(names) == 1 else f"AA({aa_attacks})"
+        known = aa_restarts is not None and aa_restarts == aa_restarts  # NaN: not recorded
+        return f"{label} ({aa_restarts:g} restarts)" if known and aa_restarts != 1 else label
     if attack.startswith("autoattack-"):
         return "AA-" + attack.removeprefix("autoattack-")
     return {"clean": "clean", "fgsm": "FGSM", "autoattack": "AA"}.get(attack, f"PGD-{steps}")
+
+
+def aa_columns(attack: str) -> dict:
+    """The AutoAttack columns of a row written before they existed: what its `attack` ran then (rows of
+    "autoattack", "autoattack-plus", "autoattack-rand"); {} for any other attack."""
+    version = {"autoattack": "standard"}.get(attack, attack.removeprefix("autoattack-"))
+    return AA_VERSIONS[version].columns() if version in AA_VERSIONS else {}
 
 
 def attack_plan(attacks: list[str], steps: list[int]) -> list[tuple[str, int | None]]:
@@ -36,29 +51,39 @@ def attack_plan(attacks: list[str], steps: list[int]) -> list[tuple[str, int | N
 
 def check_evaluation(attacks: list[str], branches: list[str], *, eps: float, step: float | None = None,
                      steps: list[int] = (10,), batch_size: int = 500, seed: int = 0,
-                     aa_version: str = "standard") -> list[tuple[str, int | None]]:
+                     aa_version: str | None = None, aa_attacks: str | list[str] | None = None,
+                     aa_restarts: int | None = None) -> list[tuple[str, int | None]]:
     """Every setting of `evaluate` checked (one line for the first bad one); returns the attack plan."""
     check_number("eps", eps, 0, 255)
     if step is not None:
         check_number("step", step, 0, 255, low_open=True)
     check_number("batch size", batch_size, 1, 1 << 20, integer=True)
     check_number("seed", seed, 0, 2**63 - 1, integer=True)
-    check_choice(aa_version, AA_VERSIONS, "AutoAttack version")
     for b in branches:
         check_choice(b, BRANCHES, "branch")
-    return attack_plan(attacks, list(steps))
+    plan = attack_plan(attacks, list(steps))
+    aa_settings(aa_version, aa_attacks, aa_restarts)
+    if (aa_version, aa_attacks, aa_restarts) != (None, None, None) and "autoattack" not in attacks:
+        raise HybridatError("AutoAttack settings (version, attacks, restarts) were given, but autoattack is not "
+                            "among the attacks")
+    return plan
 
 
 def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[str], *, eps: float,
              step: float | None = None, steps: list[int] = (10,), batch_size: int = 500, seed: int = 0,
-             aa_version: str = "standard", on_row: Callable[[dict], None] | None = None,
+             aa_version: str | None = None, aa_attacks: str | list[str] | None = None,
+             aa_restarts: int | None = None, on_row: Callable[[dict], None] | None = None,
              graphs: bool = True) -> list[dict]:
     """Accuracy under each attack through each branch. eps/step in pixel units; step defaults to eps/4.
+    AutoAttack runs `aa_settings(aa_version, aa_attacks, aa_restarts)` (default: the standard version), and its
+    rows record what ran (`aa_attacks`, `aa_restarts`, `aa_eot_iter`; `attack` is "autoattack" for the
+    standard version only).
 
     A single-branch model is one network for both branches: it is attacked once and reported under each.
     """
     plan = check_evaluation(attacks, branches, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed,
-                            aa_version=aa_version)
+                            aa_version=aa_version, aa_attacks=aa_attacks, aa_restarts=aa_restarts)
+    aa = aa_settings(aa_version, aa_attacks, aa_restarts)
     if int(split.labels.max()) >= ckpt.config.num_classes:
         raise HybridatError(f"{ckpt.path} has {ckpt.config.num_classes} classes, but the data has labels up to "
                             f"{int(split.labels.max())}; evaluate it on the dataset it was trained on")
@@ -72,24 +97,26 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
                 t0 = time.perf_counter()
                 acc = robust_accuracy(BranchView(ckpt.model, branch), x, y, attack, eps=eps / 255,
                                       step=None if step is None else step / 255, steps=k or 1,
-                                      batch_size=batch_size, seed=seed, aa_version=aa_version, graphs=graphs)
+                                      batch_size=batch_size, seed=seed, aa_version=aa_version,
+                                      aa_attacks=aa_attacks, aa_restarts=aa_restarts, graphs=graphs)
                 done[key] = (acc, time.perf_counter() - t0)
             acc, seconds = done[key]
-            name = f"autoattack-{aa_version}" if attack == "autoattack" and aa_version != "standard" else attack
-            row = _row(ckpt, branch, name, k, eps, step, len(y), acc, seconds, seed)
+            row = _row(ckpt, branch, attack, k, eps, step, len(y), acc, seconds, seed, aa if attack == "autoattack"
+                       else None)
             rows.append(row)
             if on_row is not None:
                 on_row(row)
     return rows
 
 
-def _row(ckpt, branch, attack, steps, eps, step, n, acc, seconds, seed) -> dict:
+def _row(ckpt, branch, attack, steps, eps, step, n, acc, seconds, seed, aa: AASettings | None) -> dict:
     train = ckpt.train
+    aa_record = aa.columns() if aa is not None else {"aa_attacks": None, "aa_restarts": None, "aa_eot_iter": None}
     return {"run": ckpt.header.get("run", ckpt.path.parent.name), "checkpoint": str(ckpt.path),
             "checkpoint_hash": ckpt.hash, "parent_hash": ckpt.header.get("parent", ""),
             "operation": ckpt.header.get("operation", ""), "norm": ckpt.config.norm, "arch": ckpt.config.arch,
             "width": ckpt.config.width, "seed": ckpt.meta("seed", ""), "train_eps": train.get("eps", ""),
-            "loss_name": train.get("loss", ""), "branch": branch, "attack": attack, "eps": eps,
+            "loss_name": train.get("loss", ""), "branch": branch, "attack": aa.name if aa else attack, "eps": eps,
             "step": (step if step is not None else eps / 4) if attack == "pgd" else None, "steps": steps,
             "n": n, "accuracy": acc, "seconds": seconds, "eval_seed": seed,
-            "unfinished": ckpt.unfinished} | training_columns(train)
+            "unfinished": ckpt.unfinished} | aa_record | training_columns(train)

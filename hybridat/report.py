@@ -19,7 +19,7 @@ from .analysis import PROTOCOL, PROTOCOL_DEFAULTS
 from .checkpoint import TRAINING_COLUMNS, write_csv
 from .files import atomic_path, check_outputs
 from .errors import HybridatError
-from .evaluate import attack_label
+from .evaluate import aa_columns, attack_label
 
 MISSING = "—"
 
@@ -32,6 +32,7 @@ SCHEMAS = {
               "distance", "fix_ap", "branch", "eps"},
 }
 NUMERIC = {"width", "seed", "train_eps", "eps", "step", "steps", "n", "accuracy", "seconds", "eval_seed", "images",
+           "aa_restarts", "aa_eot_iter",
            "loss", "loss_adv", "acc_adv", "loss_clean", "acc_clean", "epoch", "lr", "images_per_s", "layer",
            "distance"}
 LABELS = {"training", "norm", "loss", "train ε", "operation", "ε", "layer", "name", "claim", "comparison", "metric",
@@ -218,7 +219,9 @@ def _eval(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
         for col in ("seed", "train_eps", "loss_name"):
             missing = ev[col].isna() | (ev[col].astype(str) == "")
             ev[col] = ev[col].where(~missing, ev.parent_hash.map(parent[col]))
-    ev["column"] = [attack_label(a, None if pd.isna(k) else int(k)) for a, k in zip(ev.attack, ev.steps)]
+    ev = _with_aa_columns(ev)
+    ev["column"] = [attack_label(a, None if pd.isna(k) else int(k), aa, r)
+                    for a, k, aa, r in zip(ev.attack, ev.steps, ev.aa_attacks, ev.aa_restarts)]
     ev["op"] = ev.operation.map(_op_key)
     ev["unit"] = _units(ev)
     at_train_eps = (ev.attack == "clean") | ev.train_eps.isna() | (ev.eps == ev.train_eps)
@@ -226,8 +229,30 @@ def _eval(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return ev[at_train_eps].drop_duplicates(["checkpoint_hash", "branch", "column"], keep="last")
 
 
+def _with_aa_columns(ev: pd.DataFrame) -> pd.DataFrame:
+    """AutoAttack rows of CSVs written before `aa_attacks`/`aa_restarts`/`aa_eot_iter` existed get what their
+    `attack` ran then (the standard, plus or rand version)."""
+    ev = ev.copy()
+    for col in ("aa_attacks", "aa_restarts", "aa_eot_iter"):
+        if col not in ev:
+            ev[col] = "" if col == "aa_attacks" else float("nan")
+    old = ev.aa_attacks.fillna("").astype(str).str.strip() == ""
+    for i in ev.index[old]:
+        for col, value in aa_columns(ev.at[i, "attack"]).items():
+            ev.at[i, col] = value
+    ev["aa_attacks"] = ev.aa_attacks.fillna("").astype(str)
+    return ev
+
+
 def _cells(rows: pd.DataFrame, spec: list[tuple[str, str]], prefix: str = "") -> dict[str, str]:
     return {f"{prefix}{branch}: {col}": _pick(rows, "accuracy", branch=branch, column=col) for branch, col in spec}
+
+
+def _other_aa(ev: pd.DataFrame) -> list[str]:
+    """Columns of AutoAttack runs other than the standard version (AA-plus, APGD-CE, AA(apgd-ce,square), ...)
+    found in the rows: tables show them beside AA, never in its place."""
+    other = ev.column[ev.attack.astype(str).str.startswith("autoattack-")]
+    return sorted(set(other))
 
 
 def _levels(*values: pd.Series, always=()) -> list[float]:
@@ -239,12 +264,13 @@ def table_cross_bn(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Table 1: Cross-BN vs Self-BN (dual-bn), hybrid loss, each branch under clean / PGD-10 / AA."""
     ev = _eval(frames)
     ev = ev[(ev.op == "") & (ev.loss_name == "hybrid")]
+    spec = BOTH + [(b, c) for b in ("adv", "clean") for c in _other_aa(ev)]
     rows = []
     for eps in _levels(ev.train_eps[ev.norm.isin(["cross-bn", "cross-bn-adv", "dual-bn"])], always=[8]):
         for norm, label in [("cross-bn", "cross-bn"), ("cross-bn-adv", "cross-bn-adv"),
                             ("dual-bn", "dual-bn (Self-BN)")]:
             rows.append({"norm": label, "train ε": _num(eps),
-                         **_cells(ev[(ev.norm == norm) & (ev.train_eps == eps)], BOTH)})
+                         **_cells(ev[(ev.norm == norm) & (ev.train_eps == eps)], spec)})
     return pd.DataFrame(rows)
 
 
@@ -254,11 +280,12 @@ def _eps_grid(frames: dict[str, pd.DataFrame], pairs: list[tuple[str, str]], sho
     ev = ev[ev.op == ""]
     mine = {(norm, loss): ev[(ev.norm == norm) & (ev.loss_name == loss)] for norm, loss in pairs}
     levels = _levels(*(m.train_eps for m in mine.values()), always=[8, 16])
+    spec = PAPER + [("adv", c) for c in _other_aa(pd.concat(mine.values()))]
     rows = []
     for (norm, loss), m in mine.items():
         row = {"norm": norm, "loss": loss} if show_loss else {"norm": norm}
         for eps in levels:
-            row |= _cells(m[m.train_eps == eps], PAPER, f"ε={_num(eps)} ")
+            row |= _cells(m[m.train_eps == eps], spec, f"ε={_num(eps)} ")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -280,7 +307,8 @@ def table_test_time(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     ev = _eval(frames)
     ev = ev[(ev.norm == "dual-bn") & (ev.loss_name == "hybrid")]
     ops = list(dict.fromkeys(["", CROSS, SWAP_AP, *sorted(set(ev.op), key=op_label)]))
-    spec = BOTH if (ev.column == "AA").any() else [s for s in BOTH if s[1] != "AA"]
+    spec = [s for s in BOTH if s[1] != "AA" or (ev.column == "AA").any()]
+    spec += [(b, c) for b in ("adv", "clean") for c in _other_aa(ev)]  # a new list: BOTH stays as it is
     return pd.DataFrame([{"operation": op_label(op), "train ε": _num(eps),
                           **_cells(ev[(ev.op == op) & (ev.train_eps == eps)], spec)}
                          for eps in _levels(ev.train_eps, always=[8]) for op in ops])

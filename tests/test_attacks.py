@@ -1,6 +1,7 @@
 """Attacks: threat-model bounds, no trace left on the model, exact agreement with torchattacks, behaviour."""
 
 import logging
+import re
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 import torchattacks
 from torch import nn
 
-from hybridat.attacks import ATTACKS, autoattack, default_step, fgsm, frozen, pgd, robust_accuracy
+from hybridat.attacks import (AA_VERSIONS, ATTACKS, AASettings, aa_settings, autoattack, default_step, fgsm, frozen,
+                              pgd, pgd_from, robust_accuracy)
 from hybridat.errors import HybridatError
 
 EPS = 8 / 255
@@ -130,7 +132,7 @@ def test_attacks_leave_no_trace(attack):
     elif attack == "pgd-l2":
         pgd(model, x, y, 0.5, 0.1, 3, norm="l2")
     else:
-        autoattack(model, x, y, EPS, version="custom", attacks=["apgd-ce"])
+        autoattack(model, x, y, EPS, attacks=["apgd-ce"])
     after = snapshot(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats and counters untouched
     assert all(p.grad is None for p in model.parameters())
@@ -186,11 +188,11 @@ def test_loss_fn_is_pluggable(trained):
         assert (model(targeted).argmax(1) == 0).float().mean() > 0.9
 
 
-def test_autoattack_custom_runs_in_ball_and_keeps_global_rng(trained):
+def test_autoattack_list_runs_in_ball_and_keeps_global_rng(trained):
     model, x, y = trained
     x, y = x[:8], y[:8]
     rng = torch.get_rng_state()
-    x_adv = autoattack(model, x, y, 0.08, version="custom", attacks=["apgd-ce"], seed=0)
+    x_adv = autoattack(model, x, y, 0.08, attacks=["apgd-ce"], seed=0)
     assert torch.equal(torch.get_rng_state(), rng)  # the reference code reseeds the global RNG; we undo it
     assert_in_ball(x_adv, x, 0.08)
     assert accuracy(model, x_adv, y) < accuracy(model, x, y)
@@ -225,10 +227,10 @@ def test_bad_input_raises():
             pgd(model, x, y, **kwargs)
     with pytest.raises(HybridatError):
         pgd(model, x, y[:3], EPS)
-    with pytest.raises(HybridatError):
-        autoattack(model, x, y, EPS, attacks=["apgd-ce"])  # a list needs version="custom"
-    with pytest.raises(HybridatError):
-        autoattack(model, x, y, EPS, version="custom", attacks=["cw"])
+    with pytest.raises(HybridatError, match="not both"):
+        autoattack(model, x, y, EPS, version="standard", attacks=["apgd-ce"])
+    with pytest.raises(HybridatError, match="unknown AutoAttack attack 'cw'"):
+        autoattack(model, x, y, EPS, attacks=["cw"])
     with pytest.raises(HybridatError):
         autoattack(model, x, y, -EPS)
 
@@ -250,6 +252,114 @@ def test_autoattack_logger_is_quiet_only_when_asked(caplog):
     for quiet in (True, False):
         caplog.clear()
         with caplog.at_level("WARNING"):
-            autoattack(model, x, y, EPS, version="custom", attacks=["apgd-ce"], quiet=quiet)
+            autoattack(model, x, y, EPS, attacks="apgd-ce", quiet=quiet)
         assert any(r.name == "auto-attack" for r in caplog.records) == (not quiet)
     assert logging.getLogger("auto-attack").level == logging.NOTSET  # restored
+
+
+STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+PLUS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    ({}, AASettings(STANDARD, 1)),
+    ({"version": "plus"}, AASettings(PLUS, 5)),
+    ({"version": "rand"}, AASettings(("apgd-ce", "apgd-dlr"), 1, eot_iter=20)),
+    ({"attacks": "apgd-ce"}, AASettings(("apgd-ce",), 1)),  # not the reference's custom default of 5
+    ({"attacks": " square , apgd-t"}, AASettings(("square", "apgd-t"), 1)),  # order kept
+    ({"attacks": ["apgd-ce"], "restarts": 3}, AASettings(("apgd-ce",), 3)),
+    ({"restarts": 2}, AASettings(STANDARD, 2)),
+    ({"attacks": ",".join(STANDARD)}, AA_VERSIONS["standard"]),  # the standard version, named as such
+    ({"attacks": PLUS, "restarts": 5}, AA_VERSIONS["plus"]),
+    ({"version": "standard", "attacks": list(STANDARD), "restarts": 1}, AA_VERSIONS["standard"]),  # agrees
+])
+def test_aa_settings_resolve(kwargs, expected):
+    assert aa_settings(**kwargs) == expected
+
+
+def test_aa_settings_name_what_ran():
+    assert [aa_settings(version=v).name for v in ("standard", "plus", "rand")] == \
+        ["autoattack", "autoattack-plus", "autoattack-rand"]
+    assert aa_settings(attacks="apgd-ce").name == aa_settings(restarts=3).name == "autoattack-custom"
+    assert aa_settings(attacks="apgd-ce,square", restarts=2).columns() == \
+        {"aa_attacks": "apgd-ce,square", "aa_restarts": 2, "aa_eot_iter": 1}
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"version": "custom"}, "unknown AutoAttack version 'custom'"),
+    ({"attacks": ""}, "no AutoAttack attacks given"),
+    ({"attacks": []}, "no AutoAttack attacks given"),
+    ({"attacks": "apgd-ce,cw"}, "unknown AutoAttack attack 'cw'"),
+    ({"attacks": "apgd-ce,,square"}, "unknown AutoAttack attack ''"),
+    ({"attacks": "square,square"}, "named twice"),
+    ({"restarts": 0}, "AutoAttack restarts must be in [1"),
+    ({"restarts": 1.5}, "AutoAttack restarts must be an integer"),
+    ({"version": "standard", "attacks": "apgd-ce"}, "not both"),
+    ({"version": "standard", "attacks": list(reversed(STANDARD))}, "not both"),  # another order is another run
+    ({"version": "plus", "restarts": 1}, "not both"),
+    ({"version": "standard", "attacks": "apgd-ce", "restarts": 5}, "not both"),
+    ({"attacks": "apgd-t,fab-t,square", "restarts": 2}, "restarts apply to apgd-ce, apgd-dlr, fab"),
+    ({"attacks": "fab-t,fab", "restarts": 2}, "list fab before fab-t"),
+])
+def test_aa_settings_refuse_contradictions(kwargs, fragment):
+    with pytest.raises(HybridatError, match=re.escape(fragment)):
+        aa_settings(**kwargs)
+
+
+def _spy_on_autoattack(monkeypatch) -> list[tuple]:
+    """Every attack object pyautoattack calls, with its settings at that moment; each returns x unchanged
+    (no point is broken, so every listed attack is called)."""
+    from pyautoattack import autopgd_base, fab_base, square
+
+    calls = []
+
+    def spy(name, *settings):
+        def perturb(self, x, y=None, *args, **kwargs):
+            calls.append((name, *(getattr(self, s) for s in settings)))
+            return x.clone()
+        return perturb
+
+    monkeypatch.setattr(autopgd_base.APGDAttack, "perturb", spy("apgd", "loss", "n_restarts", "eot_iter", "n_iter"))
+    monkeypatch.setattr(autopgd_base.APGDAttack_targeted, "perturb",
+                        spy("apgd-t", "n_restarts", "n_target_classes", "eot_iter", "n_iter"))
+    monkeypatch.setattr(fab_base.FABAttack, "perturb", spy("fab", "targeted", "n_restarts", "n_target_classes"))
+    monkeypatch.setattr(square.SquareAttack, "perturb", spy("square", "n_restarts", "n_queries"))
+    return calls
+
+
+APGD_T, FAB_T, SQUARE = ("apgd-t", 1, 9, 1, 100), ("fab", True, 1, 9), ("square", 1, 5000)  # in every version
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    ({}, [("apgd", "ce", 1, 1, 100), APGD_T, FAB_T, SQUARE]),
+    ({"version": "plus"}, [("apgd", "ce", 5, 1, 100), ("apgd", "dlr", 5, 1, 100), ("fab", False, 5, 9), SQUARE,
+                           APGD_T, FAB_T]),
+    ({"version": "rand"}, [("apgd", "ce", 1, 20, 100), ("apgd", "dlr", 1, 20, 100)]),
+    ({"attacks": "apgd-ce"}, [("apgd", "ce", 1, 1, 100)]),  # the reference's custom mode alone would run 5
+    ({"attacks": "fab,apgd-ce", "restarts": 3}, [("fab", False, 3, 9), ("apgd", "ce", 3, 1, 100)]),
+    ({"attacks": "square,fab-t,apgd-t"}, [SQUARE, FAB_T, APGD_T]),
+])
+def test_autoattack_runs_what_its_settings_say(monkeypatch, kwargs, expected):
+    """The reference code's attack objects, at the moment each is called, have the restarts, target classes and
+    EOT iterations that `aa_settings` records or takes as fixed (one batch: each attack called once)."""
+    calls = _spy_on_autoattack(monkeypatch)
+    model, (x, _) = tiny_net(), data(4)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every point correct: every attack has points to attack
+    autoattack(model, x, y, EPS, batch_size=4, **kwargs)
+    assert calls == expected
+
+
+def test_autoattack_list_is_the_reference_call_bit_for_bit(trained):
+    """A list with restarts: the same examples as pyautoattack's custom mode with those restarts set by hand."""
+    import pyautoattack
+
+    model, x, y = trained
+    x, y = x[:8], y[:8]
+    ours = autoattack(model, x, y, 0.03, attacks="apgd-ce", restarts=2, seed=5)
+    with frozen(model):
+        ref = pyautoattack.AutoAttack(model, attacks=["apgd-ce"], eps=0.03, seed=5, version="custom")
+        ref.apgd.n_restarts = 2
+        ref_adv, _ = ref.run_standard_evaluation(x, y, batch_size=500)
+    assert torch.equal(ours, ref_adv)
+    assert not torch.equal(ours, x)  # it attacked

@@ -72,6 +72,22 @@ def test_ns_gap_protocol_flags_are_recorded_in_every_row(trained, tmp_path, data
     assert (tmp_path / "gap-depth.png").stat().st_size > 0 and (tmp_path / "gap-channels.png").stat().st_size > 0
 
 
+def test_attack_runs_and_records_the_autoattack_asked_for(trained, tmp_path, data_dir):
+    """--aa-attacks/--aa-restarts: the row says what ran (never the standard version's name), and so does the
+    printed label; the standard version is "autoattack" with its attacks and restarts recorded."""
+    out = tmp_path / "aa.csv"
+    common = ["--n", "16", "--branch", "adv", "--data-dir", data_dir, "--device", "cpu"]
+    result = invoke("attack", trained / "model.safetensors", "--attack", "autoattack", "--aa-attacks", "apgd-ce",
+                    "--aa-restarts", "2", *common, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "APGD-CE (2 restarts)" in result.output
+    row = pd.read_csv(out).iloc[0]
+    assert (row.attack, row.aa_attacks, row.aa_restarts, row.aa_eot_iter) == ("autoattack-custom", "apgd-ce", 2, 1)
+    clean = invoke("attack", trained / "model.safetensors", "--attack", "clean", *common, "--out", tmp_path / "c.csv")
+    assert clean.exit_code == 0 and pd.read_csv(tmp_path / "c.csv").aa_attacks.isna().all()  # no AA: empty
+    assert row.accuracy <= pd.read_csv(tmp_path / "c.csv").accuracy.iloc[0]
+
+
 def test_info_prints_config(trained):
     result = invoke("info", trained / "model.safetensors")
     assert result.exit_code == 0

@@ -290,3 +290,32 @@ def test_ns_gap_rows_measured_differently_are_never_mixed(frames, tmp_path):
     assert train.loc["0", "own branch: adv-clean mean"] == "0.110 ± 0.014 (n=2)"  # as without the new rows
     assert evald.loc["0", "own branch: adv-running mean"] == "1.100 ± 0.141 (n=2)"
     assert evald["own branch: adv-clean mean"].isna().all()  # that column belongs to the other part only
+
+
+def test_autoattack_runs_other_than_standard_get_their_own_columns(frames):
+    """AA is the standard version only: a single component, other restarts or another version each get a column
+    named by what ran; rows of CSVs written before the aa_* columns are the versions their `attack` names."""
+    ev = frames["eval"]
+    standard = ev[(ev.attack == "autoattack") & (ev.run == "run-d0")]
+    assert len(standard) == 1 and "aa_attacks" not in ev  # the fixture is an old CSV
+    runs = [("autoattack-custom", "apgd-ce", 1, 0.50), ("autoattack-custom", "apgd-ce", 5, 0.48),
+            ("autoattack-custom", "apgd-ce,square", 1, 0.46), ("autoattack-plus", "apgd-ce,apgd-dlr,fab,square,apgd-t,"
+                                                                 "fab-t", 5, 0.42)]
+    new = pd.concat([standard.assign(attack=a, aa_attacks=aa, aa_restarts=r, aa_eot_iter=1, accuracy=acc)
+                     for a, aa, r, acc in runs])
+    both = {"eval": pd.concat([ev, new], ignore_index=True)}
+    t = build_tables(both)["cross-bn"]
+    t = t[t["train ε"] == "8"].set_index("norm")
+    assert t.loc["dual-bn (Self-BN)", "adv: AA"] == "44.0 (n=1)"  # the standard run's, as before
+    assert {c: t.loc["dual-bn (Self-BN)", f"adv: {c}"] for c in ("APGD-CE", "APGD-CE (5 restarts)",
+                                                                 "AA(apgd-ce,square)", "AA-plus")} == \
+        {"APGD-CE": "50.0 (n=1)", "APGD-CE (5 restarts)": "48.0 (n=1)", "AA(apgd-ce,square)": "46.0 (n=1)",
+         "AA-plus": "42.0 (n=1)"}
+    assert t.loc["cross-bn", "adv: APGD-CE"] == "—"
+    assert "ε=8 adv: APGD-CE" in build_tables(both)["ns-vs-ap"].columns
+    old = report._eval(frames)
+    aa = old[old.attack == "autoattack"]
+    assert len(aa) and (aa.aa_attacks == "apgd-ce,apgd-t,fab-t,square").all() and (aa.aa_restarts == 1).all()
+    assert (old[old.attack == "clean"].aa_attacks == "").all()
+    assert list(build_tables(frames)["cross-bn"].columns) == ["norm", "train ε"] + [
+        f"{b}: {c}" for b in ("adv", "clean") for c in ("clean", "PGD-10", "AA")]  # no extra columns without rows
