@@ -84,9 +84,14 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
     Adversarial Attacks"). Threat model: ‖x_adv − x‖_∞ ≤ ε (norm="linf") or ‖·‖_2 ≤ ε per sample
     (norm="l2"), x_adv ∈ [0, 1]. x (B, C, H, W) in [0, 1], y (B,) int labels -> x_adv (B, C, H, W), detached.
     start: "uniform" (evaluation), "normal" (training: x + 0.001·N(0,1)) or "none". loss_fn(logits, y)
-    -> scalar to maximize, default CE summed over the batch. A step is torchattacks.PGD's (PGDL2's) arithmetic on
-    the summed CE where torchattacks takes the mean: the same gradient signs up to round-off, which can flip a
-    sign where a gradient is ~0 (one value in 307,200 on a tested model)."""
+    -> scalar to maximize, default CE summed over the batch (so an example's step does not depend on the batch).
+    A step is torchattacks.PGD's (PGDL2's) arithmetic. What is exact (tests/test_attacks.py): with torchattacks'
+    loss, `loss_fn` = mean CE, the examples are torchattacks.PGD's bit for bit from the same start (start="none",
+    or "uniform" drawn from the same global RNG state), and PGDL2's from start="none". With the default summed
+    CE (L∞) the gradient is B times the mean's: exactly so for a batch B that is a power of two (bit-identical
+    examples again); for another B up to float round-off (within 1e-5 of each sample's largest component), so a
+    component within round-off of 0 can take the other sign, and that sample's later iterates can then differ
+    (README, Speed: measured counts)."""
     _check(x, y, eps)
     step = default_step(eps) if step is None else step
     if steps < 1 or step < 0:
