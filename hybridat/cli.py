@@ -240,13 +240,13 @@ def attack_cmd(
     branch: Annotated[Optional[list[str]], typer.Option(help="adv or clean, repeatable [default: both]")] = None,
     n: Annotated[Optional[int], typer.Option(help="evaluate the first N test images [default: all]")] = None,
     batch_size: int = 500,
-    aa_version: Annotated[Optional[str], typer.Option(help=f"AutoAttack version: {_names(AA_VERSIONS)} "
-                                                          "[default: standard]")] = None,
+    aa_version: Annotated[Optional[str], typer.Option(help=f"AutoAttack version: {_names(AA_VERSIONS)}",
+                                                      show_default="standard")] = None,
     aa_attacks: Annotated[Optional[str], typer.Option(
         help=f"AutoAttack's attacks to run, comma-separated, in order: any of {_names(AA_ATTACKS)} (1 restart "
              "unless --aa-restarts); instead of --aa-version")] = None,
     aa_restarts: Annotated[Optional[int], typer.Option(
-        help="restarts of apgd-ce, apgd-dlr and fab [default: the version's: standard 1, plus 5]")] = None,
+        help="restarts of apgd-ce, apgd-dlr and fab", show_default="1; plus: 5")] = None,
     dataset: Annotated[Optional[str], typer.Option(help=f"{_names(DATASETS)} [default: the one it was trained on]")]
     = None,
     data_dir: DataDir = None,
