@@ -402,3 +402,22 @@ def test_autoattack_list_is_the_reference_call_bit_for_bit(trained):
         ref_adv, _ = ref.run_standard_evaluation(x, y, batch_size=500)
     assert torch.equal(ours, ref_adv)
     assert not torch.equal(ours, x)  # it attacked
+
+
+def test_autoattack_refuses_a_reference_that_would_run_other_settings(monkeypatch):
+    """If pyautoattack's versions changed (here: Square with 1,000 queries), the rows would record what did not run:
+    refused before any attack."""
+    import pyautoattack
+
+    set_version = pyautoattack.AutoAttack._set_version
+
+    def fewer_queries(self, version="standard"):
+        set_version(self, version)
+        self.square.n_queries = 1000
+
+    monkeypatch.setattr(pyautoattack.AutoAttack, "_set_version", fewer_queries)
+    calls = _spy_on_autoattack(monkeypatch)
+    model, (x, y) = tiny_net(), data(4)
+    with pytest.raises(HybridatError, match="not the reference settings hybridat records"):
+        autoattack(model, x, y, EPS)
+    assert calls == []
