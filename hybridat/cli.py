@@ -72,8 +72,8 @@ Norm = Annotated[str, typer.Option(help=f"normalization variant (SPEC.md): {_nam
 Arch = Annotated[str, typer.Option(help=_names(ARCHS))]
 Loss = Annotated[str, typer.Option(help=f"training objective: {_names(LOSSES)}")]
 Dataset = Annotated[str, typer.Option(help=_names(DATASETS))]
-DataDir = Annotated[Optional[Path], typer.Option(help="folder holding cifar-10-batches-py/ "
-                                                      "[default: $HYBRIDAT_DATA_DIR or ./data]")]
+DataDir = Annotated[Optional[Path], typer.Option(help="folder holding cifar-10-batches-py/",
+                                                 show_default="$HYBRIDAT_DATA_DIR or ./data")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")]
 Graphs = Annotated[bool, typer.Option(help="on a GPU, run each step (attack + update) as one CUDA graph")]
 Eps = Annotated[float, typer.Option(help="L-inf radius in pixel units (8 = 8/255)")]
@@ -236,9 +236,9 @@ def attack_cmd(
     attack: Annotated[list[str], typer.Option(help=f"repeatable: {_names(ATTACKS)}")] = ["clean", "pgd"],
     steps: Annotated[list[int], typer.Option(help="PGD steps, repeatable (10 and 20 = two rows)")] = [10],
     eps: Eps = 8.0,
-    step: Annotated[Optional[float], typer.Option(help="PGD step in pixel units [default: eps/4]")] = None,
-    branch: Annotated[Optional[list[str]], typer.Option(help="adv or clean, repeatable [default: both]")] = None,
-    n: Annotated[Optional[int], typer.Option(help="evaluate the first N test images [default: all]")] = None,
+    step: Annotated[Optional[float], typer.Option(help="PGD step in pixel units", show_default="eps/4")] = None,
+    branch: Annotated[Optional[list[str]], typer.Option(help="adv or clean, repeatable", show_default="both")] = None,
+    n: Annotated[Optional[int], typer.Option(help="evaluate the first N test images", show_default="all")] = None,
     batch_size: int = 500,
     aa_version: Annotated[Optional[str], typer.Option(help=f"AutoAttack version: {_names(AA_VERSIONS)}",
                                                       show_default="standard")] = None,
@@ -247,8 +247,8 @@ def attack_cmd(
              "unless --aa-restarts); instead of --aa-version")] = None,
     aa_restarts: Annotated[Optional[int], typer.Option(
         help="restarts of apgd-ce, apgd-dlr and fab", show_default="1; plus: 5")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help=f"{_names(DATASETS)} [default: the one it was trained on]")]
-    = None,
+    dataset: Annotated[Optional[str], typer.Option(help=_names(DATASETS),
+                                                   show_default="the one it was trained on")] = None,
     data_dir: DataDir = None,
     seed: Seed = 0,
     device: DeviceOpt = "auto",
@@ -368,7 +368,8 @@ def ns_gap_cmd(
                                               "upstream")] = "train",
     reference: Annotated[str, typer.Option(help="batch: each domain against the clean batch's NS; running: against "
                                                 "the checkpoint's running NS (the authors' notebooks)")] = "batch",
-    layer: Annotated[Optional[int], typer.Option(help="layer of the per-channel plot [default: the last]")] = None,
+    layer: Annotated[Optional[int], typer.Option(help="layer of the per-channel plot",
+                                                 show_default="the last")] = None,
     data_dir: DataDir = None,
     seed: Seed = 0,
     device: DeviceOpt = "auto",
@@ -444,7 +445,7 @@ def bench_cmd(
     out: Annotated[Optional[Path], typer.Option(help="CSV: comparison, ours, theirs, unit, ratio, device")] = None,
     quick: Annotated[bool, typer.Option(help="batch 32 instead of 128: under 3 minutes on a 2-core CPU")] = False,
     amp: Annotated[bool, typer.Option(help="time hybridat's step with `train --amp` (bf16 autocast)")] = False,
-    rounds: Annotated[Optional[int], typer.Option(help="interleaved rounds, >= 1 [default: 3]")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="interleaved rounds, >= 1", show_default="3")] = None,
     ablate: Annotated[bool, typer.Option(help="also time our step with each speed technique turned off")] = False,
     device: DeviceOpt = "auto",
 ):
@@ -462,11 +463,11 @@ def bench_cmd(
 def import_cmd(
     src: Annotated[Path, typer.Argument(help="a foreign .pt/.pth (read with weights_only=True) or .safetensors file")],
     out: Annotated[Path, typer.Option(help="the hybridat checkpoint to write (.safetensors)")],
-    arch: Annotated[Optional[str], typer.Option(help=f"{_names(ARCHS)} [default: found from the keys]")] = None,
+    arch: Annotated[Optional[str], typer.Option(help=_names(ARCHS), show_default="found from the keys")] = None,
     layout: Annotated[str, typer.Option(help=f"key layout of the file (README: Bring your own model): auto, "
                                              f"{_names(LAYOUTS)}")] = "auto",
-    norm: Annotated[Optional[str], typer.Option(help="variant to import as [default: the layout's]")] = None,
-    num_classes: Annotated[Optional[int], typer.Option(help="[default: from the classifier's shape]")] = None,
+    norm: Annotated[Optional[str], typer.Option(help="variant to import as", show_default="the layout's")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(show_default="from the classifier's shape")] = None,
     input_mean: Annotated[Optional[str], typer.Option(help="R,G,B: the model was trained on (x - mean) / std")]
     = None,
     input_std: Annotated[Optional[str], typer.Option(help="R,G,B, with --input-mean")] = None,

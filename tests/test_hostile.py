@@ -351,3 +351,10 @@ def test_hostile_checkpoint_never_builds_the_big_model(base, monkeypatch):
 def test_help_is_not_an_error(args):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0 and "Usage" in result.output and "error:" not in result.output
+
+
+def test_help_shows_the_defaults_that_are_not_values():
+    """A default described in words ("eps/4", "all") is shown, not eaten as rich markup."""
+    result = CliRunner().invoke(app, ["attack", "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    for text in ("(eps/4)", "(all)", "(both)", "($HYBRIDAT_DATA_DIR or ./data)"):
+        assert text in result.output, result.output
