@@ -15,7 +15,7 @@ from matplotlib.ticker import MaxNLocator
 from rich.table import Table
 from rich.text import Text
 
-from .analysis import PROTOCOL, PROTOCOL_DEFAULTS
+from .analysis import PROTOCOL, PROTOCOL_DEFAULTS, protocol_text
 from .checkpoint import TRAINING_COLUMNS, write_csv
 from .files import atomic_path, check_outputs
 from .errors import HybridatError
@@ -431,6 +431,10 @@ def plot_ns_gap(frames: dict[str, pd.DataFrame]) -> Figure | None:
         return None
     groups = list(ns.groupby(["training", "norm", "eps"], dropna=False))  # different trainings never share a line
     fig = Figure(figsize=(14, 3.6 * len(groups)), layout="constrained")
+    measured = ns[ns.kind == "ns"]
+    protocols = measured[list(PROTOCOL)].drop_duplicates() if set(PROTOCOL) <= set(measured) else []
+    if len(protocols) == 1:  # otherwise each row's training label names its protocol
+        fig.suptitle(protocol_text(*protocols.iloc[0]), fontsize=9)
     for ((training, norm, eps), g), axes in zip(groups, fig.subplots(len(groups), 3, squeeze=False)):
         norm = f"{norm} [{training}]" if training else norm
         for ax, stat in zip(axes, ("mean", "std")):

@@ -290,6 +290,10 @@ def test_ns_gap_rows_measured_differently_are_never_mixed(frames, tmp_path):
     assert train.loc["0", "own branch: adv-clean mean"] == "0.110 ± 0.014 (n=2)"  # as without the new rows
     assert evald.loc["0", "own branch: adv-running mean"] == "1.100 ± 0.141 (n=2)"
     assert evald["own branch: adv-clean mean"].isna().all()  # that column belongs to the other part only
+    # the figure says how the NS were measured: in its title for one protocol, in each row's label for several
+    assert report.plot_ns_gap({"nsgap": old}).get_suptitle() == ("NS read in train mode, against the clean batch's "
+                                                                 "NS, noise clipped to [0, 1]")
+    assert report.plot_ns_gap({"nsgap": loaded}).get_suptitle() == ""
 
 
 def test_autoattack_runs_other_than_standard_get_their_own_columns(frames):
