@@ -251,8 +251,9 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, v
             if custom:  # the reference's custom mode starts from 5 restarts for APGD and FAB
                 aa.apgd.n_restarts = aa.fab.n_restarts = settings.restarts
                 aa.apgd.eot_iter = settings.eot_iter
-            if _reference_settings(aa) != settings:
-                raise HybridatError(f"pyautoattack was set to run {_reference_settings(aa)}, not {settings}")
+            reference = _reference_settings(aa)
+            if reference != settings:
+                raise HybridatError(f"pyautoattack was set to run {reference}, not {settings}")
             x_adv, _ = aa.run_standard_evaluation(x.detach(), y.detach(), batch_size=batch_size)
     finally:
         logger.setLevel(level)

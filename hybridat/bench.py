@@ -438,7 +438,8 @@ def _reference_step(reference, split: Split, cfg: TrainConfig, device) -> Callab
     return step
 
 
-def _pgd_tasks(model, x, y, steps: int, batch: int, graphs: bool = True) -> tuple[Callable[[], None], Callable[[], None]]:
+def _pgd_tasks(model, x, y, steps: int, batch: int,
+               graphs: bool = True) -> tuple[Callable[[], None], Callable[[], None]]:
     """hybridat's PGD evaluation (`robust_accuracy`, as `hybridat attack` runs it, CUDA graphs on a GPU unless
     graphs=False) and torchattacks.PGD with its own accuracy pass, both through the adv branch of the same model,
     uniform start, step eps/4, over x in batches of `batch`."""

@@ -145,6 +145,15 @@ class Checkpoint:
         """The training settings recorded by `train` ({} for a model from elsewhere)."""
         return self.meta("train") or {}
 
+    def row_ids(self) -> dict:
+        """What every eval and ns-gap row says of the checkpoint it measured: hash, parent and operation, model,
+        seed, training loss and ε (the rest of its training: `training_columns`)."""
+        train = self.train
+        return {"checkpoint_hash": self.hash, "parent_hash": self.header.get("parent", ""),
+                "operation": self.header.get("operation", ""), "norm": self.config.norm, "arch": self.config.arch,
+                "width": self.config.width, "seed": self.meta("seed", ""), "train_eps": train.get("eps", ""),
+                "loss_name": train.get("loss", "")}
+
     @property
     def unfinished(self) -> bool:
         """Whether this is a run's checkpoint of an epoch before its last (`last.safetensors` of a run that did not

@@ -62,7 +62,6 @@ app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=
 console = Console(stderr=True)
 
 
-
 def _names(keys) -> str:
     return ", ".join(keys)
 
@@ -114,11 +113,6 @@ def cli_errors(fn):
         raise typer.Exit(1)
 
     return wrapper
-
-
-def _data_inputs(dataset: str, data_dir, train: bool) -> list[Path]:
-    """The dataset's files: inputs, so never an output."""
-    return split_files(dataset, train, data_dir)
 
 
 def _device(name: str) -> torch.device:
@@ -197,8 +191,9 @@ def train_cmd(
                       lr=lr, weight_decay=weight_decay, clean_weight=clean_weight, trades_beta=trades_beta,
                       seed=seed, train_subset=train_subset, amp=amp)
     config = ModelConfig(arch, norm, width, num_classes(dataset)).check()
-    # started at the first step, so that every check (and its one-line error) comes first; rank 0 only
-    progress = _progress(quiet or os.environ.get("RANK", "0") != "0")
+    quiet = quiet or os.environ.get("RANK", "0") != "0"  # rank 0 only; no progress: no host sync every 10 steps
+    # started at the first step, so that every check (and its one-line error) comes first
+    progress = _progress(quiet)
     task = progress.add_task("train", total=None, epoch=0, stats="")
     t0 = [time.perf_counter()]
 
@@ -215,7 +210,6 @@ def train_cmd(
         t0[0] = time.perf_counter()
 
     try:
-        quiet = quiet or os.environ.get("RANK", "0") != "0"  # no progress: no host sync every 10 steps
         result = run_training(out, config, cfg, dataset=dataset, data_dir=data_dir, device=_device(device),
                               resume=resume, overwrite=overwrite, on_step=None if quiet else on_step,
                               on_epoch=on_epoch, graphs=graphs)
@@ -265,7 +259,7 @@ def attack_cmd(
         check_number("n", n, 1, integer=True)
     check_outputs([out], [checkpoint])
     ckpt = _load(checkpoint, device)
-    check_outputs([out], [checkpoint, *_data_inputs(_dataset_of(ckpt, dataset), data_dir, False)])
+    check_outputs([out], [checkpoint, *split_files(_dataset_of(ckpt, dataset), False, data_dir)])
     split = _split_for(ckpt, data_dir, train=False, n=n, dataset=dataset)
     rows = evaluate(ckpt, split, attack, branches, **evaluate_args, on_row=_print_row, graphs=graphs)
     write_csv(rows, out)
@@ -336,7 +330,7 @@ def swap_bn_cmd(
         new = recombine(ckpt.model, layers=layers, **mapping)
         op |= mapping if not swap_ap else {}
     else:
-        check_outputs([out], [checkpoint, *_data_inputs(_dataset_of(ckpt), data_dir, True)])
+        check_outputs([out], [checkpoint, *split_files(_dataset_of(ckpt), True, data_dir)])
         split = _split_for(ckpt, data_dir, train=True)
         new = reestimate_fn(ckpt.model, branch, reestimate, split, batch_size=batch_size, n_images=n,
                             eps=eps, step=step, steps=steps, seed=seed, layers=layers)
@@ -391,7 +385,7 @@ def ns_gap_cmd(
     outputs = [out, Path(f"{stem}-channels.csv"), Path(f"{stem}-depth.png"), Path(f"{stem}-channels.png")]
     check_outputs(outputs, [checkpoint])
     ckpt = _load(checkpoint, device)
-    check_outputs(outputs, [checkpoint, *_data_inputs(_dataset_of(ckpt), data_dir, False)])
+    check_outputs(outputs, [checkpoint, *split_files(_dataset_of(ckpt), False, data_dir)])
     split = _split_for(ckpt, data_dir, train=False, n=n)
     rows, channels = ns_gap(ckpt.model, to_float(split.images), split.labels, eps=eps, fix_ap=fix_ap,
                             branch=branch, steps=steps, noise=noise, seed=seed, mode=measure, reference=reference,
@@ -401,12 +395,8 @@ def ns_gap_cmd(
         rows += [r | protocol for r in ap_gap(ckpt.model)]
     except HybridatError as e:
         say(f"note: no AP gap ({e})")
-    train = ckpt.meta("train") or {}
-    ids = {"run": ckpt.header.get("run", ""), "seed": ckpt.meta("seed", ""), "norm": ckpt.config.norm,
-           "checkpoint_hash": ckpt.hash, "parent_hash": ckpt.header.get("parent", ""),
-           "operation": ckpt.header.get("operation", ""), "arch": ckpt.config.arch, "width": ckpt.config.width,
-           "loss_name": train.get("loss", ""), "train_eps": train.get("eps", ""),
-           "unfinished": ckpt.unfinished} | training_columns(train)
+    ids = ({"run": ckpt.header.get("run", "")} | ckpt.row_ids() | {"unfinished": ckpt.unfinished}
+           | training_columns(ckpt.train))
     layer = max(r["layer"] for r in channels) if layer is None else layer
     plot_gap_by_depth(rows, outputs[2])
     plot_channels(channels, layer, outputs[3])
@@ -454,8 +444,6 @@ def bench_cmd(
     from .bench import run_bench
 
     run_bench(device, quick=quick, out=out, console=Console(), amp=amp, rounds=rounds, ablate=ablate)
-
-
 
 
 @app.command("import")
@@ -508,6 +496,8 @@ def export_cmd(
 @cli_errors
 def info_cmd(checkpoint: Ckpt):
     """Print a checkpoint's config, branches and metadata."""
+    from .run import weights_finite
+
     ckpt = load_checkpoint(checkpoint, allow_nonfinite=True)
     spec = NORMS[ckpt.config.norm]
     table = Table(title=Text(str(checkpoint)), show_header=False)
@@ -517,8 +507,7 @@ def info_cmd(checkpoint: Ckpt):
              ("parameters", f"{sum(p.numel() for p in ckpt.model.parameters()):,}")]
     if ckpt.unfinished:
         rows.append(("unfinished", f"epoch {ckpt.meta('epoch')} of {ckpt.train.get('epochs')}"))
-    finite = all(torch.isfinite(t).all() for t in ckpt.model.state_dict().values() if t.is_floating_point())
-    if not finite:
+    if not weights_finite(ckpt.model):
         rows.append(("weights", "NOT FINITE (NaN or inf): a diverged model"))
     rows += [(key, value) for key, value in sorted(ckpt.header.items()) if key not in ("config", "format")]
     for key, value in rows:

@@ -110,13 +110,9 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
 
 
 def _row(ckpt, branch, attack, steps, eps, step, n, acc, seconds, seed, aa: AASettings | None) -> dict:
-    train = ckpt.train
     aa_record = aa.columns() if aa is not None else {"aa_attacks": None, "aa_restarts": None, "aa_eot_iter": None}
-    return {"run": ckpt.header.get("run", ckpt.path.parent.name), "checkpoint": str(ckpt.path),
-            "checkpoint_hash": ckpt.hash, "parent_hash": ckpt.header.get("parent", ""),
-            "operation": ckpt.header.get("operation", ""), "norm": ckpt.config.norm, "arch": ckpt.config.arch,
-            "width": ckpt.config.width, "seed": ckpt.meta("seed", ""), "train_eps": train.get("eps", ""),
-            "loss_name": train.get("loss", ""), "branch": branch, "attack": aa.name if aa else attack, "eps": eps,
-            "step": (step if step is not None else eps / 4) if attack == "pgd" else None, "steps": steps,
-            "n": n, "accuracy": acc, "seconds": seconds, "eval_seed": seed,
-            "unfinished": ckpt.unfinished} | aa_record | training_columns(train)
+    where = {"run": ckpt.header.get("run", ckpt.path.parent.name), "checkpoint": str(ckpt.path)}
+    measured = {"branch": branch, "attack": aa.name if aa else attack, "eps": eps,
+                "step": (step if step is not None else eps / 4) if attack == "pgd" else None, "steps": steps,
+                "n": n, "accuracy": acc, "seconds": seconds, "eval_seed": seed, "unfinished": ckpt.unfinished}
+    return where | ckpt.row_ids() | measured | aa_record | training_columns(ckpt.train)

@@ -158,8 +158,8 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
                     generator=generator)
         with train_pass(new), torch.no_grad():
             new(x, branch)
-    for (_, m), (_, original) in zip(norm_layers(new), norm_layers(model)):
-        if isinstance(m, BranchBatchNorm) and all(m is not p for p, _ in pairs):  # not chosen: as before the pass
+    for i, ((_, m), (_, original)) in enumerate(zip(norm_layers(new), norm_layers(model))):
+        if isinstance(m, BranchBatchNorm) and i not in chosen:  # not chosen: as before the pass
             for key in m.ns_keys:
                 _copy_set(m, key, original, key)
     for (m, original), momentum in zip(pairs, momenta):

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import random
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -132,7 +132,7 @@ def save_state(path: Path, model: BranchModel, optimizer: torch.optim.Optimizer,
     """Everything to go on after `epoch` epochs, written atomically: weights, optimizer state, RNG states."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     scalars = {}
-    for i, (index, entries) in enumerate(sorted(optimizer.state_dict()["state"].items())):
+    for index, entries in sorted(optimizer.state_dict()["state"].items()):
         for name, value in entries.items():
             if isinstance(value, torch.Tensor):
                 tensors[f"optim.{index}.{name}"] = value
@@ -224,7 +224,7 @@ def run_training(out: str | Path, config: ModelConfig, cfg: TrainConfig, *, data
     with distributed(device) as (rank, world):
         main = is_main_process()
         out.mkdir(parents=True, exist_ok=True)
-        with run_lock(out) if main else _nothing():
+        with run_lock(out) if main else nullcontext():
             ident = identity(config, cfg, dataset)
             state = prepare_folder(out, ident, resume=resume, overwrite=overwrite) if main else None
             if world > 1:  # the other ranks read the state rank 0 checked (one node, one file system)
@@ -236,11 +236,6 @@ def run_training(out: str | Path, config: ModelConfig, cfg: TrainConfig, *, data
         if world > 1:  # rank 0 has written the model: every rank leaves the group together
             torch.distributed.barrier()
         return result
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank, world, main, on_step,
