@@ -4,6 +4,7 @@ Models map x (B, 3, H, W) float in [0, 1] to logits (B, K); ε and step sizes ar
 Every attack runs inside `frozen(model)` and so leaves no trace on the model (STYLE habit 4).
 """
 
+import copy
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from torch import nn
 
 from hybridat.errors import HybridatError, check_choice, check_number
 from hybridat.graphs import Graphed
+from hybridat.models import BranchView, bn_folded
+from hybridat.runtime import autocast
 
 STARTS = ("uniform", "normal", "none")
 NORMS = {"linf": "Linf", "l2": "L2"}  # our name -> pyautoattack's name
@@ -283,32 +286,59 @@ ATTACKS = {"clean": _clean, "fgsm": _fgsm, "pgd": _pgd, "autoattack": _autoattac
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, eps: float,
                     step: float | None = None, steps: int = 10, batch_size: int = 500, seed: int = 0,
                     aa_version: str | None = None, aa_attacks: str | list[str] | None = None,
-                    aa_restarts: int | None = None, graphs: bool = True) -> float:
+                    aa_restarts: int | None = None, graphs: bool = True, amp: bool = False) -> float:
     """Fraction of x classified correctly after `attack` (a key of ATTACKS), in eval mode. Attacks run
     batch by batch (batch i seeded with seed + i); AutoAttack (`aa_settings(aa_version, aa_attacks,
     aa_restarts)`) gets all of x and batches itself.
-    graphs: PGD on a GPU runs each full batch as one CUDA graph (`pgd_accuracy`), with the same numbers."""
+    graphs: PGD on a GPU runs each full batch as one CUDA graph (`pgd_accuracy`), with the same numbers.
+    amp: FGSM and PGD craft their examples in bf16 (`crafting`); the accuracy is counted in fp32 on `model`."""
     if attack not in ATTACKS:
         raise HybridatError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}.")
     if x.shape[0] == 0 or batch_size < 1:
         raise HybridatError(f"need >= 1 input and batch_size >= 1, got {x.shape[0]} and {batch_size}.")
+    amp = amp and attack in AMP_ATTACKS
     if attack == "pgd" and graphs and x.device.type == "cuda":
         _check(x, y, eps)
         step = default_step(eps) if step is None else step
-        return pgd_accuracy(model, x, y, eps, step, steps, batch_size, seed, capture=True).item() / x.shape[0]
-    x_aa = None
-    if attack == "autoattack":
-        x_aa = autoattack(model, x, y, eps, version=aa_version, batch_size=batch_size, seed=seed, attacks=aa_attacks,
-                          restarts=aa_restarts)
-    correct = torch.zeros((), dtype=torch.long, device=x.device)
-    for i, lo in enumerate(range(0, x.shape[0], batch_size)):
-        xb, yb = x[lo:lo + batch_size], y[lo:lo + batch_size]
-        if x_aa is not None:
-            x_adv = x_aa[lo:lo + batch_size]
-        else:
-            x_adv = ATTACKS[attack](model, xb, yb, eps, step, steps, seed + i)
-        correct += _count_correct(model, x_adv, yb)
+        return pgd_accuracy(model, x, y, eps, step, steps, batch_size, seed, capture=True, amp=amp).item() / len(x)
+    with crafting(model, x.device, amp) as net:
+        x_aa = None
+        if attack == "autoattack":
+            x_aa = autoattack(model, x, y, eps, version=aa_version, batch_size=batch_size, seed=seed,
+                              attacks=aa_attacks, restarts=aa_restarts)
+        correct = torch.zeros((), dtype=torch.long, device=x.device)
+        for i, lo in enumerate(range(0, x.shape[0], batch_size)):
+            xb, yb = x[lo:lo + batch_size], y[lo:lo + batch_size]
+            if x_aa is not None:
+                x_adv = x_aa[lo:lo + batch_size]
+            else:
+                with autocast(x.device, amp):
+                    x_adv = ATTACKS[attack](net, xb, yb, eps, step, steps, seed + i)
+            correct += _count_correct(model, x_adv, yb)
     return correct.item() / x.shape[0]  # the one host sync
+
+
+AMP_ATTACKS = ("fgsm", "pgd")  # the attacks `amp` applies to; AutoAttack runs the reference code as it is
+
+
+@contextmanager
+def crafting(model: nn.Module, device: torch.device, amp: bool):
+    """The network an attack's gradients go through: `model` itself, or with amp a bf16 version of it, as the
+    training attack crafts (`hybridat train --amp`): under bf16 autocast (`runtime.autocast`, which the caller
+    enters around the attack), and for a hybridat model seen through a branch (BranchView) a copy of it with
+    every norm that follows a convolution folded into that convolution in bf16 (`models.bn_folded`): the same
+    function, fewer passes. `model` itself is never changed, so the accuracy is counted on it in fp32."""
+    if not amp:
+        yield model
+        return
+    if device.type not in ("cuda", "cpu"):
+        raise HybridatError(f"bf16 attacks run on CUDA and CPU, not on {device.type}")
+    if not isinstance(model, BranchView):
+        yield model
+        return
+    net = BranchView(copy.deepcopy(model.model), model.branch)
+    with bn_folded(net.model, net.branch, torch.bfloat16):
+        yield net
 
 
 def _count_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -317,25 +347,27 @@ def _count_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 
 def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int,
-                 batch_size: int, seed: int, capture: bool) -> torch.Tensor:
-    """How many of x stay correct under L∞ PGD (evaluation protocol), as `robust_accuracy(..., "pgd")` counts
-    them, with every full batch's iterations and count replayed as one CUDA graph (capture=True; graphs.py).
+                 batch_size: int, seed: int, capture: bool, amp: bool = False) -> torch.Tensor:
+    """How many of x stay correct under L∞ PGD (evaluation protocol), as `robust_accuracy(..., "pgd", amp=amp)`
+    counts them, with every full batch's iterations and count replayed as one CUDA graph (capture=True; graphs.py).
 
     The random start of batch i is drawn eagerly from its own generator seeded seed + i, and the graph holds the
     rest, so the numbers are the eager path's. The first full batch runs eagerly (warm-up), and so does a last,
     smaller batch. capture=False calls the step function in place of replays (the CPU stand-in)."""
     correct = torch.zeros((), dtype=torch.long, device=x.device)
 
-    def attack_and_count():
-        s = graph.static
-        correct.add_(_count_correct(model, pgd_from(model, s["x"], s["y"], s["start"], eps, step, steps), s["y"]))
+    def attack_and_count(xb, yb, start):
+        with autocast(x.device, amp):
+            x_adv = pgd_from(net, xb, yb, start, eps, step, steps)
+        correct.add_(_count_correct(model, x_adv, yb))
 
-    graph = Graphed(attack_and_count, capture)
-    for i, lo in enumerate(range(0, x.shape[0], batch_size)):
-        xb, yb = x[lo:lo + batch_size].detach(), y[lo:lo + batch_size]
-        start = _start(xb, eps, "uniform", "linf", torch.Generator(x.device).manual_seed(seed + i))
-        if len(yb) != batch_size:
-            correct += _count_correct(model, pgd_from(model, xb, yb, start, eps, step, steps), yb)
-        else:
-            graph.run(x=xb, y=yb, start=start)
+    graph = Graphed(lambda: attack_and_count(**graph.static), capture)
+    with crafting(model, x.device, amp) as net:
+        for i, lo in enumerate(range(0, x.shape[0], batch_size)):
+            xb, yb = x[lo:lo + batch_size].detach(), y[lo:lo + batch_size]
+            start = _start(xb, eps, "uniform", "linf", torch.Generator(x.device).manual_seed(seed + i))
+            if len(yb) != batch_size:
+                attack_and_count(xb, yb, start)
+            else:
+                graph.run(xb=xb, yb=yb, start=start)
     return correct

@@ -1,11 +1,16 @@
 """`hybridat bench`: the speed of hybridat's Hybrid-AT step and PGD evaluation, against references, in one run.
 
-Three comparisons, each timed interleaved round by round in this one process (medians over rounds), so a
-busy machine slows both sides alike:
+Every task is timed interleaved round by round in this one process (medians over rounds), so a busy machine slows
+all alike. The comparisons:
   train_vs_reference   hybridat's training step vs the same step written as common research code does it
   train_vs_floor       hybridat's step vs its arithmetic floor: the step's FLOPs (torch's flop counter) over
                        the rate this device runs those very convolutions and matmuls at, alone, back to back
-  pgd_vs_torchattacks  PGD-20 evaluation (`robust_accuracy`) vs torchattacks.PGD, same weights and data
+  train_graphs_vs_eager, train_epoch_vs_step   the step as a CUDA graph vs eager; `train`'s whole loop vs the step
+  pgd_vs_torchattacks  PGD-20 evaluation (`robust_accuracy`) vs torchattacks.PGD, same network, weights and data
+  pgd_vs_torchattacks_reference   the same vs torchattacks.PGD on the network as research code writes it
+                       (same weights: nn.BatchNorm2d with a route flag, NCHW)
+  pgd_bf16_vs_torchattacks   PGD-20 with examples crafted in bf16 (`attack --amp`) vs torchattacks.PGD (fp32)
+  pgd_graphs_vs_eager  hybridat's PGD evaluation with and without CUDA graphs
 `ratio` is always how many times faster hybridat is (ours / theirs in images/s), so the floor row is <= 1.
 It also prints how close both PGD evaluations come to their own floor, and with `ablate`, our step with each
 technique of ABLATIONS undone in turn (leave one out), to show what each one gains on this device.
@@ -31,14 +36,14 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import flop_registry
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .attacks import robust_accuracy
+from .attacks import frozen, robust_accuracy
 from .checkpoint import write_csv
 from .data import Split, to_float, train_batches
 from .errors import check_number
 from .files import check_outputs
 from .models import BranchView, ModelConfig, build_model, fused
-from .runtime import resolve_device, tune_host
-from .train import LOSSES, Stepper, TrainConfig, autocast, craft, make_optimizer, train
+from .runtime import autocast, resolve_device, tune_host
+from .train import LOSSES, Stepper, TrainConfig, craft, make_optimizer, train
 
 COLUMNS = ("comparison", "ours", "theirs", "unit", "ratio", "device")
 EPS, STEP = 8 / 255, 2 / 255
@@ -331,7 +336,8 @@ def run_bench(device: str | torch.device = "auto", quick: bool = False, out: Pat
               amp: bool = False, rounds: int | None = None, ablate: bool = False) -> list[dict]:
     """Time hybridat against the references on `device`; print a table; write `out` (CSV) if given.
 
-    amp: bf16 autocast in hybridat's training step (`hybridat train --amp`); evaluation stays fp32.
+    amp: bf16 autocast in hybridat's training step (`hybridat train --amp`); PGD evaluation is timed in fp32, and
+    in bf16 for its own row (pgd_bf16_vs_torchattacks) whatever `amp` says.
     ablate: also time our step with each technique of ABLATIONS in use turned off, one at a time.
     Returns one row per comparison with COLUMNS."""
     if rounds is not None:
@@ -354,14 +360,12 @@ def run_bench(device: str | torch.device = "auto", quick: bool = False, out: Pat
     ours, theirs = _our_step(model, split, cfg), _reference_step(reference, split, cfg, device)
     x_eval, y_eval = to_float(split.images[:size.eval_batch]), split.labels[:size.eval_batch]
     x_eval, y_eval = x_eval.repeat(repeat, 1, 1, 1), y_eval.repeat(repeat)  # `repeat` batches per call
-    pgd_ours, pgd_theirs = _pgd_tasks(model, x_eval, y_eval, size.eval_steps, size.eval_batch)
-    pgd_eager, _ = _pgd_tasks(model, x_eval, y_eval, size.eval_steps, size.eval_batch, graphs=False)
-    floor, pgd_floor = record_floor(eager), record_floor(pgd_eager)  # also the first warm-up of both
+    pgd = _pgd_tasks(model, copy.deepcopy(reference), x_eval, y_eval, size.eval_steps, size.eval_batch)
+    floor, pgd_floor = record_floor(eager), record_floor(pgd["pgd_eager"])  # also the first warm-up of both
     steps = {"ours": ours, "eager": eager, "reference": theirs}
     tasks = {name: _repeated(task, repeat) for name, task in steps.items()}
     epoch_split = split.subset(size.batch * max(repeat, 2))
-    tasks |= {"floor": lambda: floor.seconds(sync), "epoch": _epoch_task(model, epoch_split, cfg),
-              "pgd_ours": pgd_ours, "pgd_eager": pgd_eager, "pgd_torchattacks": pgd_theirs,
+    tasks |= {"floor": lambda: floor.seconds(sync), "epoch": _epoch_task(model, epoch_split, cfg), **pgd,
               "pgd_floor": lambda: pgd_floor.seconds(sync)}
     ablations = [name for name in ABLATIONS if ablate and (cfg.amp or name != "bf16 autocast")]
     tasks |= {f"without {name}": _ablated_step(model, split, cfg, device, name) for name in ablations}
@@ -369,7 +373,8 @@ def run_bench(device: str | torch.device = "auto", quick: bool = False, out: Pat
         task()
     precision = "bf16 autocast" if cfg.amp else "fp32"
     say(f"bench ({'quick' if quick else 'full'}): ResNet-18 width {size.width}, dual-bn, Hybrid-AT PGD-{size.steps}, "
-        f"batch {size.batch} per branch, ours {precision}; PGD-{size.eval_steps} evaluation (fp32) on "
+        f"batch {size.batch} per branch, ours {precision}; PGD-{size.eval_steps} evaluation (fp32; bf16 in its own "
+        f"row) on "
         f"{len(y_eval)} images in batches of {size.eval_batch}; {rounds} interleaved rounds of {repeat} step(s) "
         f"per task on {device_name(device)}")
     times = interleaved(tasks, rounds, sync, lambda r, t: say(
@@ -438,27 +443,35 @@ def _reference_step(reference, split: Split, cfg: TrainConfig, device) -> Callab
     return step
 
 
-def _pgd_tasks(model, x, y, steps: int, batch: int,
-               graphs: bool = True) -> tuple[Callable[[], None], Callable[[], None]]:
-    """hybridat's PGD evaluation (`robust_accuracy`, as `hybridat attack` runs it, CUDA graphs on a GPU unless
-    graphs=False) and torchattacks.PGD with its own accuracy pass, both through the adv branch of the same model,
-    uniform start, step eps/4, over x in batches of `batch`."""
+def _pgd_tasks(model, reference, x, y, steps: int, batch: int) -> dict[str, Callable[[], None]]:
+    """PGD-20 evaluation over x in batches of `batch`, uniform start, step eps/4, through the adv branch:
+    hybridat's (`robust_accuracy` as `hybridat attack` runs it: CUDA graphs on a GPU; "pgd_eager" without them,
+    "pgd_bf16" as `attack --amp` crafts) and torchattacks.PGD with an accuracy pass in eval mode, on the same
+    network ("pgd_torchattacks") and on the same weights in `reference`, the network as research code writes it
+    ("pgd_torchattacks_reference")."""
     import torchattacks  # only the benchmark needs it
 
     view = BranchView(model, "adv")
-    attack = torchattacks.PGD(view, eps=EPS, alpha=EPS / 4, steps=steps, random_start=True)
+    set_route(reference, "adv")
 
-    def ours():
-        robust_accuracy(view, x, y, "pgd", EPS, EPS / 4, steps=steps, batch_size=batch, graphs=graphs)
+    def ours(**kwargs) -> Callable[[], None]:
+        def run() -> None:  # the accuracy is not returned: `interleaved` would take it for the task's seconds
+            robust_accuracy(view, x, y, "pgd", EPS, EPS / 4, steps=steps, batch_size=batch, **kwargs)
+        return run
 
-    def theirs() -> None:  # returns nothing: `interleaved` takes a returned float for the task's own seconds
-        correct = 0
-        for xb, yb in zip(x.split(batch), y.split(batch)):
-            x_adv = attack(xb, yb)
-            with torch.no_grad():
-                correct += (view(x_adv).argmax(1) == yb).sum()
-        correct.item()
-    return ours, theirs
+    def theirs(net: nn.Module) -> Callable[[], None]:
+        attack = torchattacks.PGD(net, eps=EPS, alpha=EPS / 4, steps=steps, random_start=True)
+
+        def run() -> None:
+            correct = 0
+            for xb, yb in zip(x.split(batch), y.split(batch)):
+                x_adv = attack(xb, yb)
+                with frozen(net), torch.no_grad():  # torchattacks leaves the net in its own `training` mode
+                    correct += (net(x_adv).argmax(1) == yb).sum()
+            correct.item()
+        return run
+    return {"pgd_ours": ours(), "pgd_eager": ours(graphs=False), "pgd_bf16": ours(amp=True),
+            "pgd_torchattacks": theirs(view), "pgd_torchattacks_reference": theirs(reference)}
 
 
 # ---- leave-one-out: our step with one technique turned off ---------------------------------------------------
@@ -518,6 +531,9 @@ def _rows(med: dict, size: BenchSize, epoch_images: int, eval_images: int, devic
             row("train_graphs_vs_eager", train_rate, size.batch / med["eager"]),
             row("train_epoch_vs_step", epoch_images / med["epoch"], train_rate),
             row("pgd_vs_torchattacks", eval_images / med["pgd_ours"], eval_images / med["pgd_torchattacks"]),
+            row("pgd_vs_torchattacks_reference", eval_images / med["pgd_ours"],
+                eval_images / med["pgd_torchattacks_reference"]),
+            row("pgd_bf16_vs_torchattacks", eval_images / med["pgd_bf16"], eval_images / med["pgd_torchattacks"]),
             row("pgd_graphs_vs_eager", eval_images / med["pgd_ours"], eval_images / med["pgd_eager"])]
 
 

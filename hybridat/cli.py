@@ -247,11 +247,14 @@ def attack_cmd(
     seed: Seed = 0,
     device: DeviceOpt = "auto",
     graphs: Graphs = True,
+    amp: Annotated[bool, typer.Option(help="craft FGSM and PGD examples in bf16 (autocast, norms folded into their "
+                                           "convolutions) for speed; accuracy is still counted in fp32, rows say "
+                                           "bf16, and AutoAttack stays fp32. Not the paper's protocol")] = False,
 ):
     """Evaluate a checkpoint per branch: clean, FGSM, PGD, AutoAttack accuracy."""
     branches = branch or ["adv", "clean"]
     evaluate_args = dict(eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed, aa_version=aa_version,
-                         aa_attacks=aa_attacks, aa_restarts=aa_restarts)
+                         aa_attacks=aa_attacks, aa_restarts=aa_restarts, amp=amp)
     check_evaluation(attack, branches, **evaluate_args)  # every option, before any work
     if dataset is not None:
         check_choice(dataset, DATASETS, "dataset")
@@ -266,7 +269,8 @@ def attack_cmd(
 
 
 def _print_row(row: dict) -> None:
-    label = attack_label(row["attack"], row["steps"], row["aa_attacks"] or "", row["aa_restarts"])
+    label = attack_label(row["attack"], row["steps"], row["aa_attacks"] or "", row["aa_restarts"],
+                         row["attack_precision"])
     say(f"  {row['branch']:5s} {label:8s} acc {row['accuracy']:.4f}  ({row['seconds']:.1f} s)")
 
 

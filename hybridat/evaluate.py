@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from .attacks import AA_VERSIONS, ATTACKS, AASettings, aa_settings, robust_accuracy
+from .attacks import AA_VERSIONS, AMP_ATTACKS, ATTACKS, AASettings, aa_settings, robust_accuracy
 from .checkpoint import Checkpoint, training_columns
 from .data import Split, to_float
 from .errors import HybridatError, check_choice, check_number
@@ -16,10 +16,17 @@ AA_COMPONENTS = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "sq
                  "apgd-dlr": "APGD-DLR", "fab": "FAB"}  # AutoAttack's attacks as the literature names them
 
 
-def attack_label(attack: str, steps: int | None, aa_attacks: str = "", aa_restarts: int | None = None) -> str:
+def attack_label(attack: str, steps: int | None, aa_attacks: str = "", aa_restarts: int | None = None,
+                 precision: str = "fp32") -> str:
     """Column name in tables: clean, FGSM, PGD-10, AA (the standard version only), AA-plus, AA-rand; any other
     AutoAttack run says what ran: one attack by its name ("APGD-CE"), several as "AA(apgd-ce,square)", and
-    restarts other than 1 after it ("APGD-CE (5 restarts)")."""
+    restarts other than 1 after it ("APGD-CE (5 restarts)"). Examples crafted in bf16 (`attack --amp`) say so:
+    "PGD-10 (bf16)", never the fp32 attack's column."""
+    label = _attack_name(attack, steps, aa_attacks, aa_restarts)
+    return label if precision == "fp32" else f"{label} ({precision})"
+
+
+def _attack_name(attack: str, steps: int | None, aa_attacks: str, aa_restarts: int | None) -> str:
     if attack == "autoattack-custom" and aa_attacks:
         names = aa_attacks.split(",")
         label = AA_COMPONENTS.get(names[0], names[0]) if len(names) == 1 else f"AA({aa_attacks})"
@@ -52,7 +59,7 @@ def attack_plan(attacks: list[str], steps: list[int]) -> list[tuple[str, int | N
 def check_evaluation(attacks: list[str], branches: list[str], *, eps: float, step: float | None = None,
                      steps: list[int] = (10,), batch_size: int = 500, seed: int = 0,
                      aa_version: str | None = None, aa_attacks: str | list[str] | None = None,
-                     aa_restarts: int | None = None) -> list[tuple[str, int | None]]:
+                     aa_restarts: int | None = None, amp: bool = False) -> list[tuple[str, int | None]]:
     """Every setting of `evaluate` checked (one line for the first bad one); returns the attack plan."""
     check_number("eps", eps, 0, 255)
     if step is not None:
@@ -66,6 +73,9 @@ def check_evaluation(attacks: list[str], branches: list[str], *, eps: float, ste
     if (aa_version, aa_attacks, aa_restarts) != (None, None, None) and "autoattack" not in attacks:
         raise HybridatError("AutoAttack settings (version, attacks, restarts) were given, but autoattack is not "
                             "among the attacks")
+    if amp and not set(attacks) & set(AMP_ATTACKS):
+        raise HybridatError(f"amp (bf16 examples) applies to {' and '.join(AMP_ATTACKS)}, none of which is among "
+                            "the attacks (AutoAttack runs the reference code in fp32)")
     return plan
 
 
@@ -73,16 +83,17 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
              step: float | None = None, steps: list[int] = (10,), batch_size: int = 500, seed: int = 0,
              aa_version: str | None = None, aa_attacks: str | list[str] | None = None,
              aa_restarts: int | None = None, on_row: Callable[[dict], None] | None = None,
-             graphs: bool = True) -> list[dict]:
+             graphs: bool = True, amp: bool = False) -> list[dict]:
     """Accuracy under each attack through each branch. eps/step in pixel units; step defaults to eps/4.
     AutoAttack runs `aa_settings(aa_version, aa_attacks, aa_restarts)` (default: the standard version), and its
     rows record what ran (`aa_attacks`, `aa_restarts`, `aa_eot_iter`; `attack` is "autoattack" for the
-    standard version only).
+    standard version only). amp: FGSM and PGD craft their examples in bf16 (`attacks.crafting`); every row
+    records the precision its examples were crafted in (`attack_precision`, fp32 or bf16).
 
     A single-branch model is one network for both branches: it is attacked once and reported under each.
     """
     plan = check_evaluation(attacks, branches, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed,
-                            aa_version=aa_version, aa_attacks=aa_attacks, aa_restarts=aa_restarts)
+                            aa_version=aa_version, aa_attacks=aa_attacks, aa_restarts=aa_restarts, amp=amp)
     aa = aa_settings(aa_version, aa_attacks, aa_restarts)
     if int(split.labels.max()) >= ckpt.config.num_classes:
         raise HybridatError(f"{ckpt.path} has {ckpt.config.num_classes} classes, but the data has labels up to "
@@ -98,21 +109,24 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
                 acc = robust_accuracy(BranchView(ckpt.model, branch), x, y, attack, eps=eps / 255,
                                       step=None if step is None else step / 255, steps=k or 1,
                                       batch_size=batch_size, seed=seed, aa_version=aa_version,
-                                      aa_attacks=aa_attacks, aa_restarts=aa_restarts, graphs=graphs)
+                                      aa_attacks=aa_attacks, aa_restarts=aa_restarts, graphs=graphs, amp=amp)
                 done[key] = (acc, time.perf_counter() - t0)
             acc, seconds = done[key]
+            precision = "bf16" if amp and attack in AMP_ATTACKS else "fp32"
             row = _row(ckpt, branch, attack, k, eps, step, len(y), acc, seconds, seed, aa if attack == "autoattack"
-                       else None)
+                       else None, precision)
             rows.append(row)
             if on_row is not None:
                 on_row(row)
     return rows
 
 
-def _row(ckpt, branch, attack, steps, eps, step, n, acc, seconds, seed, aa: AASettings | None) -> dict:
+def _row(ckpt, branch, attack, steps, eps, step, n, acc, seconds, seed, aa: AASettings | None,
+         precision: str) -> dict:
     aa_record = aa.columns() if aa is not None else {"aa_attacks": None, "aa_restarts": None, "aa_eot_iter": None}
     where = {"run": ckpt.header.get("run", ckpt.path.parent.name), "checkpoint": str(ckpt.path)}
     measured = {"branch": branch, "attack": aa.name if aa else attack, "eps": eps,
                 "step": (step if step is not None else eps / 4) if attack == "pgd" else None, "steps": steps,
-                "n": n, "accuracy": acc, "seconds": seconds, "eval_seed": seed, "unfinished": ckpt.unfinished}
+                "n": n, "accuracy": acc, "seconds": seconds, "eval_seed": seed, "attack_precision": precision,
+                "unfinished": ckpt.unfinished}
     return where | ckpt.row_ids() | measured | aa_record | training_columns(ckpt.train)

@@ -220,8 +220,11 @@ def _eval(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
             missing = ev[col].isna() | (ev[col].astype(str) == "")
             ev[col] = ev[col].where(~missing, ev.parent_hash.map(parent[col]))
     ev = _with_aa_columns(ev)
-    ev["column"] = [attack_label(a, None if pd.isna(k) else int(k), aa, r)
-                    for a, k, aa, r in zip(ev.attack, ev.steps, ev.aa_attacks, ev.aa_restarts)]
+    # examples crafted in bf16 (`attack --amp`) get their own column; rows from before the column are fp32
+    precision = ev.get("attack_precision", pd.Series("fp32", index=ev.index))
+    ev["attack_precision"] = precision.fillna("fp32").astype(str).replace("", "fp32")
+    ev["column"] = [attack_label(a, None if pd.isna(k) else int(k), aa, r, p) for a, k, aa, r, p in
+                    zip(ev.attack, ev.steps, ev.aa_attacks, ev.aa_restarts, ev.attack_precision)]
     ev["op"] = ev.operation.map(_op_key)
     ev["unit"] = _units(ev)
     at_train_eps = (ev.attack == "clean") | ev.train_eps.isna() | (ev.eps == ev.train_eps)

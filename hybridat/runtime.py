@@ -30,6 +30,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast (CUDA, CPU) when enabled: convs and matmuls run in bf16; x, x_adv and the PGD step and
+    projection stay fp32 tensors, and norms compute batch statistics and running NS in fp32. No cast cache while a
+    CUDA graph is captured (torch's advice for graphs; the values are the same)."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type in ("cuda", "cpu"),
+                          cache_enabled=not capturing)
+
+
 def physical_cores() -> int:
     """Physical cores this process may run on (hyperthread siblings counted once); os.cpu_count() elsewhere."""
     try:

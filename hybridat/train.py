@@ -22,6 +22,7 @@ from .errors import HybridatError, check_choice, check_number
 from .graphs import Graphed, graphs_supported
 from .models import BranchModel, BranchView, bn_folded, fused
 from .norms import NORMS, get_norm
+from .runtime import autocast
 
 
 @dataclass(frozen=True)
@@ -117,15 +118,6 @@ def craft(model: BranchModel, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig
     folded_dtype = torch.bfloat16 if torch.is_autocast_enabled(x.device.type) else x.dtype
     with bn_folded(model, "adv", folded_dtype):  # eval mode, one branch: each BN is part of its conv
         return pgd(adv, x, y, cfg.eps / 255, cfg.step / 255, cfg.steps, start="normal", loss_fn=loss_fn)
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast (CUDA, CPU) when enabled: convs and matmuls run in bf16; x, x_adv and the PGD step and
-    projection stay fp32 tensors, and norms compute batch statistics and running NS in fp32. No cast cache while a
-    CUDA graph is captured (torch's advice for graphs; the values are the same)."""
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type in ("cuda", "cpu"),
-                          cache_enabled=not capturing)
 
 
 def train_step(net, model: BranchModel, x, y, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:

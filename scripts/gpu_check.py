@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hybridat.attacks import _start, pgd_accuracy, pgd_from, robust_accuracy
+from hybridat.attacks import _start, crafting, pgd_accuracy, pgd_from, robust_accuracy
 from hybridat.bench import synthetic_split
 from hybridat.graphs import Graphed
 from hybridat.models import BranchView, ModelConfig, build_model
-from hybridat.runtime import tune_host
+from hybridat.runtime import autocast, tune_host
 from hybridat.train import TrainConfig, train
 
 
@@ -65,37 +65,44 @@ def check_training(amp: bool, steps: int = 12, deterministic: bool = False) -> d
             "weights_rel_eager_vs_eager": max_rel(e2_state, e_state)}
 
 
-def check_pgd() -> dict:
-    """The same PGD-20 examples from one start, captured vs eager; and the accuracy over 2,000 images."""
+def check_pgd(amp: bool = False) -> dict:
+    """The same PGD-20 examples from one start, captured vs eager; and the accuracy over 2,000 images. amp: the
+    examples crafted in bf16 (`attack --amp`), and the fp32 accuracy beside it."""
     torch.manual_seed(0)
     model = BranchView(build_model(ModelConfig("resnet18", "dual-bn", 1.0)).cuda().eval(), "adv")
     x = torch.rand(2000, 3, 32, 32, device="cuda")
     y = torch.randint(0, 10, (2000,), device="cuda")
     eps, step = 8 / 255, 2 / 255
     start = _start(x[:500], eps, "uniform", "linf", torch.Generator("cuda").manual_seed(3))
-    eager = pgd_from(model, x[:500], y[:500], start, eps, step, 20)
     out = {}
-
-    def fn():
-        s = graph.static
-        out["adv"] = pgd_from(model, s["x"], s["y"], s["start"], eps, step, 20)
-    graph = Graphed(fn, True)
-    for _ in range(2):  # the first eagerly (warm-up), the second captured and replayed
-        graph.run(x=x[:500], y=y[:500], start=start)
-    torch.cuda.synchronize()
-    acc_graph = pgd_accuracy(model, x, y, eps, step, 20, 500, seed=0, capture=True).item() / len(y)
-    acc_eager = robust_accuracy(model, x, y, "pgd", eps, step, 20, batch_size=500, seed=0, graphs=False)
+    with crafting(model, x.device, amp) as net:
+        def fn():
+            s = graph.static
+            with autocast(x.device, amp):
+                out["adv"] = pgd_from(net, s["x"], s["y"], s["start"], eps, step, 20)
+        with autocast(x.device, amp):
+            eager = pgd_from(net, x[:500], y[:500], start, eps, step, 20)
+        graph = Graphed(fn, True)
+        for _ in range(2):  # the first eagerly (warm-up), the second captured and replayed
+            graph.run(x=x[:500], y=y[:500], start=start)
+        torch.cuda.synchronize()
+    acc_graph = pgd_accuracy(model, x, y, eps, step, 20, 500, seed=0, capture=True, amp=amp).item() / len(y)
+    acc_eager = robust_accuracy(model, x, y, "pgd", eps, step, 20, batch_size=500, seed=0, graphs=False, amp=amp)
     diff = (out["adv"] - eager).abs()
-    return {"what": "PGD-20, 500 examples; accuracy on 2,000", "examples_max_abs_diff": diff.max().item(),
-            "examples_differing": int((diff > 0).sum().item()), "examples_total": diff.numel(),
-            "acc_graph": acc_graph, "acc_eager": acc_eager}
+    result = {"what": f"PGD-20 {'bf16' if amp else 'fp32'}, 500 examples; accuracy on 2,000",
+              "examples_max_abs_diff": diff.max().item(), "examples_differing": int((diff > 0).sum().item()),
+              "examples_total": diff.numel(), "acc_graph": acc_graph, "acc_eager": acc_eager}
+    if amp:
+        result["acc_fp32"] = robust_accuracy(model, x, y, "pgd", eps, step, 20, batch_size=500, seed=0)
+    return result
 
 
 def main(out_dir: str) -> None:
     out = Path(out_dir)
     tune_host(torch.device("cuda"))
     results = []
-    checks = (("pgd", check_pgd), ("train fp32", lambda: check_training(False)),
+    checks = (("pgd", check_pgd), ("pgd bf16", lambda: check_pgd(amp=True)),
+              ("train fp32", lambda: check_training(False)),
               ("train fp32 deterministic", lambda: check_training(False, deterministic=True)),
               ("train bf16", lambda: check_training(True)))
     for name, check in checks:

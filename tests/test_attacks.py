@@ -256,6 +256,38 @@ def test_robust_accuracy(trained):
     assert a < accuracy(model, x, y) - 0.5
 
 
+def test_amp_crafts_in_bf16_through_folded_norms_and_counts_in_fp32():
+    """robust_accuracy(amp=True): PGD's examples are those of the same PGD under bf16 autocast through a copy of
+    the model with its norms folded into their convolutions (as `train --amp` crafts); they are counted in fp32 on
+    the model itself, which is left as it was. The examples differ from the fp32 attack's (the flag is not a
+    no-op) and stay in the ε-ball and [0, 1]."""
+    import copy
+
+    from conftest import perturb, tiny
+    from hybridat.models import BranchView, bn_folded
+
+    view = BranchView(perturb(tiny("dual-bn")), "adv").eval()
+    x, y = torch.rand(20, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(20) % 10
+    before, modules = snapshot(view), [type(m) for m in view.modules()]
+    by_hand = []
+    for i, lo in enumerate(range(0, 20, 8)):  # batches of 8 seeded 5 + i, as robust_accuracy draws them
+        folded = copy.deepcopy(view.model)
+        with bn_folded(folded, "adv", torch.bfloat16), torch.autocast("cpu", dtype=torch.bfloat16):
+            by_hand.append(pgd(BranchView(folded, "adv"), x[lo:lo + 8], y[lo:lo + 8], EPS, steps=3,
+                               generator=torch.Generator().manual_seed(5 + i)))
+    x_bf16 = torch.cat(by_hand)
+    fp32 = [pgd(view, x[lo:lo + 8], y[lo:lo + 8], EPS, steps=3, generator=torch.Generator().manual_seed(5 + i))
+            for i, lo in enumerate(range(0, 20, 8))]
+    assert_in_ball(x_bf16, x, EPS)
+    assert not torch.equal(x_bf16, torch.cat(fp32))
+    with torch.no_grad():
+        correct = (view(x_bf16).argmax(1) == y).sum().item()
+    acc = robust_accuracy(view, x, y, "pgd", EPS, steps=3, batch_size=8, seed=5, amp=True)
+    assert acc == correct / 20 and 0 < acc < 1
+    assert all(torch.equal(before[k], v) for k, v in snapshot(view).items())
+    assert [type(m) for m in view.modules()] == modules  # no folded convolution left behind
+
+
 def test_bad_input_raises():
     model, (x, y) = tiny_net(), data(4)
     with pytest.raises(HybridatError, match="clean, fgsm, pgd, autoattack"):

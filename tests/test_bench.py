@@ -110,7 +110,7 @@ def test_interleaved_rotates_the_order_and_takes_reported_seconds():
 def test_rows_say_how_many_times_faster_hybridat_is():
     size = bench.BenchSize(width=1.0, batch=100, steps=10, eval_batch=50, eval_steps=20, rounds=1, images=100)
     med = {"ours": 2.0, "reference": 6.0, "floor": 1.5, "eager": 4.0, "epoch": 5.0, "pgd_ours": 1.0,
-           "pgd_torchattacks": 2.0, "pgd_eager": 3.0}
+           "pgd_torchattacks": 2.0, "pgd_eager": 3.0, "pgd_bf16": 0.5, "pgd_torchattacks_reference": 4.0}
     rows = {r["comparison"]: r for r in bench._rows(med, size, 200, 50, "cpu")}
     assert rows["train_vs_reference"]["ours"] == 50 and rows["train_vs_reference"]["ratio"] == pytest.approx(3)
     assert rows["train_vs_floor"]["ratio"] == pytest.approx(0.75)  # slower than the floor: <= 1
@@ -118,6 +118,8 @@ def test_rows_say_how_many_times_faster_hybridat_is():
     assert rows["train_epoch_vs_step"]["ours"] == 40 and rows["train_epoch_vs_step"]["ratio"] == pytest.approx(0.8)
     assert rows["pgd_vs_torchattacks"]["ours"] == 50 and rows["pgd_vs_torchattacks"]["ratio"] == pytest.approx(2)
     assert rows["pgd_graphs_vs_eager"]["ratio"] == pytest.approx(3)
+    assert rows["pgd_vs_torchattacks_reference"]["ratio"] == pytest.approx(4)
+    assert rows["pgd_bf16_vs_torchattacks"]["ours"] == 100 and rows["pgd_bf16_vs_torchattacks"]["ratio"] == 4
 
 
 def test_run_bench_writes_one_row_per_comparison(tmp_path, monkeypatch):
@@ -132,7 +134,9 @@ def test_run_bench_writes_one_row_per_comparison(tmp_path, monkeypatch):
         assert tuple(reader.fieldnames) == bench.COLUMNS
         written = list(reader)
     assert [r["comparison"] for r in written] == ["train_vs_reference", "train_vs_floor", "train_graphs_vs_eager",
-                                                  "train_epoch_vs_step", "pgd_vs_torchattacks", "pgd_graphs_vs_eager"]
+                                                  "train_epoch_vs_step", "pgd_vs_torchattacks",
+                                                  "pgd_vs_torchattacks_reference", "pgd_bf16_vs_torchattacks",
+                                                  "pgd_graphs_vs_eager"]
     for r, w in zip(rows, written):
         assert r["ours"] > 0 and r["theirs"] > 0 and r["unit"] == "images/s"
         assert r["ratio"] == pytest.approx(r["ours"] / r["theirs"])

@@ -57,6 +57,17 @@ def test_attack_writes_one_row_per_branch_and_attack(trained, tmp_path, data_dir
     assert pgd <= clean
 
 
+def test_attack_amp_rows_say_bf16_for_the_crafted_attacks_only(trained, tmp_path, data_dir):
+    out = tmp_path / "eval.csv"
+    result = invoke("attack", trained / "model.safetensors", "--n", "32", "--attack", "clean", "--attack", "fgsm",
+                    "--attack", "pgd", "--steps", "2", "--amp", "--branch", "adv", "--data-dir", data_dir,
+                    "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out).set_index("attack")
+    assert frame.attack_precision.to_dict() == {"clean": "fp32", "fgsm": "bf16", "pgd": "bf16"}
+    assert "PGD-2 (bf16)" in result.output and "FGSM (bf16)" in result.output
+
+
 def test_ns_gap_protocol_flags_are_recorded_in_every_row(trained, tmp_path, data_dir):
     out = tmp_path / "gap.csv"
     result = invoke("ns-gap", trained / "model.safetensors", "--measure", "eval", "--reference", "running",

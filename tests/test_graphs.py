@@ -99,6 +99,14 @@ def test_pgd_accuracy_counts_what_eager_pgd_counts():
     assert static.item() / 23 == eager and 0 < eager < 1
 
 
+def test_pgd_accuracy_in_bf16_counts_what_eager_bf16_pgd_counts():
+    model = BranchView(perturb(tiny("dual-bn")), "adv")
+    x, y = torch.rand(23, 3, 32, 32), torch.randint(0, 10, (23,))
+    eager = robust_accuracy(model, x, y, "pgd", 8 / 255, 2 / 255, steps=3, batch_size=8, seed=7, amp=True)
+    static = pgd_accuracy(model, x, y, 8 / 255, 2 / 255, 3, batch_size=8, seed=7, capture=False, amp=True)
+    assert static.item() / 23 == eager and 0 < eager < 1
+
+
 def test_pgd_from_is_pgd_after_its_start():
     model = BranchView(perturb(tiny("dual-bn")), "adv")
     x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))

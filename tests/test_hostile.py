@@ -193,6 +193,8 @@ CASES = [
                                                     "o.csv"], "restarts apply to apgd-ce, apgd-dlr, fab", 1),
     ("--aa-attacks without autoattack", ["attack", "m.safetensors", "--aa-attacks", "apgd-ce", "--out", "o.csv"],
      "but autoattack is not among the attacks", 1),
+    ("--amp without fgsm or pgd", ["attack", "m.safetensors", "--amp", "--attack", "clean", "--attack", "autoattack",
+                                   "--out", "o.csv"], "amp (bf16 examples) applies to fgsm and pgd, none of which", 1),
     ("unknown ns-gap --noise", ["ns-gap", "m.safetensors", "--noise", "pink", "--out", "o.csv"], "unknown noise", 1),
     ("unknown ns-gap --branch", ["ns-gap", "m.safetensors", "--branch", "x", "--out", "o.csv"], "unknown branch", 1),
     ("unknown ns-gap --measure", ["ns-gap", "m.safetensors", "--measure", "test", "--out", "o.csv"],

@@ -323,3 +323,17 @@ def test_autoattack_runs_other_than_standard_get_their_own_columns(frames):
     assert (old[old.attack == "clean"].aa_attacks == "").all()
     assert list(build_tables(frames)["cross-bn"].columns) == ["norm", "train ε"] + [
         f"{b}: {c}" for b in ("adv", "clean") for c in ("clean", "PGD-10", "AA")]  # no extra columns without rows
+
+
+def test_examples_crafted_in_bf16_get_their_own_column(frames):
+    """`attack --amp` rows are "PGD-10 (bf16)", never averaged into the fp32 PGD-10 cell; rows of CSVs written
+    before `attack_precision` existed are fp32."""
+    ev = frames["eval"]
+    assert "attack_precision" not in ev  # the fixture is an old CSV
+    pgd = ev[(ev.attack == "pgd") & (ev.run == "run-d0") & (ev.branch == "adv")]
+    bf16 = pgd.assign(attack_precision="bf16", accuracy=0.99)
+    rows = report._eval({"eval": pd.concat([ev, bf16], ignore_index=True)})
+    assert set(rows[rows.attack_precision == "bf16"].column) == {"PGD-10 (bf16)"}
+    assert len(rows[rows.attack_precision == "fp32"]) == len(report._eval(frames))  # the old rows, as they were
+    before, after = (build_tables(f)["cross-bn"] for f in (frames, {"eval": pd.concat([ev, bf16], ignore_index=True)}))
+    pd.testing.assert_frame_equal(before, after)  # the PGD-10 cells are the fp32 rows' alone
