@@ -288,6 +288,19 @@ def test_amp_crafts_in_bf16_through_folded_norms_and_counts_in_fp32():
     assert [type(m) for m in view.modules()] == modules  # no folded convolution left behind
 
 
+def test_amp_on_any_module_is_bf16_autocast_alone():
+    """A module that is not a hybridat branch is attacked as it is, under bf16 autocast; the accuracy pass runs
+    without it (fp32)."""
+    model, (x, y) = tiny_net(), data(16)
+    seen = []  # (grad enabled, autocast enabled) at each forward
+    model.register_forward_hook(lambda *_: seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"))))
+    robust_accuracy(model, x, y, "pgd", EPS, steps=3, batch_size=16, seed=2, amp=True)
+    assert seen == [(True, True)] * 3 + [(False, False)]  # 3 PGD steps in bf16, then the count in fp32
+    seen.clear()
+    robust_accuracy(model, x, y, "pgd", EPS, steps=3, batch_size=16, seed=2)
+    assert seen == [(True, False)] * 3 + [(False, False)]
+
+
 def test_bad_input_raises():
     model, (x, y) = tiny_net(), data(4)
     with pytest.raises(HybridatError, match="clean, fgsm, pgd, autoattack"):
