@@ -251,10 +251,11 @@ def _cells(rows: pd.DataFrame, spec: list[tuple[str, str]], prefix: str = "") ->
     return {f"{prefix}{branch}: {col}": _pick(rows, "accuracy", branch=branch, column=col) for branch, col in spec}
 
 
-def _other_aa(ev: pd.DataFrame) -> list[str]:
-    """Columns of AutoAttack runs other than the standard version (AA-plus, APGD-CE, AA(apgd-ce,square), ...)
-    found in the rows: tables show them beside AA, never in its place."""
-    other = ev.column[ev.attack.astype(str).str.startswith("autoattack-")]
+def _other_columns(ev: pd.DataFrame) -> list[str]:
+    """Columns of AutoAttack runs other than the standard version (AA-plus, APGD-CE, AA(apgd-ce,square), ...) and
+    of PGD-10 with examples crafted in bf16 (`attack --amp`) found in the rows: tables show them beside AA and
+    PGD-10, never in their place."""
+    other = ev.column[ev.attack.astype(str).str.startswith("autoattack-") | (ev.column == "PGD-10 (bf16)")]
     return sorted(set(other))
 
 
@@ -267,7 +268,7 @@ def table_cross_bn(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Table 1: Cross-BN vs Self-BN (dual-bn), hybrid loss, each branch under clean / PGD-10 / AA."""
     ev = _eval(frames)
     ev = ev[(ev.op == "") & (ev.loss_name == "hybrid")]
-    spec = BOTH + [(b, c) for b in ("adv", "clean") for c in _other_aa(ev)]
+    spec = BOTH + [(b, c) for b in ("adv", "clean") for c in _other_columns(ev)]
     rows = []
     for eps in _levels(ev.train_eps[ev.norm.isin(["cross-bn", "cross-bn-adv", "dual-bn"])], always=[8]):
         for norm, label in [("cross-bn", "cross-bn"), ("cross-bn-adv", "cross-bn-adv"),
@@ -283,7 +284,7 @@ def _eps_grid(frames: dict[str, pd.DataFrame], pairs: list[tuple[str, str]], sho
     ev = ev[ev.op == ""]
     mine = {(norm, loss): ev[(ev.norm == norm) & (ev.loss_name == loss)] for norm, loss in pairs}
     levels = _levels(*(m.train_eps for m in mine.values()), always=[8, 16])
-    spec = PAPER + [("adv", c) for c in _other_aa(pd.concat(mine.values()))]
+    spec = PAPER + [("adv", c) for c in _other_columns(pd.concat(mine.values()))]
     rows = []
     for (norm, loss), m in mine.items():
         row = {"norm": norm, "loss": loss} if show_loss else {"norm": norm}
@@ -311,7 +312,7 @@ def table_test_time(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     ev = ev[(ev.norm == "dual-bn") & (ev.loss_name == "hybrid")]
     ops = list(dict.fromkeys(["", CROSS, SWAP_AP, *sorted(set(ev.op), key=op_label)]))
     spec = [s for s in BOTH if s[1] != "AA" or (ev.column == "AA").any()]
-    spec += [(b, c) for b in ("adv", "clean") for c in _other_aa(ev)]  # a new list: BOTH stays as it is
+    spec += [(b, c) for b in ("adv", "clean") for c in _other_columns(ev)]  # a new list: BOTH stays as it is
     return pd.DataFrame([{"operation": op_label(op), "train ε": _num(eps),
                           **_cells(ev[(ev.op == op) & (ev.train_eps == eps)], spec)}
                          for eps in _levels(ev.train_eps, always=[8]) for op in ops])
