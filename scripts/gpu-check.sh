@@ -2,7 +2,7 @@
 # hybridat on a GPU in one call (under 5 minutes on an H100): graph == eager, end-to-end epoch times, bench.
 # Needs python3 with torch (CUDA), typer, rich, safetensors, pandas; torchattacks (for the bench) as a wheel in
 # .whl/ if not installed. Writes everything under ${OUT:-gpu-check}/ and prints one table at the end.
-# SECTIONS="checks epochs grid bench" (the default) picks what runs.
+# SECTIONS="checks epochs attack grid bench" (the default) picks what runs.
 set -uo pipefail  # each section runs even if one before it failed; failures are reported
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check}; mkdir -p "$OUT"
@@ -12,7 +12,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 DATA=$(mktemp -d); export HYBRIDAT_DATA_DIR=$DATA
-SECTIONS=${SECTIONS:-checks epochs grid bench}
+SECTIONS=${SECTIONS:-checks epochs attack grid bench}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 python3 -c "import sys; from scripts.gpu_check import write_synthetic_cifar as w; from pathlib import Path; w(Path(sys.argv[1]))" "$DATA"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
@@ -57,6 +57,19 @@ print(f"{n},{mean:.2f},{n * 50000 / mean:.0f}")
 PY
 done
 
+if want attack; then  # `hybridat attack` end to end, PGD-20 on the 10,000 test images: fp32, then --amp
+  echo "== attack (PGD-20, 10,000 images): fp32 and --amp"
+  model=$(ls "$DATA"/run-*/model.safetensors 2>/dev/null | head -1)
+  if [ -z "$model" ]; then  # no epochs section before: a 1-epoch model of its own
+    python3 -m hybridat train --norm dual-bn --epochs 1 --amp --device cuda --quiet --out "$DATA/run-attack" \
+      > /dev/null && model="$DATA/run-attack/model.safetensors"
+  fi
+  for flag in "" --amp; do
+    python3 -m hybridat attack "$model" --attack pgd --steps 20 --branch adv --device cuda $flag \
+      --out "$OUT/attack${flag:+-bf16}.csv" || echo "FAILED: attack $flag"
+  done
+fi
+
 if want bench; then
   echo "== bench"
   python3 -m hybridat bench --device cuda --amp --out "$OUT/bench-bf16.csv" | tee "$OUT/bench-bf16.txt" \
@@ -77,5 +90,8 @@ show("checks.json", lambda p: [print(" | ".join(f"{k}={v:.3g}" if isinstance(v, 
                                                 for k, v in r.items())) for r in json.load(open(p))])
 show("epochs.csv", lambda p: print(pd.read_csv(p).to_string(index=False)))
 show("concurrency.csv", lambda p: print(pd.read_csv(p).to_string(index=False)))
+show("attack.csv", lambda p: [print(f"attack {f.split('/')[-1]}: " + pd.read_csv(f)[["attack", "steps", "n",
+                                     "attack_precision", "accuracy", "seconds"]].to_string(index=False, header=False))
+                               for f in (p, p.replace(".csv", "-bf16.csv"))])
 show("bench-bf16.csv", lambda p: print(pd.read_csv(p).to_string(index=False, float_format="%.2f")))
 PY
