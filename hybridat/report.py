@@ -84,6 +84,8 @@ def load_runs(paths: list[Path], sources: list[Path] | None = None) -> dict[str,
                     sources.append(file)
     if not any(found.values()):
         raise HybridatError(f"found no eval, train or ns-gap CSV in {', '.join(map(str, paths))}")
+    if not any(len(f) for frames in found.values() for f in frames):
+        raise HybridatError(f"the CSVs in {', '.join(map(str, paths))} hold a header but no rows: nothing to report")
     return {kind: _numeric(pd.concat(frames, ignore_index=True)) for kind, frames in found.items() if frames}
 
 
@@ -91,11 +93,15 @@ ACCURACIES = ("accuracy", "acc_adv", "acc_clean")
 
 
 def _check_accuracies(file: Path, frame: pd.DataFrame) -> None:
-    for col in set(ACCURACIES) & set(frame.columns):
+    """Every accuracy is a number in [0, 1]: an empty, NaN or text value would silently drop a seed from its cell."""
+    for col in sorted(set(ACCURACIES) & set(frame.columns)):
         values = pd.to_numeric(frame[col], errors="coerce")
-        bad = values[(values < 0) | (values > 1)]
+        bad = values[values.isna() | (values < 0) | (values > 1)]
         if len(bad):
-            raise HybridatError(f"{file}: {col} must lie in [0, 1], got {bad.iloc[0]} (row {bad.index[0] + 2})")
+            i = bad.index[0]
+            raise HybridatError(f"{file}: {col} must lie in [0, 1], got {frame[col][i]!r} (row {i + 2})"
+                                if pd.isna(values[i]) else
+                                f"{file}: {col} must lie in [0, 1], got {bad.iloc[0]} (row {i + 2})")
 
 
 def _read(file: Path) -> tuple[str | None, pd.DataFrame]:

@@ -73,11 +73,14 @@ def _build(ws: Path) -> None:
     (ws / "csv").mkdir()
     shutil.copy(FIXTURES / "eval.csv", ws / "csv" / "eval.csv")
     shutil.copy(FIXTURES / "nsgap.csv", ws / "csv" / "ns-gap.csv")  # named like the report's table 5
-    for name, value in (("acc-high", 7.5), ("acc-low", -3)):
-        frame = pd.read_csv(FIXTURES / "eval.csv")
-        frame.loc[3, "accuracy"] = value
+    for name, value in (("acc-high", 7.5), ("acc-low", -3), ("acc-nan", "nan"), ("acc-empty", ""),
+                        ("acc-text", "0.5x")):
+        frame = pd.read_csv(FIXTURES / "eval.csv", dtype=str, keep_default_na=False)
+        frame.loc[3, "accuracy"] = str(value)
         (ws / name).mkdir()
         frame.to_csv(ws / name / "eval.csv", index=False)
+    (ws / "header-only").mkdir()
+    (ws / "header-only" / "eval.csv").write_text((FIXTURES / "eval.csv").read_text().splitlines()[0] + "\n")
     runs = ws / "runs"
     for name in ("finished", "unfinished", "other", "corrupt", "foreign", "locked"):
         (runs / name).mkdir(parents=True)
@@ -256,6 +259,12 @@ CASES = [
     # -- report: accuracies are fractions
     ("report accuracy 7.5", ["report", "acc-high", "--out", "rep"], "accuracy must lie in [0, 1], got 7.5", 1),
     ("report accuracy -3", ["report", "acc-low", "--out", "rep"], "accuracy must lie in [0, 1], got -3", 1),
+    ("report accuracy NaN", ["report", "acc-nan", "--out", "rep"], "accuracy must lie in [0, 1], got 'nan' (row 5)",
+     1),
+    ("report accuracy empty", ["report", "acc-empty", "--out", "rep"], "accuracy must lie in [0, 1], got '' (row 5)",
+     1),
+    ("report accuracy text", ["report", "acc-text/eval.csv", "--out", "rep"], "got '0.5x' (row 5)", 1),
+    ("report a header-only CSV", ["report", "header-only", "--out", "rep"], "hold a header but no rows", 1),
     # -- successes that used to break: markup in metadata and paths; an unfinished checkpoint is marked
     ("swap-bn, markup everywhere", ["swap-bn", "markup.safetensors", "--cross", "--out", "[red]x[/].safetensors"],
      "[red]x[/].safetensors  cross", 0),
