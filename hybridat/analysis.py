@@ -231,7 +231,7 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv"
     check_choice(mode, MODES, "mode")
     check_choice(reference, REFERENCES, "reference")
     check_number("eps", eps, 0, 255)
-    check_number("steps", steps, 0, 100_000, integer=True)
+    check_number("PGD steps", steps, 1, 100_000, integer=True)
     if step is not None:
         check_number("step", step, 0, 255, low_open=True)
     single = not branched(model)
@@ -338,6 +338,15 @@ def plot_gap_by_depth(rows, path, measure: str = "wasserstein") -> None:
             ax.set_yscale("log")  # own-branch and fixed-AP gaps lie orders of magnitude apart
     fig.legend(labels.values(), labels.keys(), loc="outside lower center", ncols=min(len(labels), 3), fontsize=7)
     _save(fig, path)
+
+
+def check_layer(model, layer: int) -> int:
+    """`layer` if it indexes one of the model's measured norm layers (`measured_layers`), else one line."""
+    n = len(measured_layers(model))
+    check_number("layer", layer, 0, integer=True)
+    if layer >= n:
+        raise HybridatError(f"layer {layer} is out of range: the model has {n} norm layers (0 to {n - 1})")
+    return layer
 
 
 def plot_channels(channel_rows, layer: int, path) -> None:

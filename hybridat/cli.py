@@ -297,28 +297,43 @@ def swap_bn_cmd(
     from_layer: Annotated[Optional[int], typer.Option(help="only norm layers with index >= K (0 = first)")] = None,
     reestimate: Annotated[Optional[str], typer.Option(help="recompute --branch's running NS on clean, adv "
                                                             "or noise training data")] = None,
-    branch: Annotated[str, typer.Option(help="adv or clean: the branch whose NS --reestimate recomputes")] = "adv",
-    n: Annotated[int, typer.Option(help="--reestimate: training images in the pass")] = 10000,
-    eps: Eps = 8.0,
-    step: Annotated[float, typer.Option(help="--reestimate adv: PGD step in pixel units")] = 2.0,
-    steps: Annotated[int, typer.Option(help="--reestimate adv: PGD steps")] = 10,
-    batch_size: int = 128,
+    branch: Annotated[Optional[str], typer.Option(help="--reestimate: adv or clean, the branch whose NS it "
+                                                       "recomputes", show_default="adv")] = None,
+    n: Annotated[Optional[int], typer.Option(help="--reestimate: training images in the pass",
+                                             show_default="10000")] = None,
+    eps: Annotated[Optional[float], typer.Option(help="--reestimate adv or noise: L-inf radius in pixel units",
+                                                 show_default="8.0")] = None,
+    step: Annotated[Optional[float], typer.Option(help="--reestimate adv: PGD step in pixel units",
+                                                  show_default="2.0")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="--reestimate adv: PGD steps", show_default="10")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="--reestimate: images per batch",
+                                                      show_default="128")] = None,
     data_dir: DataDir = None,
-    seed: Seed = 0,
+    seed: Annotated[Optional[int], typer.Option(help="--reestimate: seed of data order, augmentation and attack "
+                                                     "noise", show_default="0")] = None,
     device: DeviceOpt = "auto",
 ):
     """Recombine a two-branch checkpoint's NS and AP at test time; writes a new checkpoint."""
     from .analysis import DOMAINS
-    from .recombine import cross as cross_fn, deeper_than, recombine, reestimate as reestimate_fn, save_derived
+    from .recombine import (check_reestimate, cross as cross_fn, deeper_than, recombine,
+                            reestimate as reestimate_fn, save_derived)
 
     chosen = [name for name, on in [("--cross", cross), ("--swap-ap", swap_ap), ("--ns/--ap", ns or ap),
                                     ("--reestimate", reestimate)] if on]
     if len(chosen) != 1:
         raise HybridatError("give exactly one of --cross, --swap-ap, --ns/--ap, --reestimate")
-    check_choice(branch, BRANCHES, "branch")
+    pass_flags = {"--branch": branch, "--n": n, "--eps": eps, "--step": step, "--steps": steps,
+                  "--batch-size": batch_size, "--seed": seed, "--data-dir": data_dir}
+    if reestimate is None and (given := [flag for flag, value in pass_flags.items() if value is not None]):
+        raise HybridatError(f"{', '.join(given)} only apply to --reestimate; {chosen[0]} uses none of them (one "
+                            "branch only: --ns/--ap BRANCH=SOURCE)")
+    defaults = {"branch": "adv", "n": 10000, "eps": 8.0, "step": 2.0, "steps": 10, "batch_size": 128, "seed": 0}
+    branch, n, eps, step, steps, batch_size, seed = (default if value is None else value for value, default in zip(
+        (branch, n, eps, step, steps, batch_size, seed), defaults.values()))
     if reestimate is not None:
         check_choice(reestimate, DOMAINS, "--reestimate domain")
-        check_number("n", n, 1, integer=True)
+        check_reestimate(branch, reestimate, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed,
+                         n_images=n)
     if from_layer is not None:
         check_number("from layer", from_layer, 0, integer=True)
     mapping = {"ns": _mapping(ns, "--ns"), "ap": _mapping(ap, "--ap")}
@@ -373,14 +388,14 @@ def ns_gap_cmd(
     device: DeviceOpt = "auto",
 ):
     """Per-layer NS distance between adversarial, noisy and clean versions of the same test images."""
-    from .analysis import MODES, NOISES, REFERENCES, ap_gap, ns_gap, plot_channels, plot_gap_by_depth
+    from .analysis import MODES, NOISES, REFERENCES, ap_gap, check_layer, ns_gap, plot_channels, plot_gap_by_depth
 
     check_choice(branch, BRANCHES, "branch")
     check_choice(noise, NOISES, "noise")
     check_choice(measure, MODES, "measure")
     check_choice(reference, REFERENCES, "reference")
     check_number("eps", eps, 0, 255)
-    check_number("steps", steps, 0, 100_000, integer=True)
+    check_number("PGD steps", steps, 1, 100_000, integer=True)
     check_number("n", n, 1, integer=True)
     check_number("seed", seed, 0, 2**63 - 1, integer=True)
     if layer is not None:
@@ -389,6 +404,8 @@ def ns_gap_cmd(
     outputs = [out, Path(f"{stem}-channels.csv"), Path(f"{stem}-depth.png"), Path(f"{stem}-channels.png")]
     check_outputs(outputs, [checkpoint])
     ckpt = _load(checkpoint, device)
+    if layer is not None:
+        check_layer(ckpt.model, layer)
     check_outputs(outputs, [checkpoint, *split_files(_dataset_of(ckpt), False, data_dir)])
     split = _split_for(ckpt, data_dir, train=False, n=n)
     rows, channels = ns_gap(ckpt.model, to_float(split.images), split.labels, eps=eps, fix_ap=fix_ap,

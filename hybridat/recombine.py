@@ -112,6 +112,20 @@ def _copy_set(dst: BranchBatchNorm, dst_key: str, src: BranchBatchNorm, src_key:
         getattr(dst, set_name(base, dst_key)).copy_(getattr(src, set_name(base, src_key)))
 
 
+def check_reestimate(branch: str, domain: str, *, eps: float = 8.0, step: float = 2.0, steps: int = 10,
+                     batch_size: int = 128, seed: int = 0, n_images: int | None = None) -> None:
+    """Every setting of `reestimate` checked (one line for the first bad one), before any model or data is read."""
+    check_choice(branch, BRANCHES, "branch")
+    check_choice(domain, DOMAINS, "domain")
+    check_number("eps", eps, 0, 255)
+    check_number("step", step, 0, 255)
+    check_number("PGD steps", steps, 1, 100_000, integer=True)
+    check_number("batch size", batch_size, 1, 1 << 20, integer=True)
+    check_number("seed", seed, 0, 2**63 - 1, integer=True)
+    if n_images is not None:
+        check_number("n", n_images, 1, integer=True)
+
+
 def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int = 128, n_batches: int | None = None,
                n_images: int | None = None, eps: float = 8.0, step: float = 2.0, steps: int = 10, seed: int = 0,
                augment_data: bool = True, attack_branch: str | None = None, layers: Iterable[int] | None = None):
@@ -128,14 +142,8 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
     layers' sets are re-estimated, every other layer keeps its running NS bit-identical (the pass still uses batch
     statistics everywhere, as training does).
     """
-    check_choice(branch, BRANCHES, "branch")
-    check_choice(domain, DOMAINS, "domain")
+    check_reestimate(branch, domain, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed)
     attack_branch = check_choice(attack_branch or branch, BRANCHES, "attack branch")
-    check_number("eps", eps, 0, 255)
-    check_number("step", step, 0, 255)
-    check_number("steps", steps, 0, 100_000, integer=True)
-    check_number("batch size", batch_size, 1, 1 << 20, integer=True)
-    check_number("seed", seed, 0, 2**63 - 1, integer=True)
     if n_batches is not None and n_batches < 1:
         raise HybridatError(f"n_batches must be >= 1, got {n_batches}")
     new = copy.deepcopy(model)
