@@ -214,7 +214,8 @@ def train_cmd(
                               resume=resume, overwrite=overwrite, on_step=None if quiet else on_step,
                               on_epoch=on_epoch, graphs=graphs)
     finally:
-        progress.stop()
+        if progress.live.is_started:  # stopping a bar that never started prints an empty line
+            progress.stop()
     if result.rows:
         last = result.rows[-1]
         resumed = f"  (resumed after epoch {result.resumed_from})" if result.resumed_from else ""

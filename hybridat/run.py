@@ -94,23 +94,25 @@ def prepare_folder(out: Path, ident: dict, *, resume: bool, overwrite: bool) -> 
     """Check what `out` holds against what is asked; returns the resume state to go on from, or None to start.
 
     Refused with one line: a finished run (model.safetensors) or an unfinished one unless --resume or
-    --overwrite; a run of other settings, or files that belong to no run, unless --overwrite. --overwrite
+    --overwrite; a run of other settings unless --overwrite; a folder of files that belong to no run unless
+    --overwrite (files beside a finished run or a resume state, e.g. an eval.csv, never stop it). --overwrite
     removes the run's own files (never anything else) before training starts.
     """
     present = _contents(out)
-    foreign = sorted(present - set(RUN_FILES))
-    if foreign and not overwrite:
-        raise HybridatError(f"{out} holds files that are not a training run's ({', '.join(foreign[:3])}"
-                            f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new folder, or --overwrite")
+    mine = present & set(RUN_FILES)
     if overwrite:
-        for name in RUN_FILES:
-            if name in present:
-                os.unlink(out / name)
+        for name in mine:
+            os.unlink(out / name)
         return None
     if MODEL in present:
         raise HybridatError(f"{out} holds a finished run ({MODEL}); --overwrite to train it again")
-    if not present:
+    foreign = sorted(present - mine)
+    if foreign and STATE not in mine:  # no run to go on with: not a run's folder
+        raise HybridatError(f"{out} holds files that are not a training run's ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new folder, or --overwrite")
+    if not mine:
         return None
+    present = mine
     if not resume:
         raise HybridatError(f"{out} holds an unfinished run ({', '.join(sorted(present))}); --resume to go on "
                             "with it, or --overwrite to start over")

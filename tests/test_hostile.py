@@ -82,10 +82,12 @@ def _build(ws: Path) -> None:
     (ws / "header-only").mkdir()
     (ws / "header-only" / "eval.csv").write_text((FIXTURES / "eval.csv").read_text().splitlines()[0] + "\n")
     runs = ws / "runs"
-    for name in ("finished", "unfinished", "other", "corrupt", "foreign", "locked"):
+    for name in ("finished", "finished-eval", "unfinished", "other", "corrupt", "foreign", "locked"):
         (runs / name).mkdir(parents=True)
-    save_checkpoint(model, runs / "finished" / "model.safetensors", **meta, epoch="2")
-    (runs / "finished" / "train.csv").write_text("epoch\n1\n2\n")
+    for name in ("finished", "finished-eval"):
+        save_checkpoint(model, runs / name / "model.safetensors", **meta, epoch="2")
+        (runs / name / "train.csv").write_text("epoch\n1\n2\n")
+    shutil.copy(FIXTURES / "eval.csv", runs / "finished-eval" / "eval.csv")  # as the README's Stages put it
     save_checkpoint(model, runs / "unfinished" / "last.safetensors", **meta, epoch="1")
     (runs / "unfinished" / "train.csv").write_text("epoch\n1\n")
     small = build_model(ModelConfig("resnet18", "dual-bn", 0.0625))
@@ -146,6 +148,10 @@ CASES = [
     ("resume and overwrite", [*TRAIN, "--resume", "--overwrite", "--out", "runs/x"], "exclude each other", 1),
     ("train while another trains", [*TRAIN, "--out", "runs/locked"], "another process is training", 1),
     ("train into a file", [*TRAIN, "--out", "a-file"], "is a file", 1),
+    ("train into a file, progress bar on", [x for x in TRAIN if x != "--quiet"] + ["--out", "a-file"], "is a file",
+     1),  # the bar never started: no blank line before the error
+    ("train into a finished run with its eval.csv", [*TRAIN, "--out", "runs/finished-eval"], "holds a finished run",
+     1),
     ("train --out empty", [*TRAIN, "--out", ""], "not a training run's", 1),  # "" is "." to Typer: not a run
     # -- NaN, infinity and out-of-range numbers
     ("train --lr nan", [*TRAIN, "--lr", "nan", "--out", "runs/x"], "lr must be a finite number", 1),
@@ -310,8 +316,8 @@ def test_hostile(case, args, fragment, code, base, tmp_path, monkeypatch):
     assert result.exit_code == code, result.output
     assert fragment in result.output, result.output
     if code == 1:
-        lines = result.output.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+        lines = result.output.rstrip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), repr(result.output)
         new = [p for p in after.keys() - before.keys() if Path(p).name != ".lock"]
         assert not new, f"a failing command left {new}"
     changed = [p for p, content in before.items() if after.get(p, "gone") != content]

@@ -125,8 +125,10 @@ def test_a_crash_between_any_two_saves_resumes_identically(where, reference, tmp
         with pytest.raises(Killed):
             run_training(out, CONFIG, CFG, data_dir=data_dir)
     assert not (out / MODEL).exists()
+    (out / "eval.csv").write_text("mine")  # the user evaluated last.safetensors into the run folder meanwhile
     result = run_training(out, CONFIG, CFG, data_dir=data_dir, resume=True)
     assert result.resumed_from == {"save_checkpoint": 1, "save_state": 1, "write_csv": 2, "replace": 3}[where]
+    assert (out / "eval.csv").read_text() == "mine"
     _same_run(reference, out)
 
 
@@ -136,7 +138,7 @@ def test_resume_of_a_finished_run_and_overwrite(reference, tmp_path, data_dir):
     with pytest.raises(HybridatError, match="finished run"):
         run_training(out, CONFIG, CFG, data_dir=data_dir, resume=True)
     (out / "eval.csv").write_text("mine")  # a file of the user's: --overwrite never touches it
-    with pytest.raises(HybridatError, match="not a training run's"):
+    with pytest.raises(HybridatError, match="finished run"):  # what the folder is, not the file beside it
         run_training(out, CONFIG, CFG, data_dir=data_dir)
     before = (out / MODEL).stat().st_mtime_ns
     run_training(out, CONFIG, CFG, data_dir=data_dir, overwrite=True)
