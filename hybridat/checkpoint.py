@@ -84,22 +84,34 @@ def read_header(path: str | Path) -> dict[str, str]:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         kind = _foreign_kind(path)
+        if kind in ("a CSV file", "a text file"):  # no model in it: nothing to import either
+            raise HybridatError(f"{path} is {kind}, not a checkpoint (a .safetensors file written by `hybridat "
+                                "train`, `swap-bn` or `import`)") from None
         what = f"is {kind}, not a hybridat checkpoint" if kind else f"is not a readable safetensors file ({e})"
         raise HybridatError(f"{path} {what}; {TO_IMPORT}") from None
+    if metadata.get("format", "").startswith("hybridat-resume"):  # run.STATE_FORMAT
+        raise HybridatError(f"{path} is a training run's resume state (weights, optimizer, generators), not a model "
+                            f"checkpoint; the run's latest model is {path.parent / 'last.safetensors'}")
     if metadata.get("hybridat.format") != FORMAT:
         raise HybridatError(f"{path} is a safetensors file but not a hybridat model checkpoint; {TO_IMPORT}")
     return {k.removeprefix("hybridat."): v for k, v in metadata.items() if k.startswith("hybridat.")}
 
 
 def _foreign_kind(path: Path) -> str:
-    """What a file that safetensors could not read is, where its first bytes tell: empty, or torch.save's zip
-    archive or bare pickle (read by `hybridat import`, never here); "" otherwise."""
+    """What a file that safetensors could not read is, where its first bytes tell: empty, torch.save's zip
+    archive or bare pickle (read by `hybridat import`, never here), or text (a CSV, say); "" otherwise."""
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(512)
     if not head:
         return "an empty file"
-    if head == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save: a zip archive, or a bare pickle (protocol 2+)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save: a zip archive, or a bare pickle (protocol 2+)
         return "a PyTorch file (torch.save)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:  # a character cut at byte 512 is still text; anything else is not
+        text = head[:e.start].decode("utf-8") if e.start > len(head) - 4 else ""
+    if text and all(c.isprintable() or c in "\n\r\t" for c in text):
+        return "a CSV file" if "," in text.partition("\n")[0] else "a text file"
     return ""
 
 

@@ -259,6 +259,12 @@ CASES = [
       for cmd in [["info"], ["attack", "--out", "o.csv"], ["swap-bn", "--cross", "--out", "o.safetensors"],
                   ["ns-gap", "--out", "o.csv"],
                   ["export", "--branch", "clean", "--layout", "torchvision", "--out", "o.pt"]]],
+    # -- a file of another stage where a checkpoint is expected: named as what it is
+    ("a CSV as the checkpoint", ["attack", "csv/eval.csv", "--out", "o.csv"],
+     "csv/eval.csv is a CSV file, not a checkpoint (a .safetensors file written by `hybridat train`", 1),
+    ("a resume state as the checkpoint", ["info", "runs/other/resume.safetensors"],
+     "is a training run's resume state (weights, optimizer, generators), not a model checkpoint; the run's latest "
+     "model is runs/other/last.safetensors", 1),
     # -- data: a mistyped folder is neither created nor downloaded into; an empty split
     ("mistyped --data-dir", ["attack", "m.safetensors", "--n", "8", "--device", "cpu", "--data-dir", "dta",
                              "--out", "o.csv"], "dta does not exist", 1),
