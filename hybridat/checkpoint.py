@@ -71,6 +71,16 @@ def save_checkpoint(model: BranchModel, path: str | Path, **meta) -> str:
 TO_IMPORT = "a checkpoint of other code (.pt, .pth, .safetensors) becomes one with `hybridat import`"
 
 
+def check_checkpoint_name(path: str | Path) -> Path:
+    """`path` if its name says what a checkpoint is (.safetensors); a safetensors file named .pt would be taken
+    for a torch.save file by every other tool."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise HybridatError(f"--out must end in .safetensors (a hybridat checkpoint is a safetensors file), got "
+                            f"{path.name}")
+    return path
+
+
 def read_header(path: str | Path) -> dict[str, str]:
     """The checkpoint's `hybridat.*` metadata without the `hybridat.` prefix; validates the file kind."""
     path = Path(path)

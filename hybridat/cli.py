@@ -19,8 +19,8 @@ from rich.text import Text
 from safetensors import SafetensorError
 
 from .attacks import AA_ATTACKS, AA_VERSIONS, ATTACKS
-from .checkpoint import load_checkpoint, training_columns, write_csv
-from .data import DATASETS, load_split, num_classes, split_files, to_float
+from .checkpoint import check_checkpoint_name, load_checkpoint, training_columns, write_csv
+from .data import DATASETS, check_classes, load_split, num_classes, split_files, to_float
 from .errors import HybridatError, check_choice, check_number
 from .evaluate import attack_label, check_evaluation, evaluate
 from .files import Terminated, check_outputs, os_error_line, signals_interrupt
@@ -123,8 +123,9 @@ def _device(name: str) -> torch.device:
 
 
 def _dataset_of(ckpt, dataset: str | None = None) -> str:
-    """The dataset asked for, else the one the checkpoint was trained on."""
-    return check_choice(dataset or ckpt.train.get("dataset", "cifar10"), DATASETS, "dataset")
+    """The dataset asked for, else the one the checkpoint was trained on; one with as many classes as the model."""
+    return check_classes(check_choice(dataset or ckpt.train.get("dataset", "cifar10"), DATASETS, "dataset"),
+                         ckpt.config.num_classes)
 
 
 def _split_for(ckpt, data_dir: Path | None, *, train: bool, n: int | None = None, dataset: str | None = None):
@@ -339,6 +340,7 @@ def swap_bn_cmd(
         check_number("from layer", from_layer, 0, integer=True)
     mapping = {"ns": _mapping(ns, "--ns"), "ap": _mapping(ap, "--ap")}
     check_outputs([out], [checkpoint])
+    check_checkpoint_name(out)
     ckpt = _load(checkpoint, device)
     layers = None if from_layer is None else deeper_than(ckpt.model, from_layer)
     op = {"op": {"--ns/--ap": "recombine"}.get(chosen[0], chosen[0].lstrip("-")), "layers": layers}

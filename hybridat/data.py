@@ -150,6 +150,14 @@ def num_classes(name: str) -> int:
     return _info(name).num_classes
 
 
+def check_classes(name: str, classes: int) -> str:
+    """`name` if a model with `classes` outputs can be evaluated on that dataset, else one line."""
+    if classes != num_classes(name):
+        raise HybridatError(f"the model has {classes} classes and {name} has {num_classes(name)}: give the "
+                            "dataset it was trained on (--dataset)")
+    return name
+
+
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     """The folder holding `cifar-10-batches-py/` etc.: data_dir, else $HYBRIDAT_DATA_DIR, else ./data."""
     chosen = data_dir if data_dir is not None else os.environ.get("HYBRIDAT_DATA_DIR") or "data"

@@ -23,8 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .checkpoint import atomic_path, file_hash, load_checkpoint, save_checkpoint
-from .data import DATASETS
+from .checkpoint import atomic_path, check_checkpoint_name, file_hash, load_checkpoint, save_checkpoint
+from .data import DATASETS, check_classes
 from .errors import HybridatError, check_choice
 from .files import check_outputs
 from .models import ARCHS, BranchModel, ModelConfig, build_model, norm_layers
@@ -369,6 +369,7 @@ def import_checkpoint(src: str | Path, out: str | Path | None = None, *, arch: s
     src = Path(src)
     if out is not None:
         check_outputs([out], [src])  # never over the source (path, link, hardlink); writable; before any work
+        check_checkpoint_name(out)
     state, meta = read_state_dict(src)
     if "hybridat.format" in meta:
         raise HybridatError(f"{src} is already a hybridat checkpoint: every stage reads it as it is")
@@ -380,6 +381,7 @@ def import_checkpoint(src: str | Path, out: str | Path | None = None, *, arch: s
     found = match(state, arch=arch, layout=layout, norm=norm, num_classes=num_classes, input_mean=mean,
                   input_std=std, adv_split=adv_split)
     model = load_foreign(state, found, adv_split)
+    check_classes(dataset, model.config.num_classes)
     result = Imported(model, found.layout.label)
     if out is not None:
         record = {"source": src.name, "source_hash": file_hash(src), "layout": found.layout.name,

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from hybridat.checkpoint import load_checkpoint, save_checkpoint
 from hybridat.cli import app
+from hybridat.interop import export_branch
 from hybridat.models import ModelConfig, build_model
 from hybridat.run import identity, save_state
 from hybridat.train import TrainConfig, make_optimizer
@@ -97,6 +98,7 @@ def _build(ws: Path) -> None:
     (runs / "corrupt" / "resume.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
     (runs / "foreign" / "notes.txt").write_text("my notes")
     torch.save(model.state_dict(), ws / "foreign.pt")  # a checkpoint of other code
+    export_branch(ws / "m.safetensors", ws / "plain.pt", branch="adv", layout="torchvision")  # one `import` reads
     (ws / "random.safetensors").write_bytes(random.Random(0).randbytes(4096))
     (ws / "empty.safetensors").write_bytes(b"")
     (ws / "dir.safetensors").mkdir()
@@ -265,6 +267,15 @@ CASES = [
     ("a resume state as the checkpoint", ["info", "runs/other/resume.safetensors"],
      "is a training run's resume state (weights, optimizer, generators), not a model checkpoint; the run's latest "
      "model is runs/other/last.safetensors", 1),
+    # -- a checkpoint named as what it is not; a dataset the model cannot be evaluated on
+    ("import --out a .pt name", ["import", "plain.pt", "--out", "o.pt"], "--out must end in .safetensors", 1),
+    ("swap-bn --out a .pth name", ["swap-bn", "m.safetensors", "--cross", "--out", "o.pth"],
+     "--out must end in .safetensors", 1),
+    ("import --dataset of other classes", ["import", "plain.pt", "--dataset", "cifar100", "--out", "o.safetensors"],
+     "the model has 10 classes and cifar100 has 100", 1),
+    ("attack --dataset of other classes", ["attack", "m.safetensors", "--dataset", "cifar100", *FAST, "--out",
+                                           "o.csv"], "the model has 10 classes and cifar100 has 100", 1),
+    ("import an export", ["import", "plain.pt", "--out", "o.safetensors"], "layout torchvision (auto)", 0),
     # -- data: a mistyped folder is neither created nor downloaded into; an empty split
     ("mistyped --data-dir", ["attack", "m.safetensors", "--n", "8", "--device", "cpu", "--data-dir", "dta",
                              "--out", "o.csv"], "dta does not exist", 1),
@@ -333,7 +344,8 @@ def test_hostile(case, args, fragment, code, base, tmp_path, monkeypatch):
 def test_the_table_is_large_and_covers_every_command():
     assert len(CASES) >= 40
     commands = {_values(c)[1][0] for c in CASES}
-    assert commands == {"train", "attack", "swap-bn", "ns-gap", "report", "bench", "info", "nsgap", "export"}
+    assert commands == {"train", "attack", "swap-bn", "ns-gap", "report", "bench", "info", "nsgap", "export",
+                        "import"}
 
 
 def test_unfinished_checkpoint_is_marked_in_the_csv(base, tmp_path, monkeypatch):
