@@ -174,10 +174,10 @@ def findings(frames: dict[str, pd.DataFrame], margin: float = 2.0, ratio_margin:
 
     frames = label_trainings(frames)
     ev, ns = _eval(frames), _ns(frames)
-    trainings = sorted(set(ev.get("training", pd.Series(dtype=str))) | set(ns.get("training", pd.Series(dtype=str))))
-    rows = []
-    for t in trainings or [""]:
+    rows = []  # accuracy claims per training of the eval rows, NS claims per training (and protocol) of the NS rows
+    for t in sorted(set(ev.get("training", pd.Series(dtype=str)))) or [""]:
         rows += _accuracy_rows(ev[ev.training == t] if "training" in ev else ev, t, margin)
+    for t in sorted(set(ns.get("training", pd.Series(dtype=str)))) or [""]:
         rows += _ns_rows(ns[ns.training == t] if "training" in ns else ns, t, ratio_margin)
     frame = pd.DataFrame(rows)
     return frame.sort_values("claim", kind="stable").reset_index(drop=True)
@@ -229,15 +229,18 @@ def summary_lines(frame: pd.DataFrame) -> list[str]:
     lines = []
     for claim, text in CLAIMS.items():
         rows = frame[frame.claim == claim]
-        counts = rows.verdict.value_counts()
-        tally = ", ".join(f"{counts[v]} {v}" for v in (CONSISTENT, NOT_CONSISTENT, UNRESOLVED) if v in counts)
-        lines.append(f"({claim}) {text}: {tally or 'no comparison'}")
+        counts = rows.verdict[rows.n > 0].value_counts()
+        tally = [f"{counts[v]} {v}" for v in (CONSISTENT, NOT_CONSISTENT, UNRESOLVED) if v in counts]
+        if empty := int((rows.n == 0).sum()):
+            tally.append(f"{empty} without data" if tally else "no data")
+        lines.append(f"({claim}) {text}: {', '.join(tally) or 'no comparison'}")
         for _, r in rows[rows.n > 0].iterrows():
             where = f"[{r.training}] " if r.training else ""
             lines.append(f"    {where}{r.comparison}, {r.metric}: {describe(r)} -> {r.verdict}")
         if missing := _missing(rows):
             lines.append(f"    no data for: {'; '.join(missing)}")
-    return [part for line in lines for part in textwrap.wrap(line, WIDTH, subsequent_indent="        ")]
+    return [part for line in lines
+            for part in textwrap.wrap(line, WIDTH, subsequent_indent="        ", break_on_hyphens=False)]
 
 
 WIDTH = 118  # a terminal line
@@ -245,8 +248,10 @@ WIDTH = 118  # a terminal line
 
 def _missing(rows: pd.DataFrame) -> list[str]:
     """The comparisons without a single paired seed (with the metric where one comparison has several)."""
-    measured = set(rows.comparison[rows.n > 0])  # a comparison with data elsewhere: name the metric that has none
-    names = [f"{r.comparison} ({r.metric})" if r.comparison in measured else r.comparison
+    # a comparison with data elsewhere in its training: name the metric that has none; [the training], if any
+    measured = {(t, c) for t, c, n in zip(rows.training, rows.comparison, rows.n) if n > 0}
+    names = [("" if not r.training else f"[{r.training}] ")
+             + (f"{r.comparison} ({r.metric})" if (r.training, r.comparison) in measured else r.comparison)
              for _, r in rows.iterrows() if r.n == 0]
     return list(dict.fromkeys(names))
 

@@ -58,7 +58,7 @@ def test_paired_over_common_seeds_only_and_within_one_training():
             + eval_rows("dual-ns", {0: 0.30, 1: 0.33, 2: 0.335})
             + eval_rows("dual-ap", {0: 0.90, 1: 0.90, 2: 0.90}, lr=0.05))  # another training: never paired with lr 0.1
     found = findings(frames_of(rows))
-    assert set(found.training) == {"lr=0.05", "lr=0.1"}
+    assert set(found.training[found.claim != 3]) == {"lr=0.05", "lr=0.1"}  # the NS claim: one group, no NS rows
     mine = found[found.training == "lr=0.1"]
     ap = row(mine, "dual-ap − dual-bn, ε=8")
     assert ap.n == 3 and ap.difference == pytest.approx((0.5 - 0.2 + 0.5) / 3)  # points: +0.5, -0.2, +0.5
@@ -147,3 +147,26 @@ def test_ns_gap_claims_never_mix_protocols_and_follow_the_running_reference():
     four = by.loc[("NS mode=eval, NS reference=running, noise clip=false",
                    "dual-bn fixed AP (adv), ε=16: adv-running / noise-running", "NS gap, layers 0-6")]
     assert same.n == four.n == 2 and abs(same.difference) < 0.1 and four.difference > 1.9  # log2(4 x ...)
+
+
+def test_summary_names_what_has_no_data_per_protocol_and_never_counts_it_as_measured():
+    """Eval rows of one training, NS rows measured in two protocols (eval mode: own branch only). Accuracy claims are
+    judged once (the NS protocols are no trainings of the eval rows); a claim without data says "no data" (not "1
+    not resolved"); a comparison missing in one protocol is listed under that protocol's label, never bare next to
+    the same comparison measured in the other."""
+    rows = eval_rows("dual-bn", {0: 0.40, 1: 0.42}) + eval_rows("bn", {0: 0.30, 1: 0.33})
+    batch = [r | {"mode": "train", "reference": "batch", "noise_clip": True}
+             for r in ns_rows(0, 0.10, 0.10, 0.40) + ns_rows(1, 0.11, 0.10, 0.50)]
+    own_eval = [r | {"mode": "eval", "reference": "batch", "noise_clip": True}
+                for r in ns_rows(0, 0.10, 0.10, 0.40) + ns_rows(1, 0.11, 0.10, 0.50) if not r["fix_ap"]]
+    frames = frames_of(rows) | {"nsgap": _numeric(pd.DataFrame(batch + own_eval).astype(str))}
+    found = findings(frames)
+    assert set(found.training[found.claim != 3]) == {""}  # no accuracy rows under an NS protocol's label
+    lines = "\n".join(summary_lines(found)).replace("\n        ", " ")
+    claim = {int(line[1]): line for line in lines.splitlines() if line.startswith("(")}
+    assert claim[1].endswith(": no data") and claim[5].endswith(": 1 consistent")
+    assert claim[3].endswith(" at this n, 4 without data")  # the 4 NS comparisons of the eval protocol
+    missing = next(line for line in lines.splitlines() if "no data for: [NS mode=eval" in line)
+    entries = missing.split("no data for: ")[1].split("; ")
+    assert entries and all(e.startswith("[NS mode=eval] ") for e in entries)
+    assert "adv-clean / noise-clean" in missing  # whole words: no break at a hyphen
