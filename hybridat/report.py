@@ -392,6 +392,10 @@ def build_tables(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     for key, make in TABLES.items():
         parts = [_filled(make({k: f[f.training == t] for k, f in frames.items()})).assign(training=t)
                  for t in trainings]
+        labels = [part.training.iloc[0] for part in parts if len(part)]
+        if labels in ([], [""]):  # the trainings differ only in rows this table does not read (e.g. NS protocols)
+            tables[key] = make({k: f[f.training == ""] for k, f in frames.items()})
+            continue
         table = pd.concat(parts, ignore_index=True)
         tables[key] = table[["training", *(c for c in table.columns if c != "training")]]
     return tables

@@ -340,3 +340,14 @@ def test_examples_crafted_in_bf16_get_their_own_column(frames):
     assert list(after.columns) == list(before.columns) + ["adv: PGD-10 (bf16)", "clean: PGD-10 (bf16)"]
     at8 = after[after["train ε"] == "8"].set_index("norm")
     assert at8.loc["dual-bn (Self-BN)", "adv: PGD-10 (bf16)"] == "99.0 (n=1)"
+
+
+def test_ns_protocols_do_not_split_the_accuracy_tables(frames):
+    """The NS gap measured in two protocols (the README's `for mode in train eval`) makes two parts of table 5
+    only; tables 1-4 stay as with one protocol: no "training" column of empty labels, no rows lost."""
+    ns = frames["nsgap"]
+    both = frames | {"nsgap": pd.concat([ns, ns.assign(mode="eval")], ignore_index=True)}
+    one, two = build_tables(frames), build_tables(both)
+    for key in ("cross-bn", "ns-vs-ap", "two-task", "test-time"):
+        pd.testing.assert_frame_equal(two[key], one[key])
+    assert set(two["ns-gap"].training) == {"NS mode=train", "NS mode=eval"}
