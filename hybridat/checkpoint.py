@@ -167,6 +167,11 @@ class Checkpoint:
         """The training settings recorded by `train` ({} for a model from elsewhere)."""
         return self.meta("train") or {}
 
+    @property
+    def run(self) -> str:
+        """The run it came from (`train`'s folder name), else the name of the folder holding it."""
+        return self.header.get("run") or self.path.resolve().parent.name
+
     def row_ids(self) -> dict:
         """What every eval and ns-gap row says of the checkpoint it measured: hash, parent and operation, model,
         seed, training loss and ε (the rest of its training: `training_columns`)."""

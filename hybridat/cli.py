@@ -419,7 +419,7 @@ def ns_gap_cmd(
         rows += [r | protocol for r in ap_gap(ckpt.model)]
     except HybridatError as e:
         say(f"note: no AP gap ({e})")
-    ids = ({"run": ckpt.header.get("run", "")} | ckpt.row_ids() | {"unfinished": ckpt.unfinished}
+    ids = ({"run": ckpt.run} | ckpt.row_ids() | {"unfinished": ckpt.unfinished}
            | training_columns(ckpt.train))
     layer = max(r["layer"] for r in channels) if layer is None else layer
     plot_gap_by_depth(rows, outputs[2])

@@ -124,7 +124,7 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
 def _row(ckpt, branch, attack, steps, eps, step, n, acc, seconds, seed, aa: AASettings | None,
          precision: str) -> dict:
     aa_record = aa.columns() if aa is not None else {"aa_attacks": None, "aa_restarts": None, "aa_eot_iter": None}
-    where = {"run": ckpt.header.get("run", ckpt.path.parent.name), "checkpoint": str(ckpt.path)}
+    where = {"run": ckpt.run, "checkpoint": str(ckpt.path)}
     measured = {"branch": branch, "attack": aa.name if aa else attack, "eps": eps,
                 "step": (step if step is not None else eps / 4) if attack == "pgd" else None, "steps": steps,
                 "n": n, "accuracy": acc, "seconds": seconds, "eval_seed": seed, "attack_precision": precision,

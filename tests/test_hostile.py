@@ -360,6 +360,22 @@ def test_unfinished_checkpoint_is_marked_in_the_csv(base, tmp_path, monkeypatch)
             assert (pd.read_csv("o.csv")["unfinished"] == unfinished).all()
 
 
+def test_rows_of_a_checkpoint_outside_a_run_name_its_folder(base, tmp_path, monkeypatch):
+    """A checkpoint not written by `train` (imported, or moved) is of the run its folder names, in attack and ns-gap
+    rows alike, however the path is written ("m.safetensors" from inside, "../mine/m.safetensors")."""
+    ws = tmp_path / "ws"
+    shutil.copytree(base, ws, symlinks=True)
+    (ws / "mine").mkdir()
+    save_checkpoint(perturb(tiny("dual-bn")), ws / "mine" / "m.safetensors", train=TRAIN_META)  # no run, no seed
+    data = ["--device", "cpu", "--data-dir", str(ws / "data")]
+    for where, ckpt in ((ws / "mine", "m.safetensors"), (ws / "folder", "../mine/m.safetensors")):
+        monkeypatch.chdir(where)
+        for args in (["attack", ckpt, "--attack", "clean", "--n", "8"], ["ns-gap", ckpt, "--n", "8", "--steps", "1"]):
+            result = CliRunner().invoke(app, [*args, *data, "--out", "o.csv"])
+            assert result.exit_code == 0, result.output
+            assert set(pd.read_csv("o.csv", keep_default_na=False)["run"]) == {"mine"}, args
+
+
 def test_an_os_error_while_writing_is_one_line(base, tmp_path, monkeypatch):
     """Disk full (ENOSPC) in the middle of writing the CSV: one line, exit 1, no temp file, no output."""
     ws = tmp_path / "ws"
