@@ -109,7 +109,8 @@ def cli_errors(fn):
         except (MemoryError, torch.OutOfMemoryError):
             error_line("out of memory")
         except (KeyboardInterrupt, Terminated):
-            error_line("interrupted; no half-written file was left (train: --resume goes on from the last epoch)")
+            resume = " (--resume goes on from the last epoch)" if fn.__name__ == "train_cmd" else ""
+            error_line(f"interrupted; no half-written file was left{resume}")
         raise typer.Exit(1)
 
     return wrapper

@@ -376,6 +376,32 @@ def test_rows_of_a_checkpoint_outside_a_run_name_its_folder(base, tmp_path, monk
             assert set(pd.read_csv("o.csv", keep_default_na=False)["run"]) == {"mine"}, args
 
 
+@pytest.mark.parametrize("when", ["between rows", "while writing"])
+def test_ctrl_c_in_attack_leaves_no_csv_and_keeps_the_old_one(when, base, tmp_path, monkeypatch):
+    """SIGINT (KeyboardInterrupt) after the first row, or halfway through writing the CSV: one line, exit 1, the
+    earlier o.csv byte-identical, no temp file."""
+    ws = tmp_path / "ws"
+    shutil.copytree(base, ws, symlinks=True)
+    monkeypatch.chdir(ws)
+    Path("o.csv").write_text("an earlier evaluation\n")
+    if when == "between rows":
+        import hybridat.cli as cli
+
+        monkeypatch.setattr(cli, "_print_row", lambda row: (_ for _ in ()).throw(KeyboardInterrupt()))
+    else:
+        def half(self, path, *args, **kwargs):
+            Path(path).write_text("run,checkpoint\nhalf")
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(pd.DataFrame, "to_csv", half)
+    result = CliRunner().invoke(app, ["attack", "m.safetensors", "--attack", "clean", "--n", "8", *FAST,
+                                      "--out", "o.csv"])
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[-1] == "error: interrupted; no half-written file was left", result.output
+    assert Path("o.csv").read_text() == "an earlier evaluation\n"
+    assert not [p for p in os.listdir(ws) if p.startswith(".o.csv")]
+
+
 def test_an_os_error_while_writing_is_one_line(base, tmp_path, monkeypatch):
     """Disk full (ENOSPC) in the middle of writing the CSV: one line, exit 1, no temp file, no output."""
     ws = tmp_path / "ws"
