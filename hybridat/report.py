@@ -93,10 +93,12 @@ ACCURACIES = ("accuracy", "acc_adv", "acc_clean")
 
 
 def _check_accuracies(file: Path, frame: pd.DataFrame) -> None:
-    """Every accuracy is a number in [0, 1]: an empty, NaN or text value would silently drop a seed from its cell."""
+    """Every accuracy is a number in [0, 1]: an empty, NaN or text value would silently drop a seed from its cell.
+    (A train row leaves the accuracy of a branch it does not train empty: `--loss clean` has no acc_adv.)"""
     for col in sorted(set(ACCURACIES) & set(frame.columns)):
         values = pd.to_numeric(frame[col], errors="coerce")
-        bad = values[values.isna() | (values < 0) | (values > 1)]
+        unset = (frame[col].astype(str).str.strip() == "") & (col != "accuracy")
+        bad = values[(values.isna() & ~unset) | (values < 0) | (values > 1)]
         if len(bad):
             i = bad.index[0]
             raise HybridatError(f"{file}: {col} must lie in [0, 1], got {frame[col][i]!r} (row {i + 2})"

@@ -91,7 +91,8 @@ def check_config(cfg: TrainConfig, norm: str) -> None:
         raise HybridatError(f"norm {norm} mixes both branches in one batch; use --loss hybrid or trades")
     check_number("eps", cfg.eps, 0, 255)
     check_number("step", cfg.step, 0, 255)
-    check_number("steps", cfg.steps, 0, 100_000, integer=True)
+    attacked = "adv" in LOSSES[cfg.loss].branches  # only --loss clean crafts no adversarial examples
+    check_number("PGD steps", cfg.steps, 1 if attacked else 0, 100_000, integer=True)
     check_number("epochs", cfg.epochs, 1, 100_000, integer=True)
     check_number("batch size", cfg.batch_size, 1, 1 << 20, integer=True)
     check_number("lr", cfg.lr, 0)

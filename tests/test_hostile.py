@@ -166,6 +166,7 @@ CASES = [
     ("train --weight-decay -1", [*TRAIN, "--weight-decay", "-1", "--out", "runs/x"], "weight decay must be in", 1),
     ("train --seed -1", [*TRAIN, "--seed", "-1", "--out", "runs/x"], "seed must be in", 1),
     ("train --epochs 0", [*TRAIN, "--epochs", "0", "--out", "runs/x"], "epochs must be in", 1),
+    ("train --steps 0", [*TRAIN, "--steps", "0", "--out", "runs/x"], "PGD steps must be in [1, 100000], got 0", 1),
     ("attack --eps nan", ["attack", "m.safetensors", "--eps", "nan", "--out", "o.csv"], "eps must be a finite", 1),
     ("attack --eps 300", ["attack", "m.safetensors", "--eps", "300", "--out", "o.csv"], "eps must be in [0, 255]", 1),
     ("attack --step 0", ["attack", "m.safetensors", "--step", "0", "--out", "o.csv"], "step must be in (0", 1),

@@ -351,3 +351,18 @@ def test_ns_protocols_do_not_split_the_accuracy_tables(frames):
     for key in ("cross-bn", "ns-vs-ap", "two-task", "test-time"):
         pd.testing.assert_frame_equal(two[key], one[key])
     assert set(two["ns-gap"].training) == {"NS mode=train", "NS mode=eval"}
+
+
+def test_a_branch_not_trained_has_an_empty_training_accuracy_which_is_no_error(tmp_path):
+    """`train --loss clean` writes acc_adv empty: read as missing. An eval row's accuracy is never optional, and
+    a training accuracy that is written is a number in [0, 1]."""
+    train = pd.read_csv(FIXTURES / "train.csv", dtype=str, keep_default_na=False)
+    train.assign(acc_adv="").to_csv(tmp_path / "train.csv", index=False)
+    assert load_runs([tmp_path / "train.csv"])["train"].acc_adv.isna().all()
+    train.assign(acc_adv="nan").to_csv(tmp_path / "nan.csv", index=False)
+    with pytest.raises(HybridatError, match=r"acc_adv must lie in \[0, 1\], got 'nan' \(row 2\)"):
+        load_runs([tmp_path / "nan.csv"])
+    ev = pd.read_csv(FIXTURES / "eval.csv", dtype=str, keep_default_na=False)
+    ev.assign(accuracy="").to_csv(tmp_path / "eval.csv", index=False)
+    with pytest.raises(HybridatError, match=r"accuracy must lie in \[0, 1\], got '' \(row 2\)"):
+        load_runs([tmp_path / "eval.csv"])
