@@ -144,6 +144,11 @@ def _load(path: Path, device: str):
     return ckpt
 
 
+def _acc(value) -> str:
+    """A training accuracy; "—" for a branch the loss does not train (--loss clean, madry), never "nan"."""
+    return "—" if value is None or value != value else f"{value:.3f}"
+
+
 def _progress(quiet: bool) -> Progress:
     return Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), TextColumn("step {task.completed}/"
                     "{task.total}"), TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
@@ -205,7 +210,7 @@ def train_cmd(
         if i % 10 == 0 or i == n:  # a host sync, so not every step
             s = summary(sums)
             progress.update(task, epoch=f"{epoch}/{epochs}", completed=i, total=n, stats=f"loss {s['loss']:.3f}  "
-                            f"acc adv {s['acc_adv']:.3f} clean {s['acc_clean']:.3f}  "
+                            f"acc adv {_acc(s['acc_adv'])} clean {_acc(s['acc_clean'])}  "
                             f"{s['images'] / (time.perf_counter() - t0[0]):.0f} img/s")
 
     def on_epoch(row):
@@ -221,8 +226,8 @@ def train_cmd(
     if result.rows:
         last = result.rows[-1]
         resumed = f"  (resumed after epoch {result.resumed_from})" if result.resumed_from else ""
-        say(f"{result.model_path}  epoch {last['epoch']}  acc adv {last['acc_adv']:.3f} clean {last['acc_clean']:.3f}"
-            f"  {last['images_per_s']:.0f} img/s{resumed}")
+        say(f"{result.model_path}  epoch {last['epoch']}  acc adv {_acc(last['acc_adv'])} clean "
+            f"{_acc(last['acc_clean'])}  {last['images_per_s']:.0f} img/s{resumed}")
 
 
 @app.command("attack")

@@ -303,6 +303,7 @@ CASES = [
     ("swap-bn, markup everywhere", ["swap-bn", "markup.safetensors", "--cross", "--out", "[red]x[/].safetensors"],
      "[red]x[/].safetensors  cross", 0),
     ("info, markup in metadata", ["info", "markup.safetensors"], "[/]", 0),
+    ("train --loss clean", [*TRAIN, "--loss", "clean", "--steps", "0", "--out", "runs/x"], "acc adv — clean 0.", 0),
     ("attack an unfinished run", ["attack", "last.safetensors", "--attack", "clean", "--n", "8", *FAST, "--out",
                                   "o.csv"], "unfinished run's checkpoint (epoch 1 of 2)", 0),
 ]
