@@ -107,7 +107,7 @@ def test_info_prints_config(trained):
 
 @pytest.mark.parametrize("args,message", [
     (["attack", "missing.safetensors", "--out", "x.csv"], "no checkpoint"),
-    (["info", "README.md"], "not a readable safetensors"),
+    (["info", "README.md"], "README.md is a text file, not a checkpoint"),
     (["train", "--norm", "cross-bn", "--loss", "madry", "--out", "never"], "use --loss hybrid"),
     (["train", "--epochs", "0", "--out", "never"], "epochs"),
 ])
