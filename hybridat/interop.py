@@ -373,6 +373,10 @@ def import_checkpoint(src: str | Path, out: str | Path | None = None, *, arch: s
     state, meta = read_state_dict(src)
     if "hybridat.format" in meta:
         raise HybridatError(f"{src} is already a hybridat checkpoint: every stage reads it as it is")
+    bad = [k for k, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
+           and not torch.isfinite(t).all()]
+    if bad:  # every stage would refuse the model: refused here, before a checkpoint is written
+        raise HybridatError(f"{src} has non-finite weights (NaN or inf) in {len(bad)} tensors, e.g. {bad[0]}")
     mean, std = _triple(input_mean, "--input-mean"), _triple(input_std, "--input-std")
     if mean is None and std is None and "input_mean" in meta:  # written by export_branch
         mean, std = _triple(meta["input_mean"], "input_mean"), _triple(meta.get("input_std"), "input_std")

@@ -99,6 +99,9 @@ def _build(ws: Path) -> None:
     (runs / "foreign" / "notes.txt").write_text("my notes")
     torch.save(model.state_dict(), ws / "foreign.pt")  # a checkpoint of other code
     export_branch(ws / "m.safetensors", ws / "plain.pt", branch="adv", layout="torchvision")  # one `import` reads
+    state = torch.load(ws / "plain.pt", weights_only=True)
+    state["fc.weight"][0, 0] = float("nan")
+    torch.save(state, ws / "plain-nan.pt")
     (ws / "random.safetensors").write_bytes(random.Random(0).randbytes(4096))
     (ws / "empty.safetensors").write_bytes(b"")
     (ws / "dir.safetensors").mkdir()
@@ -276,6 +279,8 @@ CASES = [
      "the model has 10 classes and cifar100 has 100", 1),
     ("attack --dataset of other classes", ["attack", "m.safetensors", "--dataset", "cifar100", *FAST, "--out",
                                            "o.csv"], "the model has 10 classes and cifar100 has 100", 1),
+    ("import NaN weights", ["import", "plain-nan.pt", "--out", "o.safetensors"],
+     "plain-nan.pt has non-finite weights (NaN or inf) in 1 tensors, e.g. fc.weight", 1),
     ("import an export", ["import", "plain.pt", "--out", "o.safetensors"], "layout torchvision (auto)", 0),
     # -- data: a mistyped folder is neither created nor downloaded into; an empty split
     ("mistyped --data-dir", ["attack", "m.safetensors", "--n", "8", "--device", "cpu", "--data-dir", "dta",
