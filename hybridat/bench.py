@@ -37,7 +37,7 @@ from torch.utils.flop_counter import flop_registry
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .attacks import frozen, robust_accuracy
-from .checkpoint import write_csv
+from .checkpoint import check_csv_name, write_csv
 from .data import Split, to_float, train_batches
 from .errors import check_number
 from .files import check_outputs
@@ -344,6 +344,7 @@ def run_bench(device: str | torch.device = "auto", quick: bool = False, out: Pat
         check_number("rounds", rounds, 1, 1000, integer=True)
     if out is not None:
         check_outputs([out])
+        check_csv_name(out)
     say = console.print if console is not None else print
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     tune_host(device)

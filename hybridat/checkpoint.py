@@ -81,6 +81,15 @@ def check_checkpoint_name(path: str | Path) -> Path:
     return path
 
 
+def check_csv_name(path: str | Path) -> Path:
+    """`path` if its name ends in .csv: what a tidy CSV is called, and what `report` looks for in folders."""
+    path = Path(path)
+    if path.suffix.lower() != ".csv":
+        raise HybridatError(f"--out must end in .csv (a tidy CSV; `report` finds CSVs in folders by that name), "
+                            f"got {path.name}")
+    return path
+
+
 def read_header(path: str | Path) -> dict[str, str]:
     """The checkpoint's `hybridat.*` metadata without the `hybridat.` prefix; validates the file kind."""
     path = Path(path)

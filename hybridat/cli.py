@@ -19,7 +19,7 @@ from rich.text import Text
 from safetensors import SafetensorError
 
 from .attacks import AA_ATTACKS, AA_VERSIONS, ATTACKS
-from .checkpoint import check_checkpoint_name, load_checkpoint, training_columns, write_csv
+from .checkpoint import check_checkpoint_name, check_csv_name, load_checkpoint, training_columns, write_csv
 from .data import DATASETS, check_classes, load_split, num_classes, split_files, to_float
 from .errors import HybridatError, check_choice, check_number
 from .evaluate import attack_label, check_evaluation, evaluate
@@ -236,7 +236,8 @@ def attack_cmd(
     checkpoint: Ckpt,
     out: Annotated[Path, typer.Option(help="tidy CSV, one row per (branch, attack, steps)")],
     attack: Annotated[list[str], typer.Option(help=f"repeatable: {_names(ATTACKS)}")] = ["clean", "pgd"],
-    steps: Annotated[list[int], typer.Option(help="PGD steps, repeatable (10 and 20 = two rows)")] = [10],
+    steps: Annotated[Optional[list[int]], typer.Option(help="PGD steps, repeatable (10 and 20 = two rows)",
+                                                       show_default="10")] = None,
     eps: Eps = 8.0,
     step: Annotated[Optional[float], typer.Option(help="PGD step in pixel units", show_default="eps/4")] = None,
     branch: Annotated[Optional[list[str]], typer.Option(help="adv or clean, repeatable", show_default="both")] = None,
@@ -271,6 +272,7 @@ def attack_cmd(
     check_outputs([out], [checkpoint])
     ckpt = _load(checkpoint, device)
     check_outputs([out], [checkpoint, *split_files(_dataset_of(ckpt, dataset), False, data_dir)])
+    check_csv_name(out)
     split = _split_for(ckpt, data_dir, train=False, n=n, dataset=dataset)
     rows = evaluate(ckpt, split, attack, branches, **evaluate_args, on_row=_print_row, graphs=graphs)
     write_csv(rows, out)
@@ -416,6 +418,7 @@ def ns_gap_cmd(
     if layer is not None:
         check_layer(ckpt.model, layer)
     check_outputs(outputs, [checkpoint, *split_files(_dataset_of(ckpt), False, data_dir)])
+    check_csv_name(out)
     split = _split_for(ckpt, data_dir, train=False, n=n)
     rows, channels = ns_gap(ckpt.model, to_float(split.images), split.labels, eps=eps, fix_ap=fix_ap,
                             branch=branch, steps=steps, noise=noise, seed=seed, mode=measure, reference=reference,

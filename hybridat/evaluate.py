@@ -56,11 +56,15 @@ def attack_plan(attacks: list[str], steps: list[int]) -> list[tuple[str, int | N
     return plan
 
 
+PGD_STEPS = (10,)  # PGD's steps when none are given
+
+
 def check_evaluation(attacks: list[str], branches: list[str], *, eps: float, step: float | None = None,
-                     steps: list[int] = (10,), batch_size: int = 500, seed: int = 0,
+                     steps: list[int] | None = None, batch_size: int = 500, seed: int = 0,
                      aa_version: str | None = None, aa_attacks: str | list[str] | None = None,
                      aa_restarts: int | None = None, amp: bool = False) -> list[tuple[str, int | None]]:
-    """Every setting of `evaluate` checked (one line for the first bad one); returns the attack plan."""
+    """Every setting of `evaluate` checked (one line for the first bad one); returns the attack plan. `steps` and
+    `step` are PGD's (None: PGD_STEPS, eps/4); given without pgd among the attacks, they are refused, not ignored."""
     check_number("eps", eps, 0, 255)
     if step is not None:
         check_number("step", step, 0, 255, low_open=True)
@@ -68,7 +72,10 @@ def check_evaluation(attacks: list[str], branches: list[str], *, eps: float, ste
     check_number("seed", seed, 0, 2**63 - 1, integer=True)
     for b in branches:
         check_choice(b, BRANCHES, "branch")
-    plan = attack_plan(attacks, list(steps))
+    if "pgd" not in attacks and (steps is not None or step is not None):
+        raise HybridatError("PGD steps and step size were given, but pgd is not among the attacks (FGSM takes one "
+                            "step of eps)")
+    plan = attack_plan(attacks, list(PGD_STEPS if steps is None else steps))
     aa_settings(aa_version, aa_attacks, aa_restarts)
     if (aa_version, aa_attacks, aa_restarts) != (None, None, None) and "autoattack" not in attacks:
         raise HybridatError("AutoAttack settings (version, attacks, restarts) were given, but autoattack is not "
@@ -80,7 +87,7 @@ def check_evaluation(attacks: list[str], branches: list[str], *, eps: float, ste
 
 
 def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[str], *, eps: float,
-             step: float | None = None, steps: list[int] = (10,), batch_size: int = 500, seed: int = 0,
+             step: float | None = None, steps: list[int] | None = None, batch_size: int = 500, seed: int = 0,
              aa_version: str | None = None, aa_attacks: str | list[str] | None = None,
              aa_restarts: int | None = None, on_row: Callable[[dict], None] | None = None,
              graphs: bool = True, amp: bool = False) -> list[dict]:
