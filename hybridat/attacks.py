@@ -49,9 +49,9 @@ def default_step(eps: float) -> float:
 
 def _check(x: torch.Tensor, y: torch.Tensor, eps: float) -> None:
     if eps < 0:
-        raise HybridatError(f"eps must be >= 0, got {eps}.")
+        raise HybridatError(f"eps must be >= 0, got {eps}")
     if x.ndim != 4 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-        raise HybridatError(f"expected x (B, C, H, W) and y (B,), got {tuple(x.shape)} and {tuple(y.shape)}.")
+        raise HybridatError(f"expected x (B, C, H, W) and y (B,), got {tuple(x.shape)} and {tuple(y.shape)}")
 
 
 def _l2(t: torch.Tensor) -> torch.Tensor:
@@ -98,9 +98,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
     _check(x, y, eps)
     step = default_step(eps) if step is None else step
     if steps < 1 or step < 0:
-        raise HybridatError(f"PGD needs steps >= 1 and step >= 0, got steps={steps}, step={step}.")
+        raise HybridatError(f"PGD needs steps >= 1 and step >= 0, got steps={steps}, step={step}")
     if start not in STARTS or norm not in NORMS:
-        raise HybridatError(f"unknown start {start!r} or norm {norm!r}: starts {STARTS}, norms {tuple(NORMS)}.")
+        raise HybridatError(f"unknown start {start!r} or norm {norm!r}: starts {STARTS}, norms {tuple(NORMS)}")
     x, y = x.detach(), y.detach()
     return pgd_from(model, x, y, _start(x, eps, start, norm, generator).detach(), eps, step, steps, loss_fn, norm)
 
@@ -238,7 +238,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, v
 
     _check(x, y, eps)
     if norm not in NORMS:
-        raise HybridatError(f"unknown norm {norm!r}: choose one of {tuple(NORMS)}.")
+        raise HybridatError(f"unknown norm {norm!r}: choose one of {tuple(NORMS)}")
     settings = aa_settings(version, attacks, restarts)
     device = torch.device(x.device if device is None else device)
     rng_devices = [device] if device.type == "cuda" else []
@@ -293,9 +293,9 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
     graphs: PGD on a GPU runs each full batch as one CUDA graph (`pgd_accuracy`), with the same numbers.
     amp: FGSM and PGD craft their examples in bf16 (`crafting`); the accuracy is counted in fp32 on `model`."""
     if attack not in ATTACKS:
-        raise HybridatError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}.")
+        raise HybridatError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}")
     if x.shape[0] == 0 or batch_size < 1:
-        raise HybridatError(f"need >= 1 input and batch_size >= 1, got {x.shape[0]} and {batch_size}.")
+        raise HybridatError(f"need >= 1 input and batch_size >= 1, got {x.shape[0]} and {batch_size}")
     amp = amp and attack in AMP_ATTACKS
     if attack == "pgd" and graphs and x.device.type == "cuda":
         _check(x, y, eps)

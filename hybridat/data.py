@@ -53,7 +53,7 @@ def _check_n(n: int | None, total: int, what: str) -> int:
     if n is None:
         return total
     if not 1 <= n <= total:
-        raise HybridatError(f"n={n} must be between 1 and {total}, the size of the {what}.")
+        raise HybridatError(f"n={n} must be between 1 and {total}, the size of the {what}")
     return n
 
 
@@ -74,13 +74,13 @@ class _ArrayUnpickler(pickle.Unpickler):
 def _check(images, labels: np.ndarray, num_classes: int, path: Path) -> Arrays:
     """The arrays if images are (N, 3, 32, 32) uint8 and labels N integers in [0, num_classes)."""
     if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape[1:] == (3, 32, 32)):
-        raise HybridatError(f"{path}: images must be a uint8 array of shape (N, 3, 32, 32), got {_describe(images)}.")
+        raise HybridatError(f"{path}: images must be a uint8 array of shape (N, 3, 32, 32), got {_describe(images)}")
     if labels.size == 0:  # [] reads as float64: an empty split is reported as empty, where it is used
         labels = labels.astype(np.int64)
     if labels.dtype.kind not in "iu" or labels.shape != (len(images),):
-        raise HybridatError(f"{path}: expected {len(images)} integer labels, got {_describe(labels)}.")
+        raise HybridatError(f"{path}: expected {len(images)} integer labels, got {_describe(labels)}")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise HybridatError(f"{path}: labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}].")
+        raise HybridatError(f"{path}: labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
     return images, labels.astype(np.int64)
 
 
@@ -91,15 +91,15 @@ def _describe(a) -> str:
 def _read_pickle(path: Path, label_key: str, num_classes: int) -> Arrays:
     """One CIFAR batch file: a dict with 'data' (N, 3072) uint8, rows R(1024) G(1024) B(1024), and labels."""
     if not path.is_file():
-        raise HybridatError(f"{path} is missing; delete its folder to download the dataset again.")
+        raise HybridatError(f"{path} is missing; delete its folder to download the dataset again")
     try:
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(f, encoding="latin1").load()
         data, labels = batch["data"], np.asarray(batch[label_key])
     except Exception as e:  # any unpickling failure or missing key means a bad file
-        raise HybridatError(f"{path} is not a CIFAR pickle with 'data' and '{label_key}' ({e!r}).") from e
+        raise HybridatError(f"{path} is not a CIFAR pickle with 'data' and '{label_key}' ({e!r})") from e
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
-        raise HybridatError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {_describe(data)}.")
+        raise HybridatError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {_describe(data)}")
     return _check(data.reshape(-1, 3, 32, 32), labels, num_classes, path)
 
 
@@ -114,11 +114,11 @@ def _read_cifar(info: DatasetInfo, root: Path, train: bool, download: bool) -> A
 def _download_cifar(tv_class: str, root: Path, train: bool, download: bool, base: Path) -> None:
     if not download:
         raise HybridatError(f"{base} does not exist and download is off; put the dataset there "
-                            "or point HYBRIDAT_DATA_DIR at its parent.")
+                            "or point HYBRIDAT_DATA_DIR at its parent")
     try:  # the class is looked up at call time, so tests can replace it
         getattr(torchvision.datasets, tv_class)(str(root), train=train, download=True)
     except Exception as e:
-        raise HybridatError(f"{base} does not exist and downloading {tv_class} into {root} failed ({e!r}).") from e
+        raise HybridatError(f"{base} does not exist and downloading {tv_class} into {root} failed ({e!r})") from e
 
 
 def _read_svhn(info: DatasetInfo, root: Path, train: bool, download: bool) -> Arrays:
@@ -128,7 +128,7 @@ def _read_svhn(info: DatasetInfo, root: Path, train: bool, download: bool) -> Ar
         ds = getattr(torchvision.datasets, info.tv_class)(str(root), split=split, download=download)
         images, labels = np.ascontiguousarray(ds.data), np.asarray(ds.labels)
     except Exception as e:
-        raise HybridatError(f"could not read SVHN from {path} ({e!r}).") from e
+        raise HybridatError(f"could not read SVHN from {path} ({e!r})") from e
     return _check(images, labels, info.num_classes, path)
 
 
@@ -142,7 +142,7 @@ DATASETS: dict[str, DatasetInfo] = {
 
 def _info(name: str) -> DatasetInfo:
     if name not in DATASETS:
-        raise HybridatError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+        raise HybridatError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return DATASETS[name]
 
 
@@ -219,14 +219,14 @@ def _crop_flip(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """RandomCrop(32, padding=4) + RandomHorizontalFlip per image, batched; (B, 3, 32, 32) uint8 in and out."""
     if images.dim() != 4 or images.dtype != torch.uint8:
-        raise HybridatError(f"augment expects (B, C, H, W) uint8 images, got {tuple(images.shape)} {images.dtype}.")
+        raise HybridatError(f"augment expects (B, C, H, W) uint8 images, got {tuple(images.shape)} {images.dtype}")
     return _crop_flip(images, *_draw_crop_flip(images.shape[0], generator))
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 in [0, 255] -> float32 in [0, 1], same shape and device."""
     if images.dtype != torch.uint8:
-        raise HybridatError(f"to_float expects uint8 images, got {images.dtype}.")
+        raise HybridatError(f"to_float expects uint8 images, got {images.dtype}")
     return images.float().div_(255)
 
 
@@ -239,7 +239,7 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug
     A last batch with fewer rows than world_size is dropped, so every rank takes the same number of steps.
     """
     if not (1 <= world_size <= batch_size and 0 <= rank < world_size):
-        raise HybridatError(f"need 0 <= rank < world_size <= batch_size, got {rank}, {world_size}, {batch_size}.")
+        raise HybridatError(f"need 0 <= rank < world_size <= batch_size, got {rank}, {world_size}, {batch_size}")
     order = torch.randperm(len(split), generator=generator)  # on CPU, the same on every rank
     mine = slice(rank, None, world_size)
     rows, crops = [], []  # per batch: this rank's rows and their crop draws, drawn in batch order as ever
@@ -266,6 +266,6 @@ def train_batches(split: Split, batch_size: int, generator: torch.Generator, aug
 def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The split in order, no augmentation: x (B, 3, 32, 32) float32 in [0, 1], y (B,) int64."""
     if batch_size < 1:
-        raise HybridatError(f"batch_size must be at least 1, got {batch_size}.")
+        raise HybridatError(f"batch_size must be at least 1, got {batch_size}")
     for start in range(0, len(split), batch_size):
         yield to_float(split.images[start:start + batch_size]), split.labels[start:start + batch_size]
