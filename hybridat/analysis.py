@@ -31,6 +31,7 @@ from matplotlib.ticker import MaxNLocator
 from .attacks import pgd
 from .files import atomic_path
 from .errors import HybridatError, check_choice, check_number
+from .inputs import check_batch, check_flag, check_pixel_eps, check_same_device, module_of
 from .models import BranchModel, BranchView, norm_layers
 from .norms import BRANCHES, BranchBatchNorm, set_name
 
@@ -54,7 +55,8 @@ def branched(model: nn.Module) -> bool:
 
 def measured_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, layer) of every norm layer whose input NS are measured, in depth order: a hybridat model's norm
-    layers, or any other module's BatchNorm layers."""
+    layers, or any other module's BatchNorm layers (a loaded Checkpoint: its model's)."""
+    model = module_of(model)
     if branched(model):
         return norm_layers(model)
     return [(name, m) for name, m in model.named_modules() if isinstance(m, BATCH_NORMS)]
@@ -68,6 +70,7 @@ def _through(model: nn.Module, branch: str | None) -> nn.Module:
 def running_ns(model: nn.Module, branch: str) -> list[tuple[int, str, torch.Tensor, torch.Tensor]]:
     """(layer index, name, mean (C,), std (C,)) of the running NS each norm layer normalizes `branch` with in eval
     mode, as stored in the checkpoint (std = sqrt(running_var), the unbiased estimate BN keeps)."""
+    model = module_of(model)
     out = []
     for i, (name, m) in enumerate(measured_layers(model)):
         if isinstance(m, BranchBatchNorm):
@@ -163,8 +166,12 @@ def batch_ns(model, x: torch.Tensor, branch: str = "adv",
     the biased one BN divides by. Batch-independent norms report the same per-channel input statistics. The model
     is not changed (a deep copy runs)."""
     check_choice(mode, MODES, "mode")
+    model = module_of(model)
     if branched(model):
         check_choice(branch, BRANCHES, "branch")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise HybridatError(f"x must be a torch.Tensor (B, C, H, W), got {getattr(x, 'shape', type(x).__name__)}")
+    check_same_device(model, x)
     work = copy.deepcopy(model)
     layers = measured_layers(work)
     if not layers:
@@ -225,8 +232,15 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv"
     the clean batch's NS; "running": adv-, noise- and clean-running against the running NS the clean domain is
     normalized with in eval mode (with fix_ap: `branch`'s, e.g. for dual-bn through adv the running NS of
     adversarial training data, as the authors' notebooks compared). noise_clip: see `perturb`.
+    x: float pixels in [0, 1] on the model's device, y: its integer labels (B,); eps, step in pixel units (8 means
+    8/255). A loaded Checkpoint may stand for the model.
     Returns (rows in COLUMNS, channel rows in CHANNEL_COLUMNS; domain "running" holds the reference's channels).
     """
+    model = module_of(model)
+    check_batch(model, x, y)
+    check_flag(fix_ap, "fix_ap")
+    check_flag(noise_clip, "noise_clip")
+    check_pixel_eps(eps)
     check_choice(noise, NOISES, "noise")
     check_choice(mode, MODES, "mode")
     check_choice(reference, REFERENCES, "reference")
@@ -262,6 +276,7 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv"
 def ap_gap(model) -> list[dict]:
     """Distances per layer between the adv and clean AP sets (weight and bias), rows in COLUMNS. A model without
     two AP sets (any module that is not a hybridat model has one) is refused with one line."""
+    model = module_of(model)
     rows = []
     for layer, (name, m) in enumerate(measured_layers(model)):
         if len(getattr(m, "ap_keys", ())) != 2:

@@ -9,6 +9,7 @@ from .attacks import AA_VERSIONS, AMP_ATTACKS, ATTACKS, AASettings, aa_settings,
 from .checkpoint import Checkpoint, training_columns
 from .data import Split, to_float
 from .errors import HybridatError, check_choice, check_number
+from .inputs import check_pixel_eps, check_same_device
 from .models import BranchView
 from .norms import BRANCHES, NORMS
 
@@ -66,8 +67,16 @@ def check_evaluation(attacks: list[str], branches: list[str], *, eps: float, ste
     """Every setting of `evaluate` checked (one line for the first bad one); returns the attack plan. `steps` and
     `step` are PGD's (None: PGD_STEPS, eps/4); given without pgd among the attacks, they are refused, not ignored."""
     check_number("eps", eps, 0, 255)
+    check_pixel_eps(eps)
     if step is not None:
         check_number("step", step, 0, 255, low_open=True)
+        check_pixel_eps(step, "step")
+    for what, names in (("attacks", attacks), ("branches", branches)):
+        if isinstance(names, str) or not isinstance(names, (list, tuple)):
+            example = ["clean", "pgd"] if what == "attacks" else ["adv"]
+            raise HybridatError(f"{what} must be a list of names, e.g. {example}, got {names!r}")
+        if not names:
+            raise HybridatError(f"no {what} given: nothing to evaluate")
     check_number("batch size", batch_size, 1, 1 << 20, integer=True)
     check_number("seed", seed, 0, 2**63 - 1, integer=True)
     for b in branches:
@@ -98,7 +107,16 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
     records the precision its examples were crafted in (`attack_precision`, fp32 or bf16).
 
     A single-branch model is one network for both branches: it is attacked once and reported under each.
+    ckpt: `load_checkpoint(path, device)`; split: `data.load_split(ckpt's dataset, train=False, device=the same)`.
+    Returns the rows (and hands each to `on_row` as it is measured); `checkpoint.write_csv(rows, path)` writes them.
     """
+    if not isinstance(ckpt, Checkpoint):
+        raise HybridatError(f"ckpt must be a hybridat Checkpoint (hybridat.load_checkpoint(path)), got "
+                            f"{type(ckpt).__name__}")
+    if not isinstance(split, Split):
+        raise HybridatError(f"split must be a hybridat.data.Split (hybridat.data.load_split(...)), got "
+                            f"{type(split).__name__}")
+    check_same_device(ckpt.model, split.images, "the split")
     plan = check_evaluation(attacks, branches, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed,
                             aa_version=aa_version, aa_attacks=aa_attacks, aa_restarts=aa_restarts, amp=amp)
     aa = aa_settings(aa_version, aa_attacks, aa_restarts)

@@ -18,6 +18,7 @@ from .checkpoint import Checkpoint, save_checkpoint
 from .data import Split, train_batches
 from .files import check_outputs
 from .errors import HybridatError, check_number
+from .inputs import check_pixel_eps, check_same_device, layer_indices, module_of
 from .models import norm_layers
 from .norms import AP_PARAMS, BRANCHES, NS_BUFFERS, BranchBatchNorm, set_name
 
@@ -31,6 +32,9 @@ def _norm(model) -> str:
 
 def _mapping(mapping: dict | None, what: str) -> dict[str, str]:
     """target branch -> source branch for both branches; a branch left out keeps its own set."""
+    if mapping is not None and not isinstance(mapping, dict):
+        raise HybridatError(f"{what} must be a dict target branch -> source branch, e.g. {{'adv': 'clean'}}, got "
+                            f"{mapping!r}")
     mapping = dict(mapping or {})
     for target, source in mapping.items():
         if target not in BRANCHES or source not in BRANCHES:
@@ -40,7 +44,8 @@ def _mapping(mapping: dict | None, what: str) -> dict[str, str]:
 
 def deeper_than(model, k: int) -> list[int]:
     """Indices of the norm layers at depth >= k (k counts in `norm_layers` order, from 0)."""
-    n = len(norm_layers(model))
+    check_number("layer index", k, integer=True)
+    n = len(norm_layers(module_of(model)))
     if not 0 <= k < n:
         raise HybridatError(f"layer index {k} is out of range: the model has {n} norm layers (0 to {n - 1})")
     return list(range(k, n))
@@ -51,7 +56,7 @@ def _chosen(model, layers: Iterable[int] | None) -> list[tuple[int, str, torch.n
     if layers is None:
         return [(i, name, m) for i, (name, m) in enumerate(all_layers)]
     out = []
-    for i in sorted(set(layers)):
+    for i in sorted(set(layer_indices(layers))):
         if not (isinstance(i, int) and 0 <= i < len(all_layers)):
             raise HybridatError(f"layer index {i} is out of range: the model has {len(all_layers)} norm layers "
                                 f"(0 to {len(all_layers) - 1})")
@@ -71,7 +76,9 @@ def _move(layer, bases: tuple[str, ...], mapping: dict[str, str], key_of) -> Non
 def recombine(model, ns: dict | None = None, ap: dict | None = None, layers: Iterable[int] | None = None):
     """A copy in which branch b reads the running NS of branch ns[b] and the AP of branch ap[b] (branches left out
     keep their own), in the norm layers `layers` (indices; None = all, see `deeper_than`). Needs two NS sets per
-    chosen layer when ns moves anything and two AP sets when ap does."""
+    chosen layer when ns moves anything and two AP sets when ap does. A loaded Checkpoint may stand for the model
+    (its model is copied; `save_derived` writes the result)."""
+    model = module_of(model)
     ns, ap = _mapping(ns, "ns"), _mapping(ap, "ap")
     new = copy.deepcopy(model)
     for index, name, layer in _chosen(new, layers):
@@ -118,7 +125,9 @@ def check_reestimate(branch: str, domain: str, *, eps: float = 8.0, step: float 
     check_choice(branch, BRANCHES, "branch")
     check_choice(domain, DOMAINS, "domain")
     check_number("eps", eps, 0, 255)
+    check_pixel_eps(eps)
     check_number("step", step, 0, 255)
+    check_pixel_eps(step, "step")
     check_number("PGD steps", steps, 1, 100_000, integer=True)
     check_number("batch size", batch_size, 1, 1 << 20, integer=True)
     check_number("seed", seed, 0, 2**63 - 1, integer=True)
@@ -143,6 +152,11 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
     statistics everywhere, as training does).
     """
     check_reestimate(branch, domain, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed)
+    model = module_of(model)
+    if not isinstance(split, Split):
+        raise HybridatError(f"split must be a hybridat.data.Split (hybridat.data.load_split(..., train=True)), got "
+                            f"{type(split).__name__}")
+    check_same_device(model, split.images, "the split")
     attack_branch = check_choice(attack_branch or branch, BRANCHES, "attack branch")
     if n_batches is not None and n_batches < 1:
         raise HybridatError(f"n_batches must be >= 1, got {n_batches}")

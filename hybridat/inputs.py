@@ -1,0 +1,125 @@
+"""Checks of what a notebook passes to the library's entry points (`evaluate`, `ns_gap`, `recombine`, ...): one
+HybridatError line for a wrong type, a tensor on another device, pixels outside [0, 1], labels of the wrong dtype
+or length, or ε in [0, 1] units where pixel units are meant, rather than a torch traceback deep inside or a
+silently wrong number."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import nn
+
+from .errors import HybridatError
+
+
+def module_of(model, what: str = "model") -> nn.Module:
+    """The network behind `model`: a torch.nn.Module as it is, a loaded `Checkpoint`'s model; anything else (a
+    path, say) is refused with one line."""
+    from .checkpoint import Checkpoint
+
+    if isinstance(model, Checkpoint):
+        return model.model
+    if isinstance(model, nn.Module):
+        return model
+    hint = " (load it first: hybridat.load_checkpoint(path))" if isinstance(model, str) or hasattr(model, "suffix") \
+        else ""
+    raise HybridatError(f"{what} must be a torch.nn.Module or a hybridat Checkpoint, got "
+                        f"{type(model).__name__}{hint}")
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of the model's first parameter or buffer (None for a module without tensors)."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return None
+
+
+def check_same_device(model: nn.Module, data: torch.Tensor, what: str = "x") -> None:
+    """One line unless the model's tensors are on `data`'s device."""
+    device = model_device(model)
+    if device is not None and device != data.device:
+        raise HybridatError(f"the model is on {device}, {what} on {data.device}: move one of them (.to(device))")
+
+
+def check_pixels(x, what: str = "x") -> torch.Tensor:
+    """x if it is a float tensor (B, C, H, W), B >= 1, of finite pixels in [0, 1]."""
+    if not isinstance(x, torch.Tensor):
+        raise HybridatError(f"{what} must be a torch.Tensor (B, 3, H, W) of pixels in [0, 1], got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[0] == 0:
+        raise HybridatError(f"{what} must have the shape (B, C, H, W) with B >= 1, got {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        raise HybridatError(f"{what} is uint8 (0-255); pixels are floats in [0, 1]: hybridat.data.to_float(x)")
+    if not x.is_floating_point():
+        raise HybridatError(f"{what} must be a float tensor of pixels in [0, 1], got {x.dtype}")
+    if x.device.type == "meta":
+        raise HybridatError(f"{what} is on the meta device: it holds no values")
+    if not torch.isfinite(x).all():
+        raise HybridatError(f"{what} holds NaN or infinite values")
+    lo, hi = x.min().item(), x.max().item()
+    if lo < 0 or hi > 1:
+        raise HybridatError(f"{what} holds values in [{lo:.4g}, {hi:.4g}]; pixels must be in [0, 1] (divide 0-255 "
+                            "images by 255; no mean/std normalization: a model trained on normalized inputs "
+                            "normalizes itself, see `hybridat import --input-mean`)")
+    return x
+
+
+def check_labels(y, x: torch.Tensor, num_classes: int | None = None, what: str = "y") -> torch.Tensor:
+    """y if it holds one integer class label per image of x (shape (B,)), on x's device, in [0, num_classes)."""
+    if not isinstance(y, torch.Tensor):
+        raise HybridatError(f"{what} must be a torch.Tensor of class labels (B,), got {type(y).__name__}")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise HybridatError(f"{what} must have one label per image, shape ({x.shape[0]},), got {tuple(y.shape)}")
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise HybridatError(f"{what} must hold integer class labels (torch.long), got {y.dtype}")
+    if y.device != x.device:
+        raise HybridatError(f"{what} is on {y.device}, x on {x.device}: put them on one device")
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or (num_classes is not None and hi >= num_classes):
+        classes = f" (the model has {num_classes} classes)" if num_classes is not None else ""
+        raise HybridatError(f"{what} holds labels in [{lo}, {hi}]; class labels run from 0 to "
+                            f"{'K - 1' if num_classes is None else num_classes - 1}{classes}")
+    return y
+
+
+def check_batch(model: nn.Module, x, y) -> None:
+    """x and y as `check_pixels` and `check_labels` want them, on the model's device; labels within the classes of a
+    hybridat model."""
+    check_pixels(x)
+    check_labels(y, x, getattr(getattr(model, "config", None), "num_classes", None))
+    check_same_device(model, x)
+
+
+def check_pixel_eps(eps: float, what: str = "eps") -> float:
+    """`eps` (pixel units: 8 means 8/255) unless it is exactly k/255 for a k in 1..32, i.e. the [0, 1] value of a
+    usual radius given where pixel units are meant (it would attack with k/255²)."""
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1:
+        k = round(eps * 255)
+        if 1 <= k <= 32 and abs(eps * 255 - k) < 1e-9:
+            raise HybridatError(f"{what} is in pixel units (8 means 8/255); {eps:.6g} is {k}/255 in [0, 1] units, "
+                                f"which would attack with {k}/255²: give {what}={k}")
+    return eps
+
+
+def check_flag(value, what: str) -> bool:
+    """`value` if it is a bool (a string such as "no" would count as true)."""
+    if not isinstance(value, bool):
+        raise HybridatError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
+def layer_indices(layers) -> list[int] | None:
+    """`layers` (an iterable of integer indices, None = all) as a list of ints; one line for anything else."""
+    if layers is None:
+        return None
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise HybridatError(f"layers must be a list of norm-layer indices (e.g. [10, 11]), got {layers!r}")
+    out = []
+    for i in layers:
+        try:
+            if isinstance(i, bool):
+                raise TypeError
+            out.append(operator.index(i))
+        except TypeError:
+            raise HybridatError(f"layer indices must be integers, got {i!r}") from None
+    return out

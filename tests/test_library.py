@@ -1,0 +1,121 @@
+"""The library from a notebook: bad arguments to the public functions give one HybridatError line that names the
+mistake, never a torch traceback from deep inside or a silently wrong number."""
+
+import numpy as np
+import pytest
+import torch
+
+from hybridat.analysis import ap_gap, batch_ns, measured_layers, ns_gap
+from hybridat.checkpoint import load_checkpoint, save_checkpoint
+from hybridat.data import Split
+from hybridat.errors import HybridatError
+from hybridat.evaluate import evaluate
+from hybridat.recombine import cross, recombine, reestimate, swap_ap
+
+from conftest import perturb, tiny
+
+
+@pytest.fixture(scope="module")
+def model():
+    return perturb(tiny()).eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "m.safetensors"
+    save_checkpoint(model, path, train={"eps": 8, "loss": "hybrid", "dataset": "cifar10", "epochs": 1}, seed=0)
+    return load_checkpoint(path)
+
+
+def data(n=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def split(n=8):
+    x, y = data(n)
+    return Split((x * 255).to(torch.uint8), y)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda x, y: (x * 255, y), r"values in \[0.*, 255\]; pixels must be in \[0, 1\]"),
+    (lambda x, y: ((x * 255).to(torch.uint8), y), "uint8"),
+    (lambda x, y: (x.numpy(), y), "must be a torch.Tensor"),
+    (lambda x, y: (x[0], y), r"shape \(B, C, H, W\)"),
+    (lambda x, y: (x * float("nan"), y), "NaN"),
+    (lambda x, y: (x, y.float()), "integer class labels"),
+    (lambda x, y: (x, y[:3]), "one label per image"),
+    (lambda x, y: (x, y[:, None]), "one label per image"),
+    (lambda x, y: (x, y + 10), r"labels in \[\d+, 1\d\].*10 classes"),
+    (lambda x, y: (x.to("meta"), y.to("meta")), "meta device"),
+])
+def test_ns_gap_refuses_bad_images_and_labels_with_one_line(model, change, message):
+    with pytest.raises(HybridatError, match=message):
+        ns_gap(model, *change(*data()), eps=8, steps=1)
+
+
+def test_eps_in_0_1_units_where_pixel_units_are_meant_is_refused(ckpt, model):
+    """8/255 given to a function whose eps is in pixel units would attack with 8/255²: a silently wrong number."""
+    with pytest.raises(HybridatError, match="8/255 in \\[0, 1\\] units.*eps=8"):
+        ns_gap(model, *data(), eps=8 / 255, steps=1)
+    with pytest.raises(HybridatError, match="give eps=16"):
+        evaluate(ckpt, split(), ["pgd"], ["adv"], eps=16 / 255, steps=[1])
+    with pytest.raises(HybridatError, match="give step=2"):
+        evaluate(ckpt, split(), ["pgd"], ["adv"], eps=8, step=2 / 255, steps=[1])
+    with pytest.raises(HybridatError, match="give eps=8"):
+        reestimate(model, "adv", "adv", split(), eps=8 / 255)
+    rows = ns_gap(model, *data(), eps=0.5, steps=1)[0]  # half a pixel level is a radius, not a fraction of 255
+    assert rows[0]["eps"] == 0.5
+
+
+def test_a_checkpoint_stands_for_its_model_and_a_path_is_named(ckpt, model):
+    x, y = data()
+    assert ns_gap(ckpt, x, y, eps=8, steps=1)[0] == ns_gap(model, x, y, eps=8, steps=1)[0]
+    assert ap_gap(ckpt) == ap_gap(model)
+    assert len(measured_layers(ckpt)) == 20
+    assert torch.equal(cross(ckpt).state_dict()["bn1.running_mean_adv"], model.state_dict()["bn1.running_mean_clean"])
+    for fn in (lambda m: ns_gap(m, x, y, eps=8), ap_gap, cross, swap_ap, lambda m: batch_ns(m, x)):
+        with pytest.raises(HybridatError, match="load it first: hybridat.load_checkpoint"):
+            fn(str(ckpt.path))
+
+
+def test_fix_ap_must_be_a_bool(model):
+    """fix_ap="no" is true in Python: it used to measure the fixed-AP gap and record fix_ap True."""
+    with pytest.raises(HybridatError, match="fix_ap must be True or False, got 'no'"):
+        ns_gap(model, *data(), eps=8, steps=1, fix_ap="no")
+
+
+def test_evaluate_names_wrong_arguments(ckpt):
+    s = split()
+    cases = [((str(ckpt.path), s, ["clean"], ["adv"]), "must be a hybridat Checkpoint"),
+             ((ckpt, (s.images, s.labels), ["clean"], ["adv"]), "must be a hybridat.data.Split"),
+             ((ckpt, s, "clean", ["adv"]), "attacks must be a list of names"),  # was: unknown attack 'c'
+             ((ckpt, s, ["clean"], "adv"), "branches must be a list of names"),  # was: unknown branch 'a'
+             ((ckpt, s, [], ["adv"]), "no attacks given"),  # was: [] and nothing said
+             ((ckpt, s, ["clean"], []), "no branches given"),
+             ((ckpt, Split(s.images.to("meta"), s.labels.to("meta")), ["clean"], ["adv"]),
+              "the model is on cpu, the split on meta")]
+    for args, message in cases:
+        with pytest.raises(HybridatError, match=message):
+            evaluate(*args, eps=8)
+    assert [r["branch"] for r in evaluate(ckpt, s, ["clean"], ["adv", "clean"], eps=8)] == ["adv", "clean"]
+
+
+def test_recombine_names_bad_layers_and_mappings(model):
+    """layers="3" used to read as layer 3 (a character) and numpy integers as out of range."""
+    with pytest.raises(HybridatError, match="layers must be a list of norm-layer indices"):
+        recombine(model, ns={"adv": "clean"}, layers="3")
+    with pytest.raises(HybridatError, match="layer indices must be integers, got 2.0"):
+        recombine(model, ns={"adv": "clean"}, layers=[2.0])
+    with pytest.raises(HybridatError, match="must be a dict target branch -> source branch"):
+        recombine(model, ns="adv=clean")
+    new = recombine(model, ns={"adv": "clean"}, layers=[np.int64(19)])
+    assert torch.equal(new.state_dict()["bn1.running_mean_adv"], model.state_dict()["bn1.running_mean_adv"])
+    last = [k for k in new.state_dict() if k.endswith("running_mean_adv")][-1]
+    assert torch.equal(new.state_dict()[last], model.state_dict()[last.replace("_adv", "_clean")])
+
+
+def test_reestimate_names_a_wrong_split(model):
+    x, y = data()
+    with pytest.raises(HybridatError, match="split must be a hybridat.data.Split"):
+        reestimate(model, "adv", "clean", (x, y))
