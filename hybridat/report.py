@@ -17,7 +17,7 @@ from rich.text import Text
 
 from .analysis import PROTOCOL, PROTOCOL_DEFAULTS, protocol_text
 from .checkpoint import TRAINING_COLUMNS, write_csv
-from .files import atomic_path, check_outputs
+from .files import atomic_path, check_outputs, same_file
 from .errors import HybridatError
 from .evaluate import aa_columns, attack_label
 
@@ -415,7 +415,10 @@ def render_markdown(table: pd.DataFrame, title: str) -> str:
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{",
         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "ε": r"$\varepsilon$",
-        "—": "---", "–": "--"}
+        "—": "---", "–": "--", "−": "$-$", "×": r"$\times$", "<": "$<$", ">": "$>$", "β": r"$\beta$",
+        "γ": r"$\gamma$", "Δ": r"$\Delta$", "≤": r"$\leq$", "≥": r"$\geq$", "·": r"$\cdot$"}
+# Every other non-ASCII character is refused by pdflatex ("not set up for use with LaTeX") or drawn as another glyph
+# (< and > in the default OT1 encoding print ¡ and ¿), so each has its math-mode form above.
 
 
 def _tex(text) -> str:
@@ -496,15 +499,20 @@ def plot_accuracy(frames: dict[str, pd.DataFrame]) -> Figure | None:
             per_seed = g[(g.branch == branch) & (g.column == col)].groupby(["variant", "unit"]).accuracy.mean() * 100
             stats = per_seed.groupby("variant").agg(["mean", "std", "count"]).reindex(variants)
             xs = [i + (k - 0.5) * 0.38 for i in range(len(variants))]
-            ax.bar(xs, stats["mean"], width=0.38, yerr=stats["std"].fillna(0), capsize=3, color=color,
-                   label=f"{branch} branch, {col}")
+            if stats["mean"].notna().any():  # a series without rows gets no legend entry (it would read as 0 %)
+                ax.bar(xs, stats["mean"], width=0.38, yerr=stats["std"].fillna(0), capsize=3, color=color,
+                       label=f"{branch} branch, {col}")
             for x, (m, n) in zip(xs, zip(stats["mean"], stats["count"])):
                 if pd.notna(m):
                     ax.annotate(f"n={n:g}", (x, 0), ha="center", va="bottom", fontsize=6, color="white")
+                else:  # a missing bar is said to be missing, never left to look like 0 %
+                    ax.annotate(f"no {branch} {col}", (x, 0), xytext=(0, 3), textcoords="offset points", ha="center",
+                                va="bottom", fontsize=6, color="0.4", rotation=90)
         ax.set_xticks(range(len(variants)), variants, rotation=20, ha="right")
+        ax.set_xlim(-0.6, len(variants) - 0.4)  # every slot in view, a missing bar's too
         where = f"{training}, " if training else ""
         ax.set(title=f"{where}train ε={_num(eps)}: accuracy (%), mean ± std over seeds", ylabel="accuracy (%)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, never over them
     return fig
 
 
@@ -517,15 +525,18 @@ def plot_training(frames: dict[str, pd.DataFrame]) -> Figure | None:
     tr = tr.assign(curve=[" ".join(x for x in (_variant(n, l), f"ε={_num(e)}", t) if x)
                           for n, l, e, t in zip(tr.norm, tr.loss_name, tr.eps, tr.training)])
     fig = Figure(figsize=(15, 4), layout="constrained")
-    panels = [("loss", "training loss"), ("acc_adv", "adv branch accuracy on x_adv"),
-              ("acc_clean", "clean branch accuracy on x")]
-    for ax, (col, title) in zip(fig.subplots(1, 3), panels):
+    panels = [("loss", "training loss", 1, "loss"), ("acc_adv", "adv branch accuracy on x_adv", 100, "accuracy (%)"),
+              ("acc_clean", "clean branch accuracy on x", 100, "accuracy (%)")]
+    for ax, (col, title, scale, unit) in zip(fig.subplots(1, 3), panels):
         for k, (curve, g) in enumerate(tr.groupby("curve", sort=True)):
-            mean = g.groupby("epoch")[col].mean()
+            mean = g.groupby("epoch")[col].mean() * scale  # train.csv holds accuracies as fractions
             ax.plot(mean.index, mean.values, marker="o", ms=3, color=f"C{k % 10}",
                     label=f"{curve} (n={g.seed.nunique()})")
-        ax.set(title=title, xlabel="epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(title=title, xlabel="epoch", ylabel=unit)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epochs, also for a 1-epoch run
+        if not tr[col].notna().any():
+            ax.text(0.5, 0.5, "no values: the loss does not train this branch", transform=ax.transAxes,
+                    ha="center", fontsize=8, color="0.4")
     fig.axes[0].legend(fontsize=6)
     return fig
 
@@ -553,7 +564,8 @@ def write_report(frames: dict[str, pd.DataFrame], out_dir: Path, margin: float =
     table), the figures that have data (accuracy.png, training.png, ns-gap.png), and summary.txt: what `report`
     prints, the findings in short and where the rest is. Everything is rendered before the first file is written;
     each file is written atomically; none over a file of `inputs` (the CSVs read: `load_runs(..., sources=inputs)`).
-    margin, ratio_margin: see `findings.findings`."""
+    A figure an earlier report left in out_dir that this one has no rows for is removed (other files stay).
+    margin, ratio_margin: see `findings.findings`. Returns the paths written."""
     from .findings import findings, findings_latex, findings_markdown, summary_lines
 
     out_dir = Path(out_dir)
@@ -582,7 +594,11 @@ def write_report(frames: dict[str, pd.DataFrame], out_dir: Path, margin: float =
                 tmp.write_text(content, encoding="utf-8")
             else:
                 content.savefig(tmp, format="png", dpi=150)  # the temp name ends in .tmp: say the format
-    return [out_dir / name for name in files]
+    written = [out_dir / name for name in files]
+    for stale in report_files(out_dir):  # an earlier report's figure left beside this one would pass for its own
+        if stale not in written and stale.is_file() and not any(same_file(stale, i) for i in inputs):
+            stale.unlink()
+    return written
 
 
 def print_tables(tables: dict[str, pd.DataFrame], console) -> None:

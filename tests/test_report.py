@@ -366,3 +366,55 @@ def test_a_branch_not_trained_has_an_empty_training_accuracy_which_is_no_error(t
     ev.assign(accuracy="").to_csv(tmp_path / "eval.csv", index=False)
     with pytest.raises(HybridatError, match=r"accuracy must lie in \[0, 1\], got '' \(row 2\)"):
         load_runs([tmp_path / "eval.csv"])
+
+
+def _body(tex: str) -> list[str]:
+    return [line for line in tex.splitlines() if not line.startswith("%")]  # comments never reach the typesetter
+
+
+def test_latex_files_are_ascii_and_compile_in_principle(frames, tmp_path):
+    """pdflatex stops at − (U+2212, the findings' 'dual-ap − dual-bn') and at β; < and > print as ¡ and ¿ in its
+    default OT1 encoding; × needs a recent kernel: each is written in math mode."""
+    table = pd.DataFrame({"comparison": ["dual-ap − dual-bn, ε=8"], "claimed": ["> ×1"], "β": ["< 0 · Δ"]})
+    assert _body(render_latex(table, "T")) == [
+        r"\begin{tabular}{llr}", r"\toprule", r"comparison & claimed & $\beta$ \\", r"\midrule",
+        r"dual-ap $-$ dual-bn, $\varepsilon$=8 & $>$ $\times$1 & $<$ 0 $\cdot$ $\Delta$ \\", r"\bottomrule",
+        r"\end{tabular}"]
+    written = write_report(frames, tmp_path)
+    for tex in (p for p in written if p.suffix == ".tex"):
+        for line in _body(tex.read_text(encoding="utf-8")):
+            assert line.isascii(), (tex.name, line)
+    findings = (tmp_path / "findings.tex").read_text(encoding="utf-8")
+    assert "$-$ dual-bn" in findings  # the fixture's findings have accuracy comparisons
+
+
+def test_a_second_report_into_the_same_folder_leaves_no_figure_of_the_first(frames, tmp_path):
+    """A report without NS rows used to leave the earlier report's ns-gap.png beside its own report.md."""
+    write_report(frames, tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    written = write_report({"eval": frames["eval"]}, tmp_path)
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["accuracy.png"] == sorted(p.name for p in written if p.suffix == ".png")
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # files that are not the report's stay
+
+
+def test_accuracy_plot_shows_no_legend_entry_for_missing_rows_and_says_they_are_missing(frames):
+    """A legend entry for PGD-10 without any PGD-10 row drew no bar: read as 0 % robust accuracy."""
+    ev = frames["eval"]
+    fig = report.plot_accuracy({"eval": ev[ev.attack == "clean"]})
+    ax = fig.axes[0]
+    assert ax.get_legend_handles_labels()[1] == ["clean branch, clean"]
+    missing = [t for t in ax.texts if t.get_text() == "no adv PGD-10"]
+    slots = len(ax.get_xticks())
+    assert len(missing) == slots and all(ax.get_xlim()[0] < t.xy[0] < ax.get_xlim()[1] for t in missing)
+    legend = ax.get_legend()
+    assert legend.get_bbox_to_anchor().x0 >= ax.get_window_extent().x1 - 1  # beside the bars, not over them
+
+
+def test_training_plot_of_one_epoch_has_integer_epoch_ticks_and_accuracy_in_percent(frames):
+    fig = report.plot_training({"train": frames["train"]})
+    loss, adv, clean = fig.axes
+    assert all(float(t).is_integer() for t in adv.get_xticks()) and len(frames["train"].epoch.unique()) == 1
+    assert adv.get_ylabel() == clean.get_ylabel() == "accuracy (%)"
+    line = adv.get_lines()[0]
+    assert line.get_ydata()[0] == pytest.approx(100 * frames["train"].acc_adv.iloc[0])
