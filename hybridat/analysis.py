@@ -19,7 +19,9 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -29,7 +31,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .attacks import pgd
-from .files import atomic_path
+from .checkpoint import Checkpoint, check_csv_name, training_columns, write_csv
+from .files import atomic_path, check_outputs
 from .errors import HybridatError, check_choice, check_number
 from .inputs import check_batch, check_flag, check_pixel_eps, check_same_device, module_of
 from .models import BranchModel, BranchView, norm_layers
@@ -387,3 +390,51 @@ def plot_channels(channel_rows, layer: int, path) -> None:
         ax.title.set_fontsize(9)
         ax.legend(fontsize=7)
     _save(fig, path)
+
+
+def ns_gap_paths(out) -> list[Path]:
+    """The files `write_ns_gap` writes for `out` (FILE.csv): FILE.csv, FILE-channels.csv, FILE-depth.png and
+    FILE-channels.png."""
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix else out
+    return [out, Path(f"{stem}-channels.csv"), Path(f"{stem}-depth.png"), Path(f"{stem}-channels.png")]
+
+
+@dataclass
+class NSGapFiles:
+    rows: list[dict]  # NS-gap rows (and AP-gap rows where the model has two AP sets), as written to FILE.csv
+    channels: list[dict]  # per-channel NS, as written to FILE-channels.csv
+    paths: list[Path]  # the four files written (`ns_gap_paths`)
+    note: str = ""  # why there are no AP-gap rows, where there are none
+
+
+def write_ns_gap(ckpt: Checkpoint, x, y, out, *, eps: float, layer: int | None = None, **settings) -> NSGapFiles:
+    """What `hybridat ns-gap` does with a loaded checkpoint and its test images x, y: `ns_gap(ckpt.model, x, y,
+    eps=eps, **settings)` (fix_ap, branch, steps, step, noise, seed, mode, reference, noise_clip), the AP gap where
+    the model has two AP sets (recorded with the protocol, so that `report` sets it beside the NS gap), every row
+    with the checkpoint's ids and training columns, as `report` reads them; then FILE.csv, FILE-channels.csv and
+    the plots FILE-depth.png and FILE-channels.png (the channels of `layer`, default the last), each atomically,
+    none over the checkpoint. Every output is checked before any work."""
+    if not isinstance(ckpt, Checkpoint):
+        raise HybridatError(f"ckpt must be a hybridat Checkpoint (hybridat.load_checkpoint(path)), got "
+                            f"{type(ckpt).__name__}")
+    paths = check_outputs(ns_gap_paths(out), [ckpt.path])
+    check_csv_name(paths[0])
+    if layer is not None:
+        check_layer(ckpt.model, layer)
+    rows, channels = ns_gap(ckpt.model, x, y, eps=eps, **settings)
+    protocol = {k: rows[0][k] for k in PROTOCOL}
+    note = ""
+    try:  # the AP gap does not depend on the protocol; recorded with it, it sits next to the NS gap in `report`
+        rows += [r | protocol for r in ap_gap(ckpt.model)]
+    except HybridatError as e:
+        note = str(e)
+    ids = ({"run": ckpt.run} | ckpt.row_ids() | {"unfinished": ckpt.unfinished}
+           | training_columns(ckpt.train))
+    layer = max(r["layer"] for r in channels) if layer is None else layer
+    plot_gap_by_depth(rows, paths[2])
+    plot_channels(channels, layer, paths[3])
+    rows, channels = [ids | r for r in rows], [ids | r for r in channels]
+    write_csv(channels, paths[1])
+    write_csv(rows, paths[0])
+    return NSGapFiles(rows, channels, paths, note)

@@ -19,7 +19,7 @@ from rich.text import Text
 from safetensors import SafetensorError
 
 from .attacks import AA_ATTACKS, AA_VERSIONS, ATTACKS
-from .checkpoint import check_checkpoint_name, check_csv_name, load_checkpoint, training_columns, write_csv
+from .checkpoint import check_checkpoint_name, check_csv_name, load_checkpoint, write_csv
 from .data import DATASETS, check_classes, load_split, num_classes, split_files, to_float
 from .errors import HybridatError, check_choice, check_number
 from .evaluate import attack_label, check_evaluation, evaluate
@@ -399,7 +399,7 @@ def ns_gap_cmd(
     device: DeviceOpt = "auto",
 ):
     """Per-layer NS distance between adversarial, noisy and clean versions of the same test images."""
-    from .analysis import MODES, NOISES, REFERENCES, ap_gap, check_layer, ns_gap, plot_channels, plot_gap_by_depth
+    from .analysis import MODES, NOISES, REFERENCES, check_layer, ns_gap_paths, write_ns_gap
 
     check_choice(branch, BRANCHES, "branch")
     check_choice(noise, NOISES, "noise")
@@ -411,8 +411,7 @@ def ns_gap_cmd(
     check_number("seed", seed, 0, 2**63 - 1, integer=True)
     if layer is not None:
         check_number("layer", layer, 0, integer=True)
-    stem = out.with_suffix("") if out.suffix else out
-    outputs = [out, Path(f"{stem}-channels.csv"), Path(f"{stem}-depth.png"), Path(f"{stem}-channels.png")]
+    outputs = ns_gap_paths(out)
     check_outputs(outputs, [checkpoint])
     ckpt = _load(checkpoint, device)
     if layer is not None:
@@ -420,22 +419,12 @@ def ns_gap_cmd(
     check_outputs(outputs, [checkpoint, *split_files(_dataset_of(ckpt), False, data_dir)])
     check_csv_name(out)
     split = _split_for(ckpt, data_dir, train=False, n=n)
-    rows, channels = ns_gap(ckpt.model, to_float(split.images), split.labels, eps=eps, fix_ap=fix_ap,
-                            branch=branch, steps=steps, noise=noise, seed=seed, mode=measure, reference=reference,
-                            noise_clip=noise_clip)
-    protocol = {"mode": measure, "reference": reference, "noise_clip": noise_clip}
-    try:  # the AP gap does not depend on the protocol; recorded with it, it sits next to the NS gap in `report`
-        rows += [r | protocol for r in ap_gap(ckpt.model)]
-    except HybridatError as e:
-        say(f"note: no AP gap ({e})")
-    ids = ({"run": ckpt.run} | ckpt.row_ids() | {"unfinished": ckpt.unfinished}
-           | training_columns(ckpt.train))
-    layer = max(r["layer"] for r in channels) if layer is None else layer
-    plot_gap_by_depth(rows, outputs[2])
-    plot_channels(channels, layer, outputs[3])
-    write_csv([ids | r for r in channels], outputs[1])
-    write_csv([ids | r for r in rows], out)
-    say(f"{out}: {len(rows)} rows; plots {outputs[2]}, {outputs[3]}")
+    done = write_ns_gap(ckpt, to_float(split.images), split.labels, out, eps=eps, layer=layer, fix_ap=fix_ap,
+                        branch=branch, steps=steps, noise=noise, seed=seed, mode=measure, reference=reference,
+                        noise_clip=noise_clip)
+    if done.note:
+        say(f"note: no AP gap ({done.note})")
+    say(f"{out}: {len(done.rows)} rows; plots {outputs[2]}, {outputs[3]}")
 
 
 @app.command("report")

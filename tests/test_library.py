@@ -119,3 +119,29 @@ def test_reestimate_names_a_wrong_split(model):
     x, y = data()
     with pytest.raises(HybridatError, match="split must be a hybridat.data.Split"):
         reestimate(model, "adv", "clean", (x, y))
+
+
+def test_write_ns_gap_does_from_python_what_the_command_does(ckpt, tmp_path):
+    """ns_gap's rows carry no checkpoint ids, so `report` could not read them: the command's whole work (ids, AP gap
+    rows with the protocol, CSVs and plots) was in cli.py only."""
+    from hybridat.analysis import write_ns_gap
+    from hybridat.report import build_tables, load_runs
+
+    x, y = data()
+    done = write_ns_gap(ckpt, x, y, tmp_path / "g.csv", eps=8, steps=1, fix_ap=True, layer=3)
+    assert [p.name for p in done.paths] == ["g.csv", "g-channels.csv", "g-depth.png", "g-channels.png"]
+    assert all(p.is_file() for p in done.paths) and done.note == ""
+    frames = load_runs([tmp_path])
+    assert set(frames) == {"nsgap"} and len(frames["nsgap"]) == len(done.rows)
+    ns = frames["nsgap"]
+    assert set(ns.checkpoint_hash) == {ckpt.hash} and set(ns.norm) == {"dual-bn"} and set(ns.kind) == {"ns", "ap"}
+    assert set(ns["mode"]) == {"train"}  # AP rows are recorded with the protocol, so report sets them beside
+    table = build_tables(frames)["ns-gap"]
+    assert table["AP gap: weight"].iloc[0] != "—"
+    with pytest.raises(HybridatError, match="is an input"):
+        write_ns_gap(ckpt, x, y, ckpt.path, eps=8)
+    with pytest.raises(HybridatError, match="must end in .csv"):
+        write_ns_gap(ckpt, x, y, tmp_path / "g.txt", eps=8)
+    with pytest.raises(HybridatError, match="layer 20 is out of range"):
+        write_ns_gap(ckpt, x, y, tmp_path / "h.csv", eps=8, layer=20)
+    assert not (tmp_path / "h.csv").exists()
