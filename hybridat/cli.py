@@ -325,8 +325,7 @@ def swap_bn_cmd(
 ):
     """Recombine a two-branch checkpoint's NS and AP at test time; writes a new checkpoint."""
     from .analysis import DOMAINS
-    from .recombine import (check_reestimate, cross as cross_fn, deeper_than, recombine,
-                            reestimate as reestimate_fn, save_derived)
+    from .recombine import check_reestimate, swap_bn
 
     chosen = [name for name, on in [("--cross", cross), ("--swap-ap", swap_ap), ("--ns/--ap", ns or ap),
                                     ("--reestimate", reestimate)] if on]
@@ -350,27 +349,18 @@ def swap_bn_cmd(
     check_outputs([out], [checkpoint])
     check_checkpoint_name(out)
     ckpt = _load(checkpoint, device)
-    layers = None if from_layer is None else deeper_than(ckpt.model, from_layer)
-    op = {"op": {"--ns/--ap": "recombine"}.get(chosen[0], chosen[0].lstrip("-")), "layers": layers}
-    if cross:
-        new = cross_fn(ckpt.model, layers)
-    elif swap_ap or ns or ap:
-        if swap_ap:
-            mapping["ap"] = {"adv": "clean", "clean": "adv"}
-        new = recombine(ckpt.model, layers=layers, **mapping)
-        op |= mapping if not swap_ap else {}
-    else:
+    split = None
+    if reestimate is not None:
         check_outputs([out], [checkpoint, *split_files(_dataset_of(ckpt), True, data_dir)])
         split = _split_for(ckpt, data_dir, train=True)
-        new = reestimate_fn(ckpt.model, branch, reestimate, split, batch_size=batch_size, n_images=n,
-                            eps=eps, step=step, steps=steps, seed=seed, layers=layers)
-        op |= {"branch": branch, "domain": reestimate, "n_images": n, "eps": eps, "seed": seed}
-        if reestimate == "adv":
-            op |= {"step": step, "steps": steps}
-        if NORMS[ckpt.config.norm].ns_sets == 1:
-            say(f"note: {ckpt.config.norm} has one NS set, so both branches read the new statistics")
-    digest = save_derived(ckpt, new, out, {k: v for k, v in op.items() if v is not None})
-    say(f"{out}  {op['op']}  parent {ckpt.hash} -> {digest}")
+    digest = swap_bn(ckpt, out, cross=cross, swap_ap=swap_ap, ns=mapping["ns"] if ns or ap else None,
+                     ap=mapping["ap"] if ns or ap else None, from_layer=from_layer, reestimate=reestimate,
+                     split=split, branch=branch, n_images=n, eps=eps, step=step, steps=steps, batch_size=batch_size,
+                     seed=seed)
+    if reestimate is not None and NORMS[ckpt.config.norm].ns_sets == 1:
+        say(f"note: {ckpt.config.norm} has one NS set, so both branches read the new statistics")
+    op = {"--ns/--ap": "recombine"}.get(chosen[0], chosen[0].lstrip("-"))
+    say(f"{out}  {op}  parent {ckpt.hash} -> {digest}")
 
 
 @app.command("ns-gap")

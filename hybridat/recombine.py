@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 
 from .analysis import DOMAINS, check_choice, perturb, train_pass
-from .checkpoint import Checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, check_checkpoint_name, save_checkpoint
 from .data import Split, train_batches
 from .files import check_outputs
 from .errors import HybridatError, check_number
@@ -201,3 +201,48 @@ def save_derived(ckpt: Checkpoint, new_model, out_path, operation: dict) -> str:
         raise HybridatError("the derived model's config differs from its parent's")
     meta = {k: v for k, v in ckpt.header.items() if k not in PARENT_ONLY}
     return save_checkpoint(new_model, out, **meta, operation=dict(operation), parent=ckpt.hash)
+
+
+_reestimate = reestimate  # swap_bn's argument `reestimate` (the domain) shadows the function
+
+
+def swap_bn(ckpt: Checkpoint, out, *, cross: bool = False, swap_ap: bool = False, ns: dict | None = None,
+            ap: dict | None = None, from_layer: int | None = None, reestimate: str | None = None,
+            split: Split | None = None, branch: str = "adv", n_images: int = 10000, eps: float = 8.0,
+            step: float = 2.0, steps: int = 10, batch_size: int = 128, seed: int = 0) -> str:
+    """What `hybridat swap-bn` does with a loaded two-branch checkpoint: exactly one of `cross`, `swap_ap`, `ns`/`ap`
+    (target branch -> source branch, e.g. {"adv": "clean"}) or `reestimate` (a domain: `branch`'s running NS
+    recomputed on `split`, a training split on the checkpoint's device; see `reestimate` for the rest), in the norm
+    layers from `from_layer` on (None: all); writes the NEW checkpoint `out` recording the operation as `report`
+    reads it and the parent's hash (`save_derived`), never over its input. Returns the new file's hash."""
+    chosen = [name for name, on in [("cross", cross), ("swap_ap", swap_ap), ("ns/ap", ns or ap),
+                                    ("reestimate", reestimate is not None)] if on]
+    if len(chosen) != 1:
+        raise HybridatError("give exactly one of cross, swap_ap, ns/ap, reestimate")
+    if not isinstance(ckpt, Checkpoint):
+        raise HybridatError(f"ckpt must be a hybridat Checkpoint (hybridat.load_checkpoint(path)), got "
+                            f"{type(ckpt).__name__}")
+    if reestimate is not None:
+        check_reestimate(branch, reestimate, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed,
+                         n_images=n_images)
+        if split is None:
+            raise HybridatError("reestimate needs split: the training split (hybridat.data.load_split(dataset, "
+                                "train=True, device=...))")
+    out, = check_outputs([out], [ckpt.path])
+    check_checkpoint_name(out)
+    layers = None if from_layer is None else deeper_than(ckpt.model, from_layer)
+    op = {"op": {"swap_ap": "swap-ap", "ns/ap": "recombine"}.get(chosen[0], chosen[0]), "layers": layers}
+    if cross:
+        new = recombine(ckpt.model, ns=SWAP, layers=layers)
+    elif swap_ap:
+        new = recombine(ckpt.model, ap=SWAP, layers=layers)
+    elif reestimate is None:
+        new = recombine(ckpt.model, ns=ns, ap=ap, layers=layers)
+        op |= {"ns": dict(ns or {}), "ap": dict(ap or {})}  # as given
+    else:
+        new = _reestimate(ckpt.model, branch, reestimate, split, batch_size=batch_size,
+                           n_images=n_images, eps=eps, step=step, steps=steps, seed=seed, layers=layers)
+        op |= {"branch": branch, "domain": reestimate, "n_images": n_images, "eps": eps, "seed": seed}
+        if reestimate == "adv":
+            op |= {"step": step, "steps": steps}
+    return save_derived(ckpt, new, out, {k: v for k, v in op.items() if v is not None})

@@ -145,3 +145,37 @@ def test_write_ns_gap_does_from_python_what_the_command_does(ckpt, tmp_path):
     with pytest.raises(HybridatError, match="layer 20 is out of range"):
         write_ns_gap(ckpt, x, y, tmp_path / "h.csv", eps=8, layer=20)
     assert not (tmp_path / "h.csv").exists()
+
+
+def test_swap_bn_writes_from_python_what_the_command_writes(ckpt, model, tmp_path):
+    """The operation a derived checkpoint records was built in cli.py only; by hand a notebook wrote e.g.
+    {"op": "cross", "layers": null}, which `report` shows as an operation of its own, not as cross."""
+    from typer.testing import CliRunner
+
+    from hybridat.cli import app
+    from hybridat.recombine import swap_bn
+
+    cases = [(dict(cross=True), ["--cross"]),
+             (dict(swap_ap=True, from_layer=10), ["--swap-ap", "--from-layer", "10"]),
+             (dict(ns={"adv": "clean"}), ["--ns", "adv=clean"])]
+    for k, (kwargs, flags) in enumerate(cases):
+        digest = swap_bn(ckpt, tmp_path / f"py{k}.safetensors", **kwargs)
+        out = str(tmp_path / f"cli{k}.safetensors")
+        result = CliRunner().invoke(app, ["swap-bn", str(ckpt.path), *flags, "--out", out, "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        py, cli = (load_checkpoint(tmp_path / f"{w}{k}.safetensors") for w in ("py", "cli"))
+        assert py.hash == cli.hash == digest and py.header["parent"] == ckpt.hash
+        assert py.header["operation"] == cli.header["operation"]
+    assert load_checkpoint(tmp_path / "py0.safetensors").meta("operation") == {"op": "cross"}
+    with pytest.raises(HybridatError, match="exactly one of cross, swap_ap, ns/ap, reestimate"):
+        swap_bn(ckpt, tmp_path / "x.safetensors", cross=True, swap_ap=True)
+    with pytest.raises(HybridatError, match="reestimate needs split"):
+        swap_bn(ckpt, tmp_path / "x.safetensors", reestimate="clean")
+    with pytest.raises(HybridatError, match="is an input"):
+        swap_bn(ckpt, ckpt.path, cross=True)
+    with pytest.raises(HybridatError, match="must end in .safetensors"):
+        swap_bn(ckpt, tmp_path / "x.pt", cross=True)
+    s = split(16)
+    new = swap_bn(ckpt, tmp_path / "re.safetensors", reestimate="clean", split=s, batch_size=8, n_images=16)
+    re = load_checkpoint(tmp_path / "re.safetensors")
+    assert re.hash == new and re.meta("operation")["domain"] == "clean" and re.meta("operation")["n_images"] == 16
