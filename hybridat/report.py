@@ -79,14 +79,52 @@ def load_runs(paths: list[Path], sources: list[Path] | None = None) -> dict[str,
                         frame[col] = str(default)
             if kind is not None:
                 _check_accuracies(file, frame)
-                found[kind].append(frame)
+                found[kind].append(frame.assign(**{SOURCE: str(file)}))
                 if sources is not None:
                     sources.append(file)
     if not any(found.values()):
         raise HybridatError(f"found no eval, train or ns-gap CSV in {', '.join(map(str, paths))}")
     if not any(len(f) for frames in found.values() for f in frames):
         raise HybridatError(f"the CSVs in {', '.join(map(str, paths))} hold a header but no rows: nothing to report")
-    return {kind: _numeric(pd.concat(frames, ignore_index=True)) for kind, frames in found.items() if frames}
+    frames = {kind: pd.concat(frames, ignore_index=True) for kind, frames in found.items() if frames}
+    for kind, frame in frames.items():
+        _check_one_model_per_seed(kind, frame)
+    return {kind: _numeric(frame.drop(columns=SOURCE)) for kind, frame in frames.items()}
+
+
+SOURCE = "__file"  # the CSV a row was read from, while load_runs checks the rows
+# What one measurement of one trained model is keyed by: rows alike in all of these but of different checkpoints
+# would be averaged as one seed's value (a model changed on disk since its CSV was written, an unfinished run's
+# last.safetensors evaluated beside its model.safetensors, two runs of one seed).
+SAME_MEASUREMENT = {
+    "eval": ("dataset", "arch", "width", "norm", "loss_name", "train_eps", "seed", *TRAINING_COLUMNS, "operation",
+             "branch", "attack", "steps", "step", "eps", "aa_attacks", "aa_restarts", "attack_precision"),
+    "nsgap": ("dataset", "arch", "width", "norm", "loss_name", "train_eps", "seed", *TRAINING_COLUMNS, "operation",
+              "kind", "layer", "pair", "statistic", "measure", "fix_ap", "branch", "eps", *PROTOCOL),
+}
+
+
+def _check_one_model_per_seed(kind: str, frame: pd.DataFrame) -> None:
+    """One line naming both CSVs when rows of one setting, seed and measurement come from two checkpoints."""
+    if kind not in SAME_MEASUREMENT or frame.empty:
+        return
+    frame = frame[frame.seed.astype(str).str.strip() != ""]  # no seed: every checkpoint is its own unit anyway
+    key = [c for c in dict.fromkeys(SAME_MEASUREMENT[kind]) if c in frame]
+    if "operation" in key:
+        frame = frame.assign(operation=frame.operation.map(_op_key))
+    same = frame[key].astype(str).apply(lambda col: col.map(_value)).agg("|".join, axis=1)  # "8", "8.0": one
+    clash = frame[frame.groupby(same).checkpoint_hash.transform("nunique") > 1]
+    if clash.empty:
+        return
+    first = clash.iloc[0]
+    other = clash[(same[clash.index] == same[clash.index[0]]) & (clash.checkpoint_hash != first.checkpoint_hash)].iloc[0]
+    unfinished = [f"{r.checkpoint_hash} is an unfinished run's" for r in (first, other)
+                  if str(r.get("unfinished", "")).lower() == "true"]
+    raise HybridatError(
+        f"{first[SOURCE]} and {other[SOURCE]} hold rows of two checkpoints ({first.checkpoint_hash}, "
+        f"{other.checkpoint_hash}{'; ' + unfinished[0] if unfinished else ''}) for one setting and seed "
+        f"({first.norm}, seed {first.seed}, {kind} rows alike in every setting): report would average two models "
+        "as one seed. Keep the CSV of the model you mean (was the checkpoint changed after it was evaluated?)")
 
 
 ACCURACIES = ("accuracy", "acc_adv", "acc_clean")

@@ -179,3 +179,34 @@ def test_swap_bn_writes_from_python_what_the_command_writes(ckpt, model, tmp_pat
     new = swap_bn(ckpt, tmp_path / "re.safetensors", reestimate="clean", split=s, batch_size=8, n_images=16)
     re = load_checkpoint(tmp_path / "re.safetensors")
     assert re.hash == new and re.meta("operation")["domain"] == "clean" and re.meta("operation")["n_images"] == 16
+
+
+def test_report_refuses_rows_of_a_checkpoint_changed_after_it_was_evaluated(model, tmp_path):
+    """A checkpoint overwritten after its first evaluation (new weights, same run, settings and seed): its old and
+    new CSVs were averaged into one seed's cell, as n=1, without a word."""
+    from hybridat.checkpoint import write_csv
+    from hybridat.recombine import swap_bn
+    from hybridat.report import load_runs
+
+    path = tmp_path / "run" / "model.safetensors"
+    meta = dict(train={"eps": 8, "loss": "hybrid", "dataset": "cifar10", "epochs": 1}, seed=0, run="run")
+    save_checkpoint(model, path, **meta)
+    first = load_checkpoint(path)
+    write_csv(evaluate(first, split(), ["clean"], ["adv"], eps=8), tmp_path / "run" / "eval.csv")
+    write_csv(evaluate(first, split(), ["clean"], ["adv"], eps=8), tmp_path / "run" / "again.csv")  # same model
+    swap_bn(first, tmp_path / "run" / "cross.safetensors", cross=True)  # same seed, another operation
+    write_csv(evaluate(load_checkpoint(tmp_path / "run" / "cross.safetensors"), split(), ["clean"], ["adv"], eps=8),
+              tmp_path / "run" / "cross.csv")
+    before = load_runs([tmp_path])["eval"]  # one model in two CSVs, and a derived one: no clash
+    assert before.checkpoint_hash.nunique() == 2 and len(before) == 3
+    save_checkpoint(perturb(tiny(), seed=5).eval(), path, **meta)  # changed on disk
+    changed = load_checkpoint(path)
+    assert changed.hash != first.hash
+    write_csv(evaluate(changed, split(), ["clean"], ["adv"], eps=8), tmp_path / "run" / "eval2.csv")
+    with pytest.raises(HybridatError, match=f"hold rows of two checkpoints \\({first.hash}, {changed.hash}\\).*"
+                                            "seed 0.*average two models as one seed"):
+        load_runs([tmp_path])
+    (tmp_path / "run" / "eval.csv").unlink()
+    (tmp_path / "run" / "again.csv").unlink()
+    assert set(load_runs([tmp_path])["eval"].checkpoint_hash) == {changed.hash, load_checkpoint(
+        tmp_path / "run" / "cross.safetensors").hash}
