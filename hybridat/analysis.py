@@ -323,6 +323,11 @@ def _pair_color(pair: str) -> str:
     return {"adv": "C3", "noise": "C0"}.get(pair.split("-")[0], "0.5")
 
 
+PANEL_TITLES = {"mean": "NS: channel means", "std": "NS: channel stds", "weight": "AP: weight (γ)",
+                "bias": "AP: bias (β)"}
+MEASURE_NAMES = {"wasserstein": "Wasserstein", "mad": "mean absolute"}
+
+
 def plot_gap_by_depth(rows, path, measure: str = "wasserstein") -> None:
     """Distance vs layer index, one panel per statistic (NS mean/std, AP weight/bias where present); one line per
     domain pair (adv red, noise blue, clean grey), solid with fixed AP, dashed through each domain's own branch.
@@ -349,8 +354,8 @@ def plot_gap_by_depth(rows, path, measure: str = "wasserstein") -> None:
             layers, dist = zip(*sorted(points))
             style = "--" if setting.startswith("own branch") else "-"
             line, = ax.plot(layers, dist, style, marker="o", ms=2.5, color=_pair_color(pair))
-            labels.setdefault(f"{pair} ({setting})", line)
-        ax.set(title=f"{stat}", xlabel="norm layer (depth)", ylabel=f"{measure} distance")
+            labels.setdefault("AP gap: adv vs clean branch" if setting == "AP" else f"{pair} ({setting})", line)
+        ax.set(title=PANEL_TITLES[stat], xlabel="norm layer (depth)", ylabel=f"{MEASURE_NAMES[measure]} distance")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if all(d > 0 for points in lines[stat].values() for _, d in points):
             ax.set_yscale("log")  # own-branch and fixed-AP gaps lie orders of magnitude apart
@@ -386,7 +391,7 @@ def plot_channels(channel_rows, layer: int, path) -> None:
             channels, means = zip(*sorted(domains[d]))
             ax.bar([c + (k - (len(present) - 1) / 2) * width for c in channels], means, width=width, label=d)
         ax.set(title=f"layer {layer}, {'fix AP: ' + branch if fixed else 'own branch'}; {protocol_text(*protocol)}",
-               xlabel="channel", ylabel="mean")
+               xlabel="channel", ylabel="channel mean of the layer's input")
         ax.title.set_fontsize(9)
         ax.legend(fontsize=7)
     _save(fig, path)

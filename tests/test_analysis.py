@@ -297,3 +297,22 @@ def test_plots_say_how_the_ns_were_measured(tmp_path):
     plot_gap_by_depth(train + evald, tmp_path / "both.png")  # two protocols: each line says which
     plot_channels(channels, 3, tmp_path / "channels.png")
     assert (tmp_path / "both.png").stat().st_size > 0 and (tmp_path / "channels.png").stat().st_size > 0
+
+
+def test_depth_plot_panels_and_legend_say_what_they_show(tmp_path, monkeypatch):
+    """Panels were titled "mean", "std", "weight", "bias" and the AP line "adv-clean (AP)": which mean, whose weight?"""
+    import hybridat.analysis as analysis
+
+    figures = []
+    monkeypatch.setattr(analysis, "_save", lambda fig, path: figures.append(fig))
+    model, (x, y) = make("dual-bn"), batch()
+    rows, channels = ns_gap(model, x, y, eps=8, fix_ap=True, steps=1)
+    plot_gap_by_depth(rows + ap_gap(model), tmp_path / "depth.png")
+    plot_channels(channels, 3, tmp_path / "channels.png")
+    depth, bars = figures
+    assert [ax.get_title() for ax in depth.axes] == ["NS: channel means", "NS: channel stds", "AP: weight (γ)",
+                                                     "AP: bias (β)"]
+    assert {ax.get_ylabel() for ax in depth.axes} == {"Wasserstein distance"}
+    assert [t.get_text() for t in depth.legends[0].get_texts()] == [
+        "adv-clean (fix AP: adv)", "noise-clean (fix AP: adv)", "AP gap: adv vs clean branch"]
+    assert bars.axes[0].get_ylabel() == "channel mean of the layer's input"
