@@ -20,6 +20,7 @@ from . import __version__
 from .errors import HybridatError
 from .files import atomic_path
 from .models import BranchModel, ModelConfig, build_model
+from .runtime import resolve_device
 
 __all__ = ["atomic_path", "write_csv", "save_checkpoint", "load_checkpoint", "checkpoint_hash", "Checkpoint"]
 
@@ -252,7 +253,10 @@ def _check_shapes(path: Path, f, config: ModelConfig) -> None:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", allow_nonfinite: bool = False) -> Checkpoint:
     """The checkpoint's model (eval mode, on `device`) and metadata, after the metadata, the tensor shapes and
-    (unless `allow_nonfinite`) the weights' finiteness have been checked."""
+    (unless `allow_nonfinite`) the weights' finiteness have been checked. device: cpu, cuda, cuda:N, mps or auto."""
+    if not isinstance(path, (str, Path)):
+        raise HybridatError(f"a checkpoint path must be a str or Path, got {type(path).__name__}")
+    device = resolve_device(str(device))
     path = Path(path)
     header = read_header(path)
     config = _check_header(path, header)

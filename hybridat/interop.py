@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .checkpoint import atomic_path, check_checkpoint_name, file_hash, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, atomic_path, check_checkpoint_name, file_hash, load_checkpoint, save_checkpoint
 from .data import DATASETS, check_classes
 from .errors import HybridatError, check_choice
 from .files import check_outputs
@@ -446,13 +446,15 @@ class Exported:
     config: ModelConfig  # of the checkpoint the branch came from (its input mean/std, if any, apply)
 
 
-def export_branch(checkpoint: str | Path, out: str | Path, *, branch: str, layout: str) -> Exported:
-    """Write `branch` of a hybridat checkpoint as a plain single-BN state dict in a foreign layout: safetensors
-    (with the input mean/std, if any, in its metadata), or a torch `.pt`/`.pth` state dict by the suffix of
-    `out`. Never writes over the checkpoint."""
+def export_branch(checkpoint: str | Path | Checkpoint, out: str | Path, *, branch: str, layout: str) -> Exported:
+    """Write `branch` of a hybridat checkpoint (its path, or a loaded Checkpoint) as a plain single-BN state dict in
+    a foreign layout: safetensors (with the input mean/std, if any, in its metadata), or a torch `.pt`/`.pth` state
+    dict by the suffix of `out`. Never writes over the checkpoint."""
     out = Path(out)
+    loaded = checkpoint if isinstance(checkpoint, Checkpoint) else None
+    checkpoint = loaded.path if loaded is not None else checkpoint
     check_outputs([out], [checkpoint])  # never over the checkpoint (path, link, hardlink); writable; before any work
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = loaded or load_checkpoint(checkpoint)
     if out.suffix not in (".safetensors", ".pt", ".pth"):
         raise HybridatError(f"--out must end in .safetensors, .pt or .pth, got {out.name}")
     state = export_state_dict(ckpt.model, branch, layout)

@@ -61,6 +61,8 @@ def load_runs(paths: list[Path], sources: list[Path] | None = None) -> dict[str,
     A file named directly must match a known schema; other CSVs found in a folder (raw per-channel NS, an
     earlier report) are skipped. Returns {"eval" | "train" | "nsgap": all rows of that kind} for kinds found.
     """
+    if isinstance(paths, (str, Path)):  # one path, not a list of one-character paths ("/" searched the disk)
+        paths = [paths]
     found: dict[str, list[pd.DataFrame]] = {kind: [] for kind in SCHEMAS}
     seen: set[Path] = set()
     for path in map(Path, paths):
@@ -607,6 +609,8 @@ def write_report(frames: dict[str, pd.DataFrame], out_dir: Path, margin: float =
     from .findings import findings, findings_latex, findings_markdown, summary_lines
 
     out_dir = Path(out_dir)
+    if not isinstance(frames, dict) or not any(len(f) for f in frames.values()):
+        raise HybridatError("no rows to report: give write_report the frames of load_runs(paths)")
     check_report_out(out_dir, inputs)
     found = findings(frames, margin, ratio_margin)
     tables = build_tables(frames)

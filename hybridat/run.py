@@ -28,12 +28,12 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .checkpoint import save_checkpoint, training_columns, write_csv
-from .data import DATASETS, load_split, split_files
+from .data import DATASETS, load_split, num_classes, split_files
 from .errors import HybridatError, check_choice
 from .files import atomic_path, check_outputs
 from .models import BranchModel, ModelConfig, build_model
 from .norms import NORMS
-from .runtime import distributed, is_main_process, seed_everything
+from .runtime import distributed, is_main_process, resolve_device, seed_everything
 from .train import TrainConfig, check_config, make_optimizer, train
 
 MODEL, LAST, STATE, CSV, LOCK = "model.safetensors", "last.safetensors", "resume.safetensors", "train.csv", ".lock"
@@ -214,9 +214,14 @@ def run_training(out: str | Path, config: ModelConfig, cfg: TrainConfig, *, data
     weight that is not finite stops the run as diverged (HybridatError; train.csv has every epoch, no model).
     graphs: the training step as one CUDA graph on a GPU (`train`).
     """
-    out, device = Path(out), torch.device(device)
+    out, device = Path(out), resolve_device(str(device))
     check_choice(dataset, DATASETS, "dataset")
+    if not isinstance(config, ModelConfig):
+        raise HybridatError(f"config must be a hybridat.models.ModelConfig, got {type(config).__name__}")
     config.check()
+    if config.num_classes != num_classes(dataset):  # a 100-class model trained on CIFAR-10 was trained silently
+        raise HybridatError(f"the model config has {config.num_classes} classes and {dataset} has "
+                            f"{num_classes(dataset)}: ModelConfig(..., num_classes={num_classes(dataset)})")
     check_config(cfg, config.norm)
     if resume and overwrite:
         raise HybridatError("--resume and --overwrite exclude each other: go on with the run, or start over")

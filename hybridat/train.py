@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .attacks import frozen, pgd
 from .data import Split, train_batches
+from .inputs import check_pixel_eps
 from .errors import HybridatError, check_choice, check_number
 from .graphs import Graphed, graphs_supported
 from .models import BranchModel, BranchView, bn_folded, fused
@@ -86,11 +87,15 @@ LOSSES: dict[str, Loss] = {
 
 def check_config(cfg: TrainConfig, norm: str) -> None:
     """Reject impossible settings (NaN and infinity included) before any work is done."""
+    if not isinstance(cfg, TrainConfig):
+        raise HybridatError(f"the training settings must be a hybridat.train.TrainConfig, got {type(cfg).__name__}")
     check_choice(cfg.loss, LOSSES, "loss")
     if get_norm(norm).needs_both and len(LOSSES[cfg.loss].branches) < 2:
         raise HybridatError(f"norm {norm} mixes both branches in one batch; use --loss hybrid or trades")
     check_number("eps", cfg.eps, 0, 255)
     check_number("step", cfg.step, 0, 255)
+    check_pixel_eps(cfg.eps)
+    check_pixel_eps(cfg.step, "step")
     attacked = "adv" in LOSSES[cfg.loss].branches  # only --loss clean crafts no adversarial examples
     check_number("PGD steps", cfg.steps, 1 if attacked else 0, 100_000, integer=True)
     check_number("epochs", cfg.epochs, 1, 100_000, integer=True)

@@ -210,3 +210,36 @@ def test_report_refuses_rows_of_a_checkpoint_changed_after_it_was_evaluated(mode
     (tmp_path / "run" / "again.csv").unlink()
     assert set(load_runs([tmp_path])["eval"].checkpoint_hash) == {changed.hash, load_checkpoint(
         tmp_path / "run" / "cross.safetensors").hash}
+
+
+def test_loading_training_and_reporting_name_wrong_arguments(ckpt, tmp_path, monkeypatch, data_dir):
+    from hybridat import export_branch
+    from hybridat.checkpoint import write_csv
+    from hybridat.models import ModelConfig
+    from hybridat.report import load_runs, write_report
+    from hybridat.run import run_training
+    from hybridat.train import TrainConfig
+
+    with pytest.raises(HybridatError, match="unknown device 'gpu'"):  # was torch's RuntimeError
+        load_checkpoint(ckpt.path, device="gpu")
+    with pytest.raises(HybridatError, match="must be a str or Path, got int"):
+        load_checkpoint(3)
+    config, cfg = ModelConfig("resnet18", "bn", 0.0625, 10), TrainConfig(epochs=1, steps=1, train_subset=64)
+    cases = [((ModelConfig("resnet18", "bn", 0.0625, 100), cfg), {}, "100 classes and cifar10 has 10"),
+             ((config, {"epochs": 1}), {}, "must be a hybridat.train.TrainConfig, got dict"),
+             ((("resnet18", "bn"), cfg), {}, "must be a hybridat.models.ModelConfig, got tuple"),
+             ((config, TrainConfig(epochs=1, eps=8 / 255)), {}, "give eps=8"),
+             ((config, TrainConfig(epochs=1, step=2 / 255)), {}, "give step=2"),
+             ((config, cfg), {"device": "gpu"}, "unknown device 'gpu'")]
+    for args, kwargs, message in cases:  # the 100-class model used to train on CIFAR-10's 10 labels silently
+        with pytest.raises(HybridatError, match=message):
+            run_training(tmp_path / "run", *args, data_dir=data_dir, **kwargs)
+        assert not (tmp_path / "run").exists()
+    write_csv(evaluate(ckpt, split(), ["clean"], ["adv"], eps=8), tmp_path / "runs" / "eval.csv")
+    monkeypatch.chdir(tmp_path)
+    assert len(load_runs("runs")["eval"]) == 1  # one path, not the paths "r", "u", "n", "s"
+    with pytest.raises(HybridatError, match="no rows to report"):  # wrote a report of empty tables
+        write_report({}, tmp_path / "report")
+    assert not (tmp_path / "report").exists()
+    done = export_branch(ckpt, tmp_path / "adv.safetensors", branch="adv", layout="kuangliu")  # was a TypeError
+    assert done.path.is_file()
