@@ -7,6 +7,7 @@ and never opens a model. A cell is the mean ± sample std over seeds with n show
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -261,7 +262,13 @@ def op_label(key: str) -> str:
 
 def _eval(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Eval rows ready for tables: derived checkpoints inherit training metadata, robust rows at train ε only."""
-    ev = frames.get("eval", pd.DataFrame(columns=sorted(SCHEMAS["eval"]))).copy()
+    ev = _eval_all(frames.get("eval", pd.DataFrame(columns=sorted(SCHEMAS["eval"]))).copy())
+    # a re-run of the same evaluation replaces the earlier one
+    return ev[_at_train_eps(ev)].drop_duplicates(["checkpoint_hash", "branch", "column"], keep="last")
+
+
+def _eval_all(ev: pd.DataFrame) -> pd.DataFrame:
+    """Every eval row with its table column, operation key and unit; robust rows at any ε."""
     for _ in range(3):  # one generation per pass: a re-estimate of a cross checkpoint is two deep
         parent = ev.drop_duplicates("checkpoint_hash").set_index("checkpoint_hash")
         for col in ("seed", "train_eps", "loss_name"):
@@ -275,9 +282,43 @@ def _eval(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
                     zip(ev.attack, ev.steps, ev.aa_attacks, ev.aa_restarts, ev.attack_precision)]
     ev["op"] = ev.operation.map(_op_key)
     ev["unit"] = _units(ev)
-    at_train_eps = (ev.attack == "clean") | ev.train_eps.isna() | (ev.eps == ev.train_eps)
-    # a re-run of the same evaluation replaces the earlier one
-    return ev[at_train_eps].drop_duplicates(["checkpoint_hash", "branch", "column"], keep="last")
+    return ev
+
+
+def _at_train_eps(ev: pd.DataFrame) -> pd.Series:
+    return (ev.attack == "clean") | ev.train_eps.isna() | (ev.eps == ev.train_eps)
+
+
+# (norm, loss) of the trained models tables 1-3 show; table 4 shows swap-bn operations of dual-bn (hybrid) only
+TABLED = {(n, "hybrid") for n in ("cross-bn", "cross-bn-adv", "bn", "bn-mix", "dual-bn", "dual-ap", "dual-ns",
+                                  "dual-linear", "dual-adapter")} | {("bn", "trades"), ("dual-bn", "trades")}
+LEFT_OUT_HEADER = ("Not in the tables, which show clean, PGD-10 and AutoAttack accuracy at the training ε of the "
+                   "paper's variants (the rows stay in their CSVs)")
+
+
+def left_out(frames: dict[str, pd.DataFrame]) -> list[str]:
+    """The eval rows no table shows, as "what (N rows)": attacks other than clean, PGD-10 and AutoAttack (PGD-20,
+    FGSM, ...), robust rows at an ε other than the model's training ε, variants and losses no table has, swap-bn
+    operations of models other than dual-bn (hybrid). A reader who measured them finds them named here."""
+    if "eval" not in frames or frames["eval"].empty:
+        return []
+    ev = _eval_all(frames["eval"].copy())
+    shown = {"clean", "PGD-10", "AA", *_other_columns(ev)}
+    loss = ev.loss_name.fillna("").astype(str).replace("", "?")
+    reasons = []
+    for i, r in ev.iterrows():
+        if r.column not in shown:
+            reasons.append(r.column)
+        elif not _at_train_eps(ev.loc[[i]]).iloc[0]:
+            reasons.append(f"{r.column} at ε={_num(r.eps)} on models trained at ε={_num(r.train_eps)}")
+        elif r.op == "" and (r.norm, loss[i]) not in TABLED:
+            reasons.append(f"{r.norm} (loss {loss[i]})")
+        elif r.op != "" and (r.norm, loss[i]) != ("dual-bn", "hybrid"):
+            reasons.append(f"{op_label(r.op)} of {r.norm} (loss {loss[i]})")
+        else:
+            reasons.append("")
+    counts = pd.Series(reasons, dtype=str).value_counts(sort=False)
+    return [f"{what} ({n} row{'s' if n > 1 else ''})" for what, n in counts.items() if what]
 
 
 def _with_aa_columns(ev: pd.DataFrame) -> pd.DataFrame:
@@ -606,7 +647,7 @@ def write_report(frames: dict[str, pd.DataFrame], out_dir: Path, margin: float =
     each file is written atomically; none over a file of `inputs` (the CSVs read: `load_runs(..., sources=inputs)`).
     A figure an earlier report left in out_dir that this one has no rows for is removed (other files stay).
     margin, ratio_margin: see `findings.findings`. Returns the paths written."""
-    from .findings import findings, findings_latex, findings_markdown, summary_lines
+    from .findings import WIDTH, findings, findings_latex, findings_markdown, summary_lines
 
     out_dir = Path(out_dir)
     if not isinstance(frames, dict) or not any(len(f) for f in frames.values()):
@@ -619,12 +660,17 @@ def write_report(frames: dict[str, pd.DataFrame], out_dir: Path, margin: float =
     for key, table in tables.items():
         files |= {f"{key}.md": render_markdown(table, TITLES[key]), f"{key}.tex": render_latex(table, TITLES[key]),
                   f"{key}.csv": table}
+    missing = left_out(frames)
+    note = f"{LEFT_OUT_HEADER}: {'; '.join(missing)}." if missing else ""
     files["report.md"] = "# hybridat report\n\n" + "\n".join(files[f"{k}.md"] for k in ["findings", *tables])
+    if note:
+        files["report.md"] += f"\n## Not in the tables\n\n{note}\n"
     figures = {name: fig for name, make in [*FIGURES.items(), ("ns-gap.png", plot_ns_gap)]
                if (fig := make(frames)) is not None}
     files |= figures
     files["summary.txt"] = "\n".join(
         ["Findings (paired over seeds, 95 % interval; details and rules in findings.md)", *summary_lines(found), "",
+         *(textwrap.wrap(note, WIDTH, subsequent_indent="    ", break_on_hyphens=False) + [""] if note else []),
          f"Tables:  {out_dir / 'report.md'} (also .md, .tex, .csv per table)",
          f"Figures: {', '.join(str(out_dir / n) for n in figures) or 'none (no rows to plot)'}"]) + "\n"
     for name, content in files.items():

@@ -418,3 +418,20 @@ def test_training_plot_of_one_epoch_has_integer_epoch_ticks_and_accuracy_in_perc
     assert adv.get_ylabel() == clean.get_ylabel() == "accuracy (%)"
     line = adv.get_lines()[0]
     assert line.get_ydata()[0] == pytest.approx(100 * frames["train"].acc_adv.iloc[0])
+
+
+def test_rows_no_table_shows_are_named_in_the_summary_and_report(frames, tmp_path):
+    """PGD-20 (the README's own `attack --steps 10 --steps 20`), robust rows at another ε and variants outside the
+    paper's tables were read and shown nowhere, without a word: a reader looked for them in vain."""
+    assert report.left_out(frames) == ["PGD-20 (2 rows)", "PGD-10 at ε=4 on models trained at ε=8 (1 row)"]
+    ev = frames["eval"]
+    gn = ev[ev.norm == "dual-bn"].head(2).assign(norm="gn", checkpoint_hash="g" * 16)
+    assert report.left_out({"eval": gn}) == ["gn (loss hybrid) (2 rows)"]
+    write_report(frames, tmp_path)
+    summary = (tmp_path / "summary.txt").read_text(encoding="utf-8")
+    assert "Not in the tables" in summary and "PGD-20 (2 rows)" in summary.replace("\n    ", " ")
+    assert max(map(len, summary.splitlines()[:-2])) <= 118  # wrapped for a terminal
+    assert (tmp_path / "report.md").read_text(encoding="utf-8").endswith(
+        "## Not in the tables\n\n" + report.LEFT_OUT_HEADER + ": PGD-20 (2 rows); PGD-10 at ε=4 on models trained "
+        "at ε=8 (1 row).\n")
+    assert report.left_out({"eval": ev[(ev.attack == "clean") & (ev.norm == "dual-bn")]}) == []
