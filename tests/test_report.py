@@ -125,7 +125,7 @@ def test_ns_gap_table(tables):
     assert list(t.index) == ["0", "1"] and list(t["name"]) == ["conv1.bn", "layer1.0.bn1"]
     # wasserstein rows only (the "mad" rows hold 9.0); seeds 0 and 1 differ by 0.02
     assert t.loc["0", "own branch: adv-clean mean"] == "0.110 ± 0.014 (n=2)"
-    assert t.loc["0", "own branch: noise-clean std"] == "0.050 ± 0.014 (n=2)"
+    assert t.loc["0", "own branch: noise-clean std"] == "0.0500 ± 0.014 (n=2)"
     assert t.loc["1", "fix-AP adv: adv-clean std"] == "0.170 ± 0.014 (n=2)"
     assert t.loc["0", "AP gap: weight"] == "0.310 ± 0.014 (n=2)"
     assert t.loc["1", "AP gap: bias"] == "0.300 (n=1)"
@@ -288,7 +288,7 @@ def test_ns_gap_rows_measured_differently_are_never_mixed(frames, tmp_path):
     train = parts["NS mode=train, NS reference=batch, noise clip=true"].set_index("layer")
     evald = parts["NS mode=eval, NS reference=running, noise clip=false"].set_index("layer")
     assert train.loc["0", "own branch: adv-clean mean"] == "0.110 ± 0.014 (n=2)"  # as without the new rows
-    assert evald.loc["0", "own branch: adv-running mean"] == "1.100 ± 0.141 (n=2)"
+    assert evald.loc["0", "own branch: adv-running mean"] == "1.10 ± 0.14 (n=2)"
     assert evald["own branch: adv-clean mean"].isna().all()  # that column belongs to the other part only
     # the figure says how the NS were measured: in its title for one protocol, in each row's label for several
     assert report.plot_ns_gap({"nsgap": old}).get_suptitle() == ("NS read in train mode, against the clean batch's "
@@ -435,3 +435,11 @@ def test_rows_no_table_shows_are_named_in_the_summary_and_report(frames, tmp_pat
         "## Not in the tables\n\n" + report.LEFT_OUT_HEADER + ": PGD-20 (2 rows); PGD-10 at ε=4 on models trained "
         "at ε=8 (1 row).\n")
     assert report.left_out({"eval": ev[(ev.attack == "clean") & (ev.norm == "dual-bn")]}) == []
+
+
+def test_ns_gap_cells_keep_three_significant_digits():
+    """Distances of 0.0001-0.01 (deep layers, small ε) printed as 0.000 ± 0.000 with three decimals."""
+    assert report.distance_cell(pd.Series([0.00102, 0.00146])) == "0.00124 ± 0.00031 (n=2)"
+    assert report.distance_cell(pd.Series([0.11, 0.13])) == "0.120 ± 0.014 (n=2)"
+    assert report.distance_cell(pd.Series([0.0994])) == "0.0994 (n=1)"
+    assert report.distance_cell(pd.Series([], dtype=float)) == "—"
