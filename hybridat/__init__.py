@@ -2,7 +2,13 @@
 
 __version__ = "0.1.0"
 
-_API = {"import_checkpoint": "interop", "export_branch": "interop", "load_checkpoint": "checkpoint"}
+# each command's function (README, Stages), importable as hybridat.NAME (evaluate: hybridat.evaluate.evaluate, as
+# the module of that name would shadow it)
+_API = {"import_checkpoint": "interop", "export_branch": "interop", "load_checkpoint": "checkpoint",
+        "run_training": "run", "write_csv": "checkpoint", "load_split": "data",
+        "swap_bn": "recombine", "ns_gap": "analysis", "write_ns_gap": "analysis", "load_runs": "report",
+        "write_report": "report", "HybridatError": "errors"}
+__all__ = list(_API)
 
 
 def __getattr__(name: str):
@@ -12,3 +18,7 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
     raise AttributeError(f"module 'hybridat' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

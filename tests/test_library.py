@@ -243,3 +243,16 @@ def test_loading_training_and_reporting_name_wrong_arguments(ckpt, tmp_path, mon
     assert not (tmp_path / "report").exists()
     done = export_branch(ckpt, tmp_path / "adv.safetensors", branch="adv", layout="kuangliu")  # was a TypeError
     assert done.path.is_file()
+
+
+def test_each_commands_function_is_importable_from_the_package():
+    import subprocess
+    import sys
+
+    import hybridat
+    from hybridat import run, swap_bn, write_ns_gap
+
+    assert hybridat.run_training is run.run_training and callable(swap_bn)
+    assert callable(write_ns_gap) and set(hybridat.__all__) <= set(dir(hybridat))
+    light = "import sys, hybridat; print('torch' in sys.modules)"  # `import hybridat` stays light
+    assert subprocess.run([sys.executable, "-c", light], capture_output=True, text=True).stdout.strip() == "False"
