@@ -16,6 +16,7 @@ from torch import nn
 
 from hybridat.errors import HybridatError, check_choice, check_number
 from hybridat.graphs import Graphed
+from hybridat.inputs import check_batch
 from hybridat.models import BranchView, bn_folded
 from hybridat.runtime import autocast
 
@@ -47,11 +48,17 @@ def default_step(eps: float) -> float:
     return eps / 4
 
 
-def _check(x: torch.Tensor, y: torch.Tensor, eps: float) -> None:
-    if eps < 0:
-        raise HybridatError(f"eps must be >= 0, got {eps}")
+def _check(x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf") -> None:
+    """The cheap checks of every attack call (no host sync: the training attack runs inside CUDA graphs)."""
+    check_number("eps", eps, 0)
+    if norm == "linf" and eps > 1:
+        raise HybridatError(f"eps is in [0, 1] units here (8/255 = 0.0314 for 8 in pixel units), got {eps}")
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise HybridatError(f"x and y must be torch tensors, got {type(x).__name__} and {type(y).__name__}")
     if x.ndim != 4 or y.ndim != 1 or x.shape[0] != y.shape[0]:
         raise HybridatError(f"expected x (B, C, H, W) and y (B,), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if not x.is_floating_point() or y.is_floating_point() or y.dtype == torch.bool:
+        raise HybridatError(f"expected float pixels x in [0, 1] and integer labels y, got {x.dtype} and {y.dtype}")
 
 
 def _l2(t: torch.Tensor) -> torch.Tensor:
@@ -95,7 +102,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
     examples again); for another B up to float round-off (within 1e-5 of each sample's largest component), so a
     component within round-off of 0 can take the other sign, and that sample's later iterates can then differ
     (README, Speed: measured counts)."""
-    _check(x, y, eps)
+    _check(x, y, eps, norm)
     step = default_step(eps) if step is None else step
     if steps < 1 or step < 0:
         raise HybridatError(f"PGD needs steps >= 1 and step >= 0, got steps={steps}, step={step}")
@@ -294,11 +301,12 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
     amp: FGSM and PGD craft their examples in bf16 (`crafting`); the accuracy is counted in fp32 on `model`."""
     if attack not in ATTACKS:
         raise HybridatError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}")
-    if x.shape[0] == 0 or batch_size < 1:
-        raise HybridatError(f"need >= 1 input and batch_size >= 1, got {x.shape[0]} and {batch_size}")
+    check_batch(model, x, y)  # pixels in [0, 1], one integer label per image, all on the model's device
+    _check(x, y, eps)
+    if batch_size < 1:
+        raise HybridatError(f"need batch_size >= 1, got {batch_size}")
     amp = amp and attack in AMP_ATTACKS
     if attack == "pgd" and graphs and x.device.type == "cuda":
-        _check(x, y, eps)
         step = default_step(eps) if step is None else step
         return pgd_accuracy(model, x, y, eps, step, steps, batch_size, seed, capture=True, amp=amp).item() / len(x)
     with crafting(model, x.device, amp) as net:

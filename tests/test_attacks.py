@@ -466,3 +466,45 @@ def test_autoattack_refuses_a_reference_that_would_run_other_settings(monkeypatc
     with pytest.raises(HybridatError, match="not the reference settings hybridat records"):
         autoattack(model, x, y, EPS)
     assert calls == []
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("labels (B, 1)", "must have one label per image"),
+    ("float labels", "must hold integer class labels"),
+    ("uint8 images", "is uint8 (0-255)"),
+    ("0-255 floats", "pixels must be in [0, 1]"),
+    ("eps in pixel units", "eps is in [0, 1] units here"),
+    ("eps a string", "eps must be a number"),
+    ("3-D x", "must have the shape (B, C, H, W)"),
+])
+def test_robust_accuracy_names_bad_input_in_one_line(case, fragment):
+    """What a notebook gets wrong ends in one HybridatError, never a traceback or a silently wrong number (labels
+    of shape (B, 1) used to count 6 of 1)."""
+    model, (x, y) = tiny_net(), data(4)
+    eps = 8 / 255
+    if case == "labels (B, 1)":
+        y = y[:, None]
+    elif case == "float labels":
+        y = y.float()
+    elif case == "uint8 images":
+        x = (x * 255).to(torch.uint8)
+    elif case == "0-255 floats":
+        x = x * 255
+    elif case == "eps in pixel units":
+        eps = 8
+    elif case == "eps a string":
+        eps = "8"
+    else:
+        x = x[0]
+    with pytest.raises(HybridatError, match=re.escape(fragment)):
+        robust_accuracy(model, x, y, "clean", eps)
+
+
+def test_pgd_refuses_wrong_dtypes_and_linf_eps_above_1_without_a_sync():
+    model, (x, y) = tiny_net(), data(4)
+    with pytest.raises(HybridatError, match="integer labels"):
+        pgd(model, x, y.float(), EPS)
+    with pytest.raises(HybridatError, match=re.escape("eps is in [0, 1] units here")):
+        pgd(model, x, y, 8.0)
+    x_adv = pgd(model, x, y, 2.0, 0.1, 1, norm="l2", start="none")  # an L2 radius may exceed 1
+    assert_in_ball(x_adv, x, 2.0, norm="l2")
