@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 # each command's function (README, Stages), importable as hybridat.NAME (evaluate: hybridat.evaluate.evaluate, as
 # the module of that name would shadow it)
 _API = {"import_checkpoint": "interop", "export_branch": "interop", "load_checkpoint": "checkpoint",
+        "checkpoint_info": "checkpoint",
         "run_training": "run", "write_csv": "checkpoint", "load_split": "data",
         "swap_bn": "recombine", "ns_gap": "analysis", "write_ns_gap": "analysis", "load_runs": "report",
         "write_report": "report", "HybridatError": "errors"}

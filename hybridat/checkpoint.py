@@ -278,3 +278,22 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", allow_
         first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise HybridatError(f"{path}: weights do not match its config {config.to_json()}: {first}") from None
     return Checkpoint(model.to(device).eval(), header, checkpoint_hash(state, config), path)
+
+
+def checkpoint_info(path: str | Path) -> list[tuple[str, str]]:
+    """What `hybridat info` shows, as (name, value) rows: the hash, the model config, branches and norm sets,
+    the parameter count, whether it is unfinished or diverged (non-finite weights), then the metadata as stored."""
+    from .norms import NORMS
+    from .run import weights_finite
+
+    ckpt = load_checkpoint(path, allow_nonfinite=True)
+    spec = NORMS[ckpt.config.norm]
+    rows = [("hash", ckpt.hash)] + [(key, str(value)) for key, value in vars(ckpt.config).items()]
+    rows += [("branches", "adv, clean" if spec.branches == 2 else "one network for both"),
+             ("NS sets / AP sets", f"{spec.ns_sets} / {spec.ap_sets}"),
+             ("parameters", f"{sum(p.numel() for p in ckpt.model.parameters()):,}")]
+    if ckpt.unfinished:
+        rows.append(("unfinished", f"epoch {ckpt.meta('epoch')} of {ckpt.train.get('epochs')}"))
+    if not weights_finite(ckpt.model):
+        rows.append(("weights", "NOT FINITE (NaN or inf): a diverged model"))
+    return rows + [(key, value) for key, value in sorted(ckpt.header.items()) if key not in ("config", "format")]

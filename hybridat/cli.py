@@ -19,7 +19,7 @@ from rich.text import Text
 from safetensors import SafetensorError
 
 from .attacks import AA_ATTACKS, AA_VERSIONS, ATTACKS
-from .checkpoint import check_checkpoint_name, check_csv_name, load_checkpoint, write_csv
+from .checkpoint import check_checkpoint_name, check_csv_name, checkpoint_info, load_checkpoint, write_csv
 from .data import DATASETS, check_classes, load_split, num_classes, split_files, to_float
 from .errors import HybridatError, check_choice, check_number
 from .evaluate import attack_label, check_evaluation, evaluate
@@ -508,21 +508,8 @@ def export_cmd(
 @cli_errors
 def info_cmd(checkpoint: Ckpt):
     """Print a checkpoint's config, branches and metadata."""
-    from .run import weights_finite
-
-    ckpt = load_checkpoint(checkpoint, allow_nonfinite=True)
-    spec = NORMS[ckpt.config.norm]
     table = Table(title=Text(str(checkpoint)), show_header=False)
-    rows = [("hash", ckpt.hash)] + [(key, str(value)) for key, value in vars(ckpt.config).items()]
-    rows += [("branches", "adv, clean" if spec.branches == 2 else "one network for both"),
-             ("NS sets / AP sets", f"{spec.ns_sets} / {spec.ap_sets}"),
-             ("parameters", f"{sum(p.numel() for p in ckpt.model.parameters()):,}")]
-    if ckpt.unfinished:
-        rows.append(("unfinished", f"epoch {ckpt.meta('epoch')} of {ckpt.train.get('epochs')}"))
-    if not weights_finite(ckpt.model):
-        rows.append(("weights", "NOT FINITE (NaN or inf): a diverged model"))
-    rows += [(key, value) for key, value in sorted(ckpt.header.items()) if key not in ("config", "format")]
-    for key, value in rows:
+    for key, value in checkpoint_info(checkpoint):
         table.add_row(Text(key), Text(value))  # Text: metadata is shown as it is, never read as markup
     Console().print(table)
 

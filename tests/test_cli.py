@@ -105,6 +105,18 @@ def test_info_prints_config(trained):
     assert "dual-bn" in result.output and "adv, clean" in result.output
 
 
+def test_info_rows_come_from_the_library(trained):
+    import hybridat
+
+    rows = dict(hybridat.checkpoint_info(trained / "model.safetensors"))
+    ckpt = load_checkpoint(trained / "model.safetensors")
+    assert rows["hash"] == ckpt.hash and rows["norm"] == "dual-bn" and rows["branches"] == "adv, clean"
+    assert rows["NS sets / AP sets"] == "2 / 2" and "unfinished" not in rows and "weights" not in rows
+    assert int(rows["parameters"].replace(",", "")) == sum(p.numel() for p in ckpt.model.parameters())
+    output = invoke("info", trained / "model.safetensors").output
+    assert all(key in output for key in rows)  # the command shows every row
+
+
 @pytest.mark.parametrize("args,message", [
     (["attack", "missing.safetensors", "--out", "x.csv"], "no checkpoint"),
     (["info", "README.md"], "README.md is a text file, not a checkpoint"),
