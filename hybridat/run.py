@@ -17,7 +17,7 @@ import json
 import math
 import os
 import random
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -33,7 +33,7 @@ from .errors import HybridatError, check_choice
 from .files import atomic_path, check_outputs
 from .models import BranchModel, ModelConfig, build_model
 from .norms import NORMS
-from .runtime import distributed, is_main_process, resolve_device, seed_everything
+from .runtime import distributed, is_main_process, rank0_verdict, resolve_device, seed_everything
 from .train import TrainConfig, check_config, make_optimizer, train
 
 MODEL, LAST, STATE, CSV, LOCK = "model.safetensors", "last.safetensors", "resume.safetensors", "train.csv", ".lock"
@@ -231,13 +231,22 @@ def run_training(out: str | Path, config: ModelConfig, cfg: TrainConfig, *, data
     with distributed(device) as (rank, world):
         main = is_main_process()
         out.mkdir(parents=True, exist_ok=True)
-        with run_lock(out) if main else nullcontext():
+        with ExitStack() as lock:
             ident = identity(config, cfg, dataset)
-            state = prepare_folder(out, ident, resume=resume, overwrite=overwrite) if main else None
-            if world > 1:  # the other ranks read the state rank 0 checked (one node, one file system)
-                torch.distributed.barrier()
-                if not main and resume and (out / STATE).is_file():
-                    state = read_state(out / STATE)
+            state, problem = None, None
+            if main:
+                try:
+                    lock.enter_context(run_lock(out))
+                    state = prepare_folder(out, ident, resume=resume, overwrite=overwrite)
+                except HybridatError as e:
+                    problem = str(e)
+            # every rank learns rank 0's verdict: a rank left waiting for one that refused would fail with gloo's
+            # 'Connection reset by peer' traceback instead of the refusal's line
+            problem = rank0_verdict(problem, world)
+            if problem:
+                raise HybridatError(problem)
+            if world > 1 and not main and resume and (out / STATE).is_file():  # rank 0 checked it (one file system)
+                state = read_state(out / STATE)
             result = _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank, world, main,
                                  on_step, on_epoch, graphs)
         if world > 1:  # rank 0 has written the model: every rank leaves the group together
@@ -275,10 +284,14 @@ def _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank,
             why = NORMS[config.norm].diverges  # a variant known to diverge says why
             raise HybridatError(f"training diverged: {problem} in epoch {row['epoch']}{f' ({why})' if why else ''}; "
                                 f"{out / CSV} has every epoch, no model was written")
+    problem = None
+    if main and not (out / LAST).is_file():
+        problem = (f"{out}: the resume state says the run is complete, but {LAST} is missing; "
+                   "--overwrite to start over")
+    problem = rank0_verdict(problem, world)  # the other ranks would wait for rank 0 at the last barrier
+    if problem:
+        raise HybridatError(problem)
     if main:
-        if not (out / LAST).is_file():
-            raise HybridatError(f"{out}: the resume state says the run is complete, but {LAST} is missing; "
-                                "--overwrite to start over")
         write_csv(rows, out / CSV)  # complete even if the last run was killed before writing it
         os.replace(out / LAST, out / MODEL)
         if (out / STATE).exists():

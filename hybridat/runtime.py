@@ -110,5 +110,15 @@ def distributed(device: torch.device) -> Iterator[tuple[int, int]]:
             dist.destroy_process_group()
 
 
+def rank0_verdict(problem: str | None, world: int) -> str | None:
+    """Rank 0's `problem` on every rank (one collective; `problem` itself when alone): a check only rank 0 makes
+    must stop every rank, or the others wait for it at their next collective and die with gloo's traceback."""
+    if world == 1:
+        return problem
+    box = [problem]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0

@@ -147,6 +147,34 @@ def test_torchrun_ddp_on_cpu(tmp_path, data_dir):
     assert load_checkpoint(out / "model.safetensors").config.norm == "dual-bn"
 
 
+@pytest.mark.parametrize("held", ["finished run", "lock"])
+def test_torchrun_refusal_is_one_line_per_rank(held, tmp_path):
+    """A folder rank 0 refuses stops rank 1 too with the same line (it died of gloo's 'Connection reset by peer'
+    traceback, waiting at a barrier for a rank that had left)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"a finished run's model")
+    lock = None
+    if held == "lock":
+        import fcntl
+        (out / "model.safetensors").unlink()
+        lock = open(out / ".lock", "w")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hybridat",
+           "train", "--data-dir", str(tmp_path), "--out", str(out), "--device", "cpu", *SMALL]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                              timeout=120)
+    finally:
+        if lock is not None:
+            lock.close()
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    expected = "holds a finished run" if held == "finished run" else "another process is training"
+    assert proc.returncode == 1 and len(errors) == 2 and all(expected in line for line in errors), proc.stderr
+    assert "[rank" not in proc.stderr  # no rank printed a traceback (torchrun prefixes their lines)
+    assert os.listdir(out) == [".lock"] if held == "lock" else sorted(os.listdir(out)) == [".lock", "model.safetensors"]
+
+
 def test_all_five_commands_chain(trained, tmp_path, data_dir):
     """train (fixture) -> swap-bn -> attack -> ns-gap -> report, on real CIFAR-10."""
     runs = tmp_path / "runs"
