@@ -44,7 +44,7 @@ STATE_FORMAT = "hybridat-resume-v1"
 @dataclass
 class RunResult:
     model_path: Path
-    rows: list[dict]  # one per epoch, as in train.csv
+    rows: list[dict]  # one per epoch, as in train.csv; none on the other ranks of a torchrun (rank 0 keeps them)
     resumed_from: int  # epochs done before this call (0: a fresh run)
 
 
@@ -296,7 +296,7 @@ def _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank,
         os.replace(out / LAST, out / MODEL)
         if (out / STATE).exists():
             os.unlink(out / STATE)
-    return RunResult(out / MODEL, rows, start)
+    return RunResult(out / MODEL, rows if main else [], start)  # a resumed rank 1 held only the state's rows
 
 
 def _divergence(row: dict, model: BranchModel) -> str:

@@ -231,6 +231,9 @@ def train(model: BranchModel, split: Split, cfg: TrainConfig, generator: torch.G
             stepper.step(x, y)
             if on_step is not None:
                 on_step(epoch + 1, i + 1, n_steps, stepper.sums)
+        if world > 1:  # rank 0's running statistics on every rank, as a resumed run starts from (rank 0 saves them)
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
         row = epoch_row(stepper.sums.clone(), world) | {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         row["seconds"] = time.perf_counter() - start
         row["images_per_s"] = row["images"] / row["seconds"]  # training images, each counted once

@@ -189,3 +189,57 @@ def test_sigterm_removes_the_temp_file(tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
     assert proc.returncode != 0 and list(tmp_path.iterdir()) == []
+
+
+_DDP_DRIVER = """
+import sys
+from pathlib import Path
+import torch, torch.distributed as dist
+from hybridat import run
+from hybridat.errors import HybridatError
+from hybridat.models import ModelConfig
+from hybridat.train import TrainConfig
+
+dist.init_process_group("gloo")  # joined here once: every run_training below keeps the group
+data, root = Path(sys.argv[1]), Path(sys.argv[2])
+config = ModelConfig("resnet18", "dual-bn", width=0.0625)
+cfg = TrainConfig(epochs=2, steps=1, step=8, batch_size=32, train_subset=64)
+run.run_training(root / "whole", config, cfg, data_dir=data)
+train = run.train
+
+def stop_after_epoch_1(*args, **kwargs):  # every rank stops once rank 0 has saved epoch 1
+    for row in train(*args, **kwargs):
+        yield row
+        raise HybridatError("killed")
+
+run.train = stop_after_epoch_1
+try:
+    run.run_training(root / "resumed", config, cfg, data_dir=data)
+except HybridatError:
+    pass
+dist.barrier()
+run.train = train
+assert (root / "resumed" / STATE).is_file()
+result = run.run_training(root / "resumed", config, cfg, data_dir=data, resume=True)
+assert [row["epoch"] for row in result.rows] == ([] if dist.get_rank() else [1, 2]), result.rows  # rank 0's rows
+dist.destroy_process_group()
+""".replace("STATE", repr(STATE))
+
+
+def test_a_resumed_torchrun_run_is_bit_identical(tmp_path):
+    """Two gloo ranks: a run stopped after epoch 1 and resumed ends with the uninterrupted run's model. Rank 1 used to
+    go on from its own running statistics, while a resumed rank 1 loads rank 0's: the runs parted in epoch 2. Only
+    rank 0 returns rows (a resumed rank 1 returned the state's, and train printed a second, stale last line)."""
+    data = fake_cifar10(tmp_path / "data", 16)
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DDP_DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
+           str(data), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    whole, resumed = (load_file(tmp_path / name / MODEL) for name in ("whole", "resumed"))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    rows = [pd.read_csv(tmp_path / name / "train.csv").drop(columns=TIMING + ["run"]) for name in ("whole", "resumed")]
+    pd.testing.assert_frame_equal(*rows)
+    assert list(rows[0]["epoch"]) == [1, 2]
