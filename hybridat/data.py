@@ -124,10 +124,15 @@ def _download_cifar(tv_class: str, root: Path, train: bool, download: bool, base
 def _read_svhn(info: DatasetInfo, root: Path, train: bool, download: bool) -> Arrays:
     split = "train" if train else "test"
     path = root / f"{split}_32x32.mat"
-    try:  # torchvision maps label 10 (digit 0) to 0
-        ds = getattr(torchvision.datasets, info.tv_class)(str(root), split=split, download=download)
+    present = path.exists()
+    try:  # torchvision maps label 10 (digit 0) to 0; it downloads over a file whose checksum differs: never ours
+        ds = getattr(torchvision.datasets, info.tv_class)(str(root), split=split, download=download and not present)
         images, labels = np.ascontiguousarray(ds.data), np.asarray(ds.labels)
     except Exception as e:
+        if present:
+            why = str(e).split(". ")[0]  # torchvision's advice after it (download=True) is not ours to give
+            raise HybridatError(f"{path} is not SVHN's {split} file, or is damaged ({why}); delete it to download "
+                                "it again") from e
         raise HybridatError(f"could not read SVHN from {path} ({e!r})") from e
     return _check(images, labels, info.num_classes, path)
 

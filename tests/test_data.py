@@ -206,6 +206,21 @@ def test_svhn_through_torchvision(tmp_path, monkeypatch):
         load_split("svhn", train=True, data_dir=tmp_path)
 
 
+def test_a_damaged_svhn_file_is_named_not_downloaded_over(tmp_path, monkeypatch):
+    """torchvision downloads over a .mat whose checksum differs (here: failed for want of a network, naming a URL)."""
+    calls = []
+
+    def svhn(root, split, download):  # torchvision's checks: the file's md5, then a download if allowed
+        calls.append(download)
+        raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+
+    monkeypatch.setattr(torchvision.datasets, "SVHN", svhn)
+    (tmp_path / "test_32x32.mat").write_bytes(b"half a download")
+    with pytest.raises(HybridatError, match=r"test_32x32.mat is not SVHN's test file, or is damaged .*delete it"):
+        load_split("svhn", train=False, data_dir=tmp_path)
+    assert calls == [False] and (tmp_path / "test_32x32.mat").read_bytes() == b"half a download"
+
+
 # ---------------------------------------------------------------- augmentation
 
 def _images(count: int, seed: int = 0) -> torch.Tensor:
