@@ -3,6 +3,9 @@
 #   make study   the paper's claims checked over 3 seeds at a CPU scale (Findings in study/report/report.md)
 #   make test    the test suite
 #   make bench   hybridat's speed, measured against references in one run
+#   make clean-demo  removes what make demo wrote (demo/runs, derived, nsgap, report), nothing else
+# Output folders (TABLES, MINI, STUDY, DEMO) are named on the command line (make demo DEMO=demo2), never taken from
+# the environment: a DEMO exported for something else would have been written into, and removed by clean-demo.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -75,7 +78,7 @@ pipeline_files = $(foreach r,$(2),$(1)/runs/$(r)/eval.csv $(if $(3),$(1)/runs/$(
                      $(1)/nsgap/own_s$(s).csv $(1)/nsgap/fixap_s$(s).csv)
 
 # ---- paper scale (GPU)
-TABLES ?= tables
+TABLES := tables
 $(TABLES)_STEP := 2  # training PGD step at every eps: 2/255 at eps 8 and 16, as SPEC and the authors' scripts
 $(TABLES)_TRAIN ?= --epochs 110
 $(TABLES)_EVAL ?= --attack clean --attack pgd --steps 10 --steps 20
@@ -87,7 +90,7 @@ tables: $(TABLES)/report/report.md
 	@cat $(TABLES)/report/summary.txt
 
 # ---- CPU scale: ResNet-18 at 1/8 width, 10,000 images, 5 epochs, PGD-3 training
-MINI ?= mini
+MINI := mini
 $(MINI)_STEP := 6.667  # PGD-3 covering the distance of PGD-10 with step 2 (10 x 2 = 3 x 6.667), at every eps
 $(MINI)_TRAIN ?= --width 0.125 --train-subset 10000 --epochs 5 --steps 3 --device cpu
 $(MINI)_EVAL ?= --n 1000 --attack clean --attack pgd --steps 10 --device cpu
@@ -99,7 +102,7 @@ mini: $(MINI)/report/report.md
 	@cat $(MINI)/report/summary.txt
 
 # ---- demo: bn and dual-bn at 1/8 width on 3,000 images; every stage at least once, no AutoAttack.
-DEMO ?= demo
+DEMO := demo
 DEMO_RUNS := bn_hybrid_8_s0 dual-bn_hybrid_8_s0
 DEMO_DERIVED := cross_s0 swap-ap_s0 reest-adv-on-clean_s0
 $(DEMO)_STEP := 3
@@ -118,7 +121,7 @@ demo: $(DEMO)/report/report.md
 # ResNet-18 at 1/8 width on 10,000 images for 8 epochs (PGD-3), each evaluated on 2,000 test images (clean, PGD-10).
 # Estimated at 70 minutes on 2 otherwise idle cores (README, Pipelines). Resumable; `make -j2 study` gains nothing
 # on 2 cores (each run already uses both).
-STUDY ?= study
+STUDY := study
 STUDY_SEEDS ?= 0 1 2
 STUDY_NORMS_8 := cross-bn dual-bn dual-ap dual-ns bn dual-linear
 STUDY_NORMS_16 := dual-bn dual-ap dual-ns
@@ -138,4 +141,6 @@ bench: install
 	$(HYBRIDAT) bench $(BENCH_FLAGS) --out bench/bench.csv
 
 clean-demo:
-	rm -rf $(DEMO)
+	$(if $(strip $(DEMO)),,$(error DEMO names no folder))
+	rm -rf $(addprefix $(DEMO)/,runs derived nsgap report)
+	rmdir $(DEMO) 2>/dev/null || true

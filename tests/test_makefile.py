@@ -1,0 +1,80 @@
+"""The Makefile's pipelines, run dry or on a stub hybridat (no training): what they write, and what they delete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+
+STUB = """#!/bin/bash
+# a stand-in for hybridat: writes its --out (train: a run folder); fails when $FAIL is in its command line
+out=""; prev=""
+for a in "$@"; do [ "$prev" = "--out" ] && out=$a; prev=$a; done
+if [ -n "$FAIL" ] && [[ "$*" == *"$FAIL"* ]]; then
+  [ "$1" = report ] && mkdir -p "$out" && echo half > "$out/report.md"
+  echo "error: stub fails" >&2; exit 1
+fi
+case $1 in
+  train) mkdir -p "$out"; echo m > "$out/model.safetensors";;
+  report) mkdir -p "$out"; echo r > "$out/report.md"; echo summary > "$out/summary.txt";;
+  *) mkdir -p "$(dirname "$out")"; echo x > "$out";;
+esac
+"""
+
+
+def _make(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=cwd, capture_output=True, text=True,
+                          env=clean | env, timeout=60)
+
+
+@pytest.fixture
+def checkout(tmp_path) -> Path:
+    """The Makefile beside an installed .venv whose hybridat is the stub."""
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    bin_ = tmp_path / ".venv" / "bin"
+    bin_.mkdir(parents=True)
+    (bin_ / "hybridat").write_text(STUB)
+    (bin_ / "hybridat").chmod(0o755)
+    (tmp_path / ".venv" / ".installed").touch()
+    os.utime(tmp_path / "pyproject.toml", (0, 0))  # older than .installed: install is done
+    return tmp_path
+
+
+def test_clean_demo_removes_what_demo_wrote_and_nothing_else(checkout):
+    assert _make(checkout, "-j2", "demo").returncode == 0
+    (checkout / "demo" / "notes.txt").write_text("mine")
+    elsewhere = checkout / "elsewhere"
+    elsewhere.mkdir()
+    # a DEMO in the environment (exported for something else) is neither written into nor removed
+    result = _make(checkout, "clean-demo", DEMO=str(elsewhere))
+    assert result.returncode == 0, result.stderr
+    assert elsewhere.is_dir() and sorted(os.listdir(checkout / "demo")) == ["notes.txt"]
+    assert "rm -rf /runs" not in _make(checkout, "-n", "clean-demo", "DEMO=").stdout  # an empty name is refused
+    (checkout / "demo" / "notes.txt").unlink()
+    assert _make(checkout, "clean-demo").returncode == 0 and not (checkout / "demo").exists()
+
+
+def test_a_report_that_fails_midway_is_redone(checkout):
+    result = _make(checkout, "demo", FAIL="report")
+    assert result.returncode != 0 and not (checkout / "demo" / "report" / "report.md").exists()
+    result = _make(checkout, "demo")
+    assert result.returncode == 0 and result.stdout.strip().endswith("summary")
+    assert "train" not in result.stdout  # the stages that finished are not run again
+
+
+def test_dry_runs_name_each_run_once():
+    for target, trainings in [("demo", 2), ("mini", 16), ("study", 27), ("tables", 16)]:
+        result = _make(ROOT, "-n", target)
+        assert result.returncode == 0, result.stderr
+        outs = [line.split("--out ")[1] for line in result.stdout.splitlines() if " train " in line]
+        assert len(outs) == len(set(outs)) == trainings, target
+    result = _make(ROOT, "-n", "tables", "SEEDS=0 1 2")
+    assert sum(" train " in line for line in result.stdout.splitlines()) == 48
