@@ -230,6 +230,9 @@ def run_training(out: str | Path, config: ModelConfig, cfg: TrainConfig, *, data
     check_outputs([out / name for name in RUN_FILES], split_files(dataset, True, data_dir))
     with distributed(device) as (rank, world):
         main = is_main_process()
+        if cfg.batch_size < world:  # every rank alike, before the folder is made
+            raise HybridatError(f"batch_size {cfg.batch_size} is below the {world} processes of this run: each "
+                                "takes at least one image per step (--batch-size is the global batch)")
         out.mkdir(parents=True, exist_ok=True)
         with ExitStack() as lock:
             ident = identity(config, cfg, dataset)
@@ -257,7 +260,17 @@ def run_training(out: str | Path, config: ModelConfig, cfg: TrainConfig, *, data
 def _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank, world, main, on_step,
                 on_epoch, graphs) -> RunResult:
     generator = seed_everything(cfg.seed)
-    split = load_split(dataset, train=True, data_dir=data_dir, device=device, n=cfg.train_subset)
+    split, problem = None, None
+    if main:  # rank 0 alone downloads a missing dataset (ranks downloading at once wrote into one folder)
+        try:
+            split = load_split(dataset, train=True, data_dir=data_dir, device=device, n=cfg.train_subset)
+        except HybridatError as e:
+            problem = str(e)
+    problem = rank0_verdict(problem, world)
+    if problem:
+        raise HybridatError(problem)
+    if split is None:
+        split = load_split(dataset, train=True, data_dir=data_dir, device=device, n=cfg.train_subset, download=False)
     model = build_model(config).to(device)
     optimizer = make_optimizer(model, cfg)
     rows, start = [], 0

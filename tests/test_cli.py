@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -147,11 +148,23 @@ def test_torchrun_ddp_on_cpu(tmp_path, data_dir):
     assert load_checkpoint(out / "model.safetensors").config.norm == "dual-bn"
 
 
-@pytest.mark.parametrize("held", ["finished run", "lock"])
+@pytest.mark.parametrize("held", ["finished run", "lock", "batch 1"])
 def test_torchrun_refusal_is_one_line_per_rank(held, tmp_path):
     """A folder rank 0 refuses stops rank 1 too with the same line (it died of gloo's 'Connection reset by peer'
-    traceback, waiting at a barrier for a rank that had left)."""
+    traceback, waiting at a barrier for a rank that had left); a global batch below the ranks is named as such
+    before the folder is made (was: 'need 0 <= rank < world_size <= batch_size')."""
     out = tmp_path / "run"
+    if held == "batch 1":
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "hybridat", "train", "--data-dir", str(tmp_path), "--out", str(out), "--device",
+                               "cpu", *SMALL, "--batch-size", "1"], capture_output=True, text=True,
+                              env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=120)
+        errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+        assert proc.returncode == 1 and errors == ["error: batch_size 1 is below the 2 processes of this run: each "
+                                                   "takes at least one image per step (--batch-size is the global "
+                                                   "batch)"] * 2, proc.stderr
+        assert not out.exists()
+        return
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"a finished run's model")
     lock = None
@@ -173,6 +186,44 @@ def test_torchrun_refusal_is_one_line_per_rank(held, tmp_path):
     assert proc.returncode == 1 and len(errors) == 2 and all(expected in line for line in errors), proc.stderr
     assert "[rank" not in proc.stderr  # no rank printed a traceback (torchrun prefixes their lines)
     assert os.listdir(out) == [".lock"] if held == "lock" else sorted(os.listdir(out)) == [".lock", "model.safetensors"]
+
+
+_DOWNLOAD_DRIVER = """
+import os, sys, time
+from pathlib import Path
+import torchvision
+sys.path.insert(0, sys.argv[3])
+from conftest import fake_cifar10
+from hybridat.models import ModelConfig
+from hybridat.run import run_training
+from hybridat.train import TrainConfig
+
+def download(root, train, download):  # stands in for torchvision's CIFAR10(download=True): slow, as a download is
+    with open(Path(sys.argv[2]) / "downloads", "a") as f:
+        f.write(os.environ["RANK"] + "\\n")
+    time.sleep(1)
+    fake_cifar10(Path(root), 16)
+
+torchvision.datasets.CIFAR10 = download
+run_training(Path(sys.argv[2]) / "run", ModelConfig("resnet18", "bn", width=0.0625),
+             TrainConfig(epochs=1, steps=1, step=8, batch_size=32), data_dir=sys.argv[1])
+"""
+
+
+def test_torchrun_downloads_on_rank_0_only(tmp_path):
+    """A missing dataset is downloaded once, by rank 0; the other ranks read it after (both downloaded into one
+    folder at once)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DOWNLOAD_DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
+           str(data), str(tmp_path), str(Path(__file__).parent)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "downloads").read_text().split() == ["0"]
+    assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
 def test_all_five_commands_chain(trained, tmp_path, data_dir):
