@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
@@ -219,6 +220,9 @@ def train(model: BranchModel, split: Split, cfg: TrainConfig, generator: torch.G
     if world > 1:
         two = NORMS[model.config.norm].branches == 2 and len(LOSSES[cfg.loss].branches) == 1
         net = DistributedDataParallel(model, find_unused_parameters=two)  # one branch leaves the other idle
+        # a 1x1 conv weight in channels_last gets a contiguous gradient: the same layout for a (C, C, 1, 1)
+        # tensor, but DDP compares strides and warned on every rank of every run (one copy per bucket, no harm)
+        warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides", UserWarning)
     optimizer = optimizer or make_optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e + start_epoch, cfg.epochs))
     stepper = Stepper(net, model, optimizer, cfg, graphs=graphs and world == 1)

@@ -143,6 +143,7 @@ def test_torchrun_ddp_on_cpu(tmp_path, data_dir):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     # on failure, every rank's own last lines (torchrun's summary alone names the signal, not its cause)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-8000:]}"
+    assert "Warning" not in proc.stderr, proc.stderr  # DDP's grad-strides warning, on every rank
     frame = pd.read_csv(out / "train.csv")
     assert list(frame["epoch"]) == [1, 2] and (frame["images"] == 256).all()  # both ranks' images counted
     assert load_checkpoint(out / "model.safetensors").config.norm == "dual-bn"
