@@ -27,7 +27,15 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 
-test: install
+# CIFAR-10, downloaded once before anything reads it: the tests expect it, and trainings started at once by make -j
+# each downloaded it into one folder
+CIFAR10 := $(HYBRIDAT_DATA_DIR)/cifar-10-batches-py/test_batch
+$(CIFAR10): | install
+	$(PY) -c 'import sys; from hybridat import HybridatError, load_split; sys.excepthook = lambda t, e, tb: \
+	    print(f"error: {e}", file=sys.stderr) if t is HybridatError else sys.__excepthook__(t, e, tb); \
+	    load_split("cifar10", True); load_split("cifar10", False)'
+
+test: install | $(CIFAR10)
 	$(PY) -m pytest -q
 
 # ---- the paper's grid. A run folder is named NORM_LOSS_EPS_sSEED; everything below derives from the name.
@@ -53,7 +61,7 @@ seed_of = $(patsubst s%,%,$(lastword $(subst _, ,$(1))))
 # report prints its summary to stdout; the rule keeps it quiet, and each target prints summary.txt at the end.
 define pipeline
 .PRECIOUS: $(1)/runs/%/model.safetensors $(1)/derived/%/model.safetensors  # intermediate, but never deleted
-$(1)/runs/%/model.safetensors: | install
+$(1)/runs/%/model.safetensors: | install $(CIFAR10)
 	$$(HYBRIDAT) train --norm $$(call field,1,$$*) --loss $$(call field,2,$$*) --eps $$(call field,3,$$*) \
 	    --step $$($(1)_STEP) \
 	    --seed $$(call seed_of,$$*) $$($(1)_TRAIN) --resume --quiet --out $$(@D)

@@ -29,7 +29,7 @@ esac
 
 
 def _make(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAKE") and k != "HYBRIDAT_DATA_DIR"}
     return subprocess.run(["make", "--no-print-directory", *args], cwd=cwd, capture_output=True, text=True,
                           env=clean | env, timeout=60)
 
@@ -44,6 +44,8 @@ def checkout(tmp_path) -> Path:
     (bin_ / "hybridat").write_text(STUB)
     (bin_ / "hybridat").chmod(0o755)
     (tmp_path / ".venv" / ".installed").touch()
+    (tmp_path / "data" / "cifar-10-batches-py").mkdir(parents=True)  # ./data: CIFAR-10 is there
+    (tmp_path / "data" / "cifar-10-batches-py" / "test_batch").touch()
     os.utime(tmp_path / "pyproject.toml", (0, 0))  # older than .installed: install is done
     return tmp_path
 
@@ -78,3 +80,17 @@ def test_dry_runs_name_each_run_once():
         assert len(outs) == len(set(outs)) == trainings, target
     result = _make(ROOT, "-n", "tables", "SEEDS=0 1 2")
     assert sum(" train " in line for line in result.stdout.splitlines()) == 48
+
+
+def test_cifar10_is_fetched_once_before_tests_and_trainings(checkout, tmp_path):
+    """make test needs CIFAR-10 (the README: downloaded if missing) and make -j demo's trainings each downloaded it
+    into one folder at once: one download step first, none when it is there."""
+    data = tmp_path / "elsewhere"
+    for target, first in [("test", "pytest"), ("demo", "train")]:
+        lines = _make(checkout, "-n", "-j4", target, HYBRIDAT_DATA_DIR=str(data)).stdout.splitlines()
+        fetch = [i for i, line in enumerate(lines) if "from hybridat import" in line]
+        after = [i for i, line in enumerate(lines) if f" {first} " in f" {line} " or f"-m {first}" in line]
+        assert len(fetch) == 1 and after and fetch[0] < min(after), (target, lines)
+    (data / "cifar-10-batches-py").mkdir(parents=True)
+    (data / "cifar-10-batches-py" / "test_batch").touch()
+    assert "from hybridat import" not in _make(checkout, "-n", "demo", HYBRIDAT_DATA_DIR=str(data)).stdout
