@@ -30,7 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .attacks import pgd
+from .attacks import frozen, pgd
 from .checkpoint import Checkpoint, check_csv_name, training_columns, write_csv
 from .files import atomic_path, check_outputs
 from .errors import HybridatError, check_choice, check_number
@@ -148,19 +148,6 @@ def _record(stats: dict, index: int, module, inputs) -> None:
     stats[index] = (mean, var.sqrt())
 
 
-@contextmanager
-def eval_pass(model):
-    """Eval mode for a measurement pass; every module's mode is restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-@torch.no_grad()
 def batch_ns(model, x: torch.Tensor, branch: str = "adv",
              mode: str = "train") -> list[tuple[int, str, torch.Tensor, torch.Tensor]]:
     """(layer index, layer name, mean (C,), std (C,)) of every norm layer's input (see `measured_layers`) when x
@@ -182,7 +169,7 @@ def batch_ns(model, x: torch.Tensor, branch: str = "adv",
     stats: dict[int, tuple] = {}
     for i, (_, m) in enumerate(layers):
         m.register_forward_pre_hook(partial(_record, stats, i))
-    with (train_pass if mode == "train" else eval_pass)(work):
+    with (train_pass if mode == "train" else frozen)(work):  # frozen: eval mode
         _through(work, branch)(x)
     return [(i, name, *stats[i]) for i, (name, _) in enumerate(layers)]
 

@@ -33,7 +33,7 @@ from .errors import HybridatError, check_choice
 from .files import atomic_path, check_outputs
 from .models import BranchModel, ModelConfig, build_model
 from .norms import NORMS
-from .runtime import distributed, is_main_process, rank0_verdict, resolve_device, seed_everything
+from .runtime import distributed, is_main_process, on_rank0, resolve_device, seed_everything
 from .train import TrainConfig, check_config, make_optimizer, train
 
 MODEL, LAST, STATE, CSV, LOCK = "model.safetensors", "last.safetensors", "resume.safetensors", "train.csv", ".lock"
@@ -236,18 +236,11 @@ def run_training(out: str | Path, config: ModelConfig, cfg: TrainConfig, *, data
         out.mkdir(parents=True, exist_ok=True)
         with ExitStack() as lock:
             ident = identity(config, cfg, dataset)
-            state, problem = None, None
-            if main:
-                try:
-                    lock.enter_context(run_lock(out))
-                    state = prepare_folder(out, ident, resume=resume, overwrite=overwrite)
-                except HybridatError as e:
-                    problem = str(e)
-            # every rank learns rank 0's verdict: a rank left waiting for one that refused would fail with gloo's
-            # 'Connection reset by peer' traceback instead of the refusal's line
-            problem = rank0_verdict(problem, world)
-            if problem:
-                raise HybridatError(problem)
+
+            def check_folder():  # rank 0's lock and verdict; every rank stops on a refusal
+                lock.enter_context(run_lock(out))
+                return prepare_folder(out, ident, resume=resume, overwrite=overwrite)
+            state = on_rank0(check_folder, world)
             if world > 1 and not main and resume and (out / STATE).is_file():  # rank 0 checked it (one file system)
                 state = read_state(out / STATE)
             result = _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank, world, main,
@@ -260,15 +253,9 @@ def run_training(out: str | Path, config: ModelConfig, cfg: TrainConfig, *, data
 def _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank, world, main, on_step,
                 on_epoch, graphs) -> RunResult:
     generator = seed_everything(cfg.seed)
-    split, problem = None, None
-    if main:  # rank 0 alone downloads a missing dataset (ranks downloading at once wrote into one folder)
-        try:
-            split = load_split(dataset, train=True, data_dir=data_dir, device=device, n=cfg.train_subset)
-        except HybridatError as e:
-            problem = str(e)
-    problem = rank0_verdict(problem, world)
-    if problem:
-        raise HybridatError(problem)
+    # rank 0 alone downloads a missing dataset (ranks downloading at once wrote into one folder)
+    split = on_rank0(lambda: load_split(dataset, train=True, data_dir=data_dir, device=device, n=cfg.train_subset),
+                     world)
     if split is None:
         split = load_split(dataset, train=True, data_dir=data_dir, device=device, n=cfg.train_subset, download=False)
     model = build_model(config).to(device)
@@ -297,13 +284,11 @@ def _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank,
             why = NORMS[config.norm].diverges  # a variant known to diverge says why
             raise HybridatError(f"training diverged: {problem} in epoch {row['epoch']}{f' ({why})' if why else ''}; "
                                 f"{out / CSV} has every epoch, no model was written")
-    problem = None
-    if main and not (out / LAST).is_file():
-        problem = (f"{out}: the resume state says the run is complete, but {LAST} is missing; "
-                   "--overwrite to start over")
-    problem = rank0_verdict(problem, world)  # the other ranks would wait for rank 0 at the last barrier
-    if problem:
-        raise HybridatError(problem)
+    def check_complete():  # on rank 0; the other ranks would wait for it at the last barrier
+        if not (out / LAST).is_file():
+            raise HybridatError(f"{out}: the resume state says the run is complete, but {LAST} is missing; "
+                                "--overwrite to start over")
+    on_rank0(check_complete, world)
     if main:
         write_csv(rows, out / CSV)  # complete even if the last run was killed before writing it
         os.replace(out / LAST, out / MODEL)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import random
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .errors import HybridatError
+
+T = TypeVar("T")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -110,14 +112,23 @@ def distributed(device: torch.device) -> Iterator[tuple[int, int]]:
             dist.destroy_process_group()
 
 
-def rank0_verdict(problem: str | None, world: int) -> str | None:
-    """Rank 0's `problem` on every rank (one collective; `problem` itself when alone): a check only rank 0 makes
-    must stop every rank, or the others wait for it at their next collective and die with gloo's traceback."""
-    if world == 1:
-        return problem
-    box = [problem]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def on_rank0(fn: Callable[[], T], world: int) -> T | None:
+    """`fn()` on rank 0 alone and its result there (None on the other ranks); a HybridatError it raises stops every
+    rank with the same line (one collective): a check only rank 0 makes must stop them all, or the others wait for
+    it at their next collective and die with gloo's 'Connection reset by peer' traceback."""
+    result, problem = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except HybridatError as e:
+            problem = str(e)
+    if world > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise HybridatError(problem)
+    return result
 
 
 def is_main_process() -> bool:
