@@ -45,9 +45,13 @@ REFERENCES = ("batch", "running")  # what a domain's NS are compared with: the c
 SINGLE = "model"  # the `branch` of rows measured on a module that is not a hybridat model (one branch)
 PROTOCOL = ("mode", "reference", "noise_clip")  # recorded in every row; `report` never mixes rows that differ in them
 PROTOCOL_DEFAULTS = {"mode": "train", "reference": "batch", "noise_clip": True}  # what ns-gap measured before them
+# how the noisy and the adversarial domain were made (noise kind; PGD steps, step in pixel units, crafting branch):
+# recorded in every row, so that `report` never averages rows of different domains (CSVs before them: unknown)
+DOMAIN_SETTINGS = ("noise", "steps", "step", "attack_branch")
 COLUMNS = ("kind", "layer", "layer_name", "pair", "statistic", "measure", "distance", "fix_ap", "branch", "eps",
-           *PROTOCOL)
-CHANNEL_COLUMNS = ("layer", "layer_name", "domain", "channel", "mean", "std", "fix_ap", "branch", "eps", *PROTOCOL)
+           *PROTOCOL, *DOMAIN_SETTINGS)
+CHANNEL_COLUMNS = ("layer", "layer_name", "domain", "channel", "mean", "std", "fix_ap", "branch", "eps", *PROTOCOL,
+                   *DOMAIN_SETTINGS)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -249,7 +253,8 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv"
     if reference == "running":
         ns["running"] = running_ns(model, route["clean"])
     setting = {"fix_ap": bool(fix_ap), "branch": branch if fix_ap else "own", "eps": eps, "mode": mode,
-               "reference": reference, "noise_clip": bool(noise_clip)}
+               "reference": reference, "noise_clip": bool(noise_clip), "noise": noise, "steps": steps,
+               "step": eps / 4 if step is None else step, "attack_branch": branch}
     rows, channel_rows = [], []
     for layer, name, *_ in ns["clean"]:
         for d1, d2 in pairs(reference):
@@ -415,7 +420,7 @@ def write_ns_gap(ckpt: Checkpoint, x, y, out, *, eps: float, layer: int | None =
     if layer is not None:
         check_layer(ckpt.model, layer)
     rows, channels = ns_gap(ckpt.model, x, y, eps=eps, **settings)
-    protocol = {k: rows[0][k] for k in PROTOCOL}
+    protocol = {k: rows[0][k] for k in (*PROTOCOL, *DOMAIN_SETTINGS)}
     note = ""
     try:  # the AP gap does not depend on the protocol; recorded with it, it sits next to the NS gap in `report`
         rows += [r | protocol for r in ap_gap(ckpt.model)]

@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 from rich.table import Table
 from rich.text import Text
 
-from .analysis import PROTOCOL, PROTOCOL_DEFAULTS, protocol_text
+from .analysis import DOMAIN_SETTINGS, PROTOCOL, PROTOCOL_DEFAULTS, protocol_text
 from .checkpoint import TRAINING_COLUMNS, write_csv
 from .files import atomic_path, check_outputs, same_file
 from .errors import HybridatError
@@ -42,12 +42,13 @@ LABELS = {"training", "norm", "loss", "train ε", "operation", "ε", "layer", "n
 # any of these are never averaged into one cell. ns-gap tables have no loss / train ε key, so there they count too,
 # and so does how the NS were measured (analysis.PROTOCOL): rows measured differently never share a cell or a line.
 SETTING_COLUMNS = ("dataset", "arch", "width", *TRAINING_COLUMNS)
-NS_SETTING_COLUMNS = ("loss_name", "train_eps", *PROTOCOL)
+NS_SETTING_COLUMNS = ("loss_name", "train_eps", *PROTOCOL, *DOMAIN_SETTINGS)
 SHORT = {"train_epochs": "epochs", "train_steps": "PGD steps", "train_step": "PGD step", "train_lr": "lr",
          "train_batch_size": "batch", "train_momentum": "momentum", "train_weight_decay": "wd",
          "train_clean_weight": "clean weight", "train_trades_beta": "β", "train_subset": "subset", "train_amp": "amp",
          "loss_name": "loss", "train_eps": "train ε", "mode": "NS mode", "reference": "NS reference",
-         "noise_clip": "noise clip"}
+         "noise_clip": "noise clip", "noise": "noise", "steps": "NS PGD steps", "step": "NS PGD step",
+         "attack_branch": "NS PGD branch"}
 
 BOTH = [(b, c) for b in ("adv", "clean") for c in ("clean", "PGD-10", "AA")]  # (branch, attack column)
 PAPER = [("adv", "clean"), ("adv", "PGD-10"), ("adv", "AA"), ("clean", "clean")]  # table 2's cells per ε
@@ -103,7 +104,8 @@ SAME_MEASUREMENT = {
     "eval": ("dataset", "arch", "width", "norm", "loss_name", "train_eps", "seed", *TRAINING_COLUMNS, "operation",
              "branch", "attack", "steps", "step", "eps", "aa_attacks", "aa_restarts", "attack_precision"),
     "nsgap": ("dataset", "arch", "width", "norm", "loss_name", "train_eps", "seed", *TRAINING_COLUMNS, "operation",
-              "kind", "layer", "pair", "statistic", "measure", "fix_ap", "branch", "eps", *PROTOCOL),
+              "kind", "layer", "pair", "statistic", "measure", "fix_ap", "branch", "eps", *PROTOCOL,
+              *DOMAIN_SETTINGS),
 }
 
 

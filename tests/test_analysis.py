@@ -5,6 +5,7 @@ import math
 from functools import partial
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,9 +18,11 @@ from hybridat.errors import HybridatError
 from hybridat.models import ModelConfig, build_model, norm_layers
 
 PROTOCOL = ["mode", "reference", "noise_clip"]
+DOMAIN = ["noise", "steps", "step", "attack_branch"]
 COLUMNS = ["kind", "layer", "layer_name", "pair", "statistic", "measure", "distance", "fix_ap", "branch", "eps",
-           *PROTOCOL]
-CHANNEL_COLUMNS = ["layer", "layer_name", "domain", "channel", "mean", "std", "fix_ap", "branch", "eps", *PROTOCOL]
+           *PROTOCOL, *DOMAIN]
+CHANNEL_COLUMNS = ["layer", "layer_name", "domain", "channel", "mean", "std", "fix_ap", "branch", "eps", *PROTOCOL,
+                   *DOMAIN]
 
 
 @torch.no_grad()
@@ -316,3 +319,28 @@ def test_depth_plot_panels_and_legend_say_what_they_show(tmp_path, monkeypatch):
     assert [t.get_text() for t in depth.legends[0].get_texts()] == [
         "adv-clean (fix AP: adv)", "noise-clean (fix AP: adv)", "AP gap: adv vs clean branch"]
     assert bars.axes[0].get_ylabel() == "channel mean of the layer's input"
+
+
+def test_rows_record_the_noise_and_attack_and_report_never_averages_them(tmp_path):
+    """The noisy domain (uniform or Gaussian) and the adversarial one (PGD steps, step, the branch crafting it) are
+    part of what a row measured: each row records them, and `report` keeps rows measured differently apart (a
+    Gaussian noise-clean gap was averaged with the uniform one of the same checkpoint as one seed's value)."""
+    from hybridat.analysis import write_ns_gap
+    from hybridat.checkpoint import load_checkpoint, save_checkpoint
+    from hybridat.report import build_tables, distance_cell, load_runs
+
+    save_checkpoint(make("dual-bn"), tmp_path / "m.safetensors", seed=0,
+                    train={"eps": 8, "loss": "hybrid", "dataset": "cifar10", "epochs": 1})
+    ckpt, (x, y) = load_checkpoint(tmp_path / "m.safetensors"), batch(8)
+    settings = {"u": dict(noise="uniform", steps=1), "g": dict(noise="gaussian", steps=1),
+                "s": dict(noise="uniform", steps=2), "c": dict(noise="uniform", steps=1, branch="clean")}
+    done = {k: write_ns_gap(ckpt, x, y, tmp_path / f"{k}.csv", eps=8, fix_ap=False, **s) for k, s in settings.items()}
+    for k, s in settings.items():
+        assert all((r["noise"], r["steps"], r["step"], r["attack_branch"]) ==
+                   (s["noise"], s["steps"], 2.0, s.get("branch", "adv")) for r in done[k].rows + done[k].channels)
+    table = build_tables(load_runs([tmp_path / f"{k}.csv" for k in settings]))["ns-gap"]
+    assert table.training.nunique() == 4  # one part per measurement, none averaged with another
+    for k in settings:
+        want = [r["distance"] for r in done[k].rows if (r["kind"], r["layer"], r["pair"], r["statistic"],
+                r["measure"]) == ("ns", 19, "noise-clean", "mean", "wasserstein")]
+        assert distance_cell(pd.Series(want)) in set(table[table.layer == "19"]["own branch: noise-clean mean"])
