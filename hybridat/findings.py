@@ -30,7 +30,19 @@ CLAIMS = {
     5: "Two-task variants (two heads, adapters, two BNs, TRADES) improve on single BN",
 }
 PGD = ("adv", "PGD-10")  # (branch, attack column): the robustness every accuracy claim is read on
-DEPTHS = (("layers 0-6", range(0, 7)), ("layers 7-13", range(7, 14)), ("layers 14-19", range(14, 20)))
+
+
+def depth_thirds(n_layers: int) -> list[tuple[str, range]]:
+    """The measured norm layers 0..n-1 in three contiguous groups, shallow to deep, as even as can be (the first
+    ones one larger): ResNet-18's 20 give 0-6, 7-13, 14-19; a WideResNet-34-10's 31 give 0-10, 11-20, 21-30."""
+    size, extra = divmod(n_layers, 3)
+    groups, start = [], 0
+    for k in range(3):
+        stop = start + size + (k < extra)
+        if stop > start:
+            groups.append((f"layers {start}-{stop - 1}", range(start, stop)))
+        start = stop
+    return groups
 
 
 @dataclass(frozen=True)
@@ -152,11 +164,13 @@ def _ns_rows(ns: pd.DataFrame, training: str, ratio_margin: float) -> list[dict]
         fixed = sorted(set(rows.branch[rows.fix & (rows.kind == "ns")]))
         fixed_branch = "adv" if not fixed or "adv" in fixed else fixed[0]  # the paper fixes the adv branch
         adv, noise = ns_pairs(rows)  # against the clean batch, or the running NS (one reference per training)
+        measured = rows.layer[rows.kind == "ns"].dropna()
+        depths = depth_thirds(int(measured.max()) + 1 if len(measured) else 20)  # 20: ResNet-18's, for empty rows
         for eps in eps_values:
             at = rows[rows.eps == eps]
             where = "" if math.isnan(eps) else f", ε={eps:g}"
             fixed = {"fix": True, "branch": fixed_branch}
-            for label, layers in DEPTHS:
+            for label, layers in depths:
                 ci = Interval.of(_log2_ratio(_gap(at, layers, adv, **fixed), _gap(at, layers, noise, **fixed)))
                 out.append(_row(3, f"{norm} fixed AP ({fixed_branch}){where}: {adv} / {noise}",
                                 f"NS gap, {label}", "same", ci, margin, training, "log2"))

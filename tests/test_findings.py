@@ -85,9 +85,9 @@ def test_swap_ap_compares_the_derived_checkpoint_with_its_parent_seed_by_seed():
     assert loss.difference == pytest.approx(-40) and loss.verdict == CONSISTENT  # -40 in every seed
 
 
-def ns_rows(seed, fixed_adv, fixed_noise, own_adv):
+def ns_rows(seed, fixed_adv, fixed_noise, own_adv, layers=20):
     rows = []
-    for layer in range(20):
+    for layer in range(layers):
         for stat in ("mean", "std"):
             for fix, pair, d in ((True, "adv-clean", fixed_adv), (True, "noise-clean", fixed_noise),
                                  (False, "adv-clean", own_adv), (False, "noise-clean", own_adv)):
@@ -170,3 +170,18 @@ def test_summary_names_what_has_no_data_per_protocol_and_never_counts_it_as_meas
     entries = missing.split("no data for: ")[1].split("; ")
     assert entries and all(e.startswith("[NS mode=eval] ") for e in entries)
     assert "adv-clean / noise-clean" in missing  # whole words: no break at a hyphen
+
+
+def test_ns_gap_depth_thirds_follow_the_measured_layers():
+    """A WideResNet-34-10 has 31 norm layers: the three depth groups split 0-30 (11, 10, 10 layers), so an adv-clean
+    gap 4x the noise-clean one in the deepest layers is seen (the groups were ResNet-18's 0-19 whatever the model)."""
+    rows = []
+    for seed in (0, 1, 2):
+        for r in ns_rows(seed, 0.10, 0.10, 0.40, layers=31):
+            deep_adv = r["fix_ap"] and r["pair"] == "adv-clean" and r["layer"] >= 21
+            rows.append(r | {"distance": r["distance"] * (4 + seed / 10) if deep_adv else r["distance"]})
+    found = findings({"nsgap": _numeric(pd.DataFrame(rows).astype(str))})
+    depth = found[found.metric.str.startswith("NS gap, layers")]
+    assert list(depth.metric) == ["NS gap, layers 0-10", "NS gap, layers 11-20", "NS gap, layers 21-30"]
+    assert list(depth.verdict) == [CONSISTENT, CONSISTENT, NOT_CONSISTENT]
+    assert 2 ** depth.difference.iloc[2] == pytest.approx(4.1, rel=0.01)
