@@ -242,6 +242,7 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv"
     check_number("PGD steps", steps, 1, 100_000, integer=True)
     if step is not None:
         check_number("step", step, 0, 255, low_open=True)
+        check_pixel_eps(step, "step")
     single = not branched(model)
     if single:
         fix_ap, branch = True, SINGLE

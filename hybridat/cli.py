@@ -373,6 +373,8 @@ def ns_gap_cmd(
                                              "--fix-ap")] = "adv",
     eps: Eps = 16.0,
     steps: Annotated[int, typer.Option(help="PGD steps of the adversarial domain")] = 10,
+    step: Annotated[Optional[float], typer.Option(help="PGD step of the adversarial domain in pixel units (the "
+                                                       "authors' figures: 2)", show_default="eps/4")] = None,
     n: Annotated[int, typer.Option(help="test images in the batch")] = 512,
     noise: Annotated[str, typer.Option(help="uniform U(-eps, eps) or gaussian of the same std")] = "uniform",
     noise_clip: Annotated[bool, typer.Option(help="clip the noisy images to [0, 1] (the authors' noise baseline "
@@ -397,6 +399,8 @@ def ns_gap_cmd(
     check_choice(reference, REFERENCES, "reference")
     check_number("eps", eps, 0, 255)
     check_number("PGD steps", steps, 1, 100_000, integer=True)
+    if step is not None:
+        check_number("step", step, 0, 255, low_open=True)
     check_number("n", n, 1, integer=True)
     check_number("seed", seed, 0, 2**63 - 1, integer=True)
     if layer is not None:
@@ -410,8 +414,8 @@ def ns_gap_cmd(
     check_csv_name(out)
     split = _split_for(ckpt, data_dir, train=False, n=n)
     done = write_ns_gap(ckpt, to_float(split.images), split.labels, out, eps=eps, layer=layer, fix_ap=fix_ap,
-                        branch=branch, steps=steps, noise=noise, seed=seed, mode=measure, reference=reference,
-                        noise_clip=noise_clip)
+                        branch=branch, steps=steps, step=step, noise=noise, seed=seed, mode=measure,
+                        reference=reference, noise_clip=noise_clip)
     if done.note:
         say(f"note: no AP gap ({done.note})")
     say(f"{out}: {len(done.rows)} rows; plots {outputs[2]}, {outputs[3]}")
