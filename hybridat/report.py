@@ -293,6 +293,12 @@ def _eval_all(ev: pd.DataFrame) -> pd.DataFrame:
     ev["attack_precision"] = precision.fillna("fp32").astype(str).replace("", "fp32")
     ev["column"] = [attack_label(a, None if pd.isna(k) else int(k), aa, r, p) for a, k, aa, r, p in
                     zip(ev.attack, ev.steps, ev.aa_attacks, ev.aa_restarts, ev.attack_precision)]
+    # PGD-k steps by ε/4 (SPEC); a run with another --step is another attack, in a column of its own (a row
+    # without a step, from before the column, was the default)
+    step = pd.to_numeric(ev.get("step", pd.Series(float("nan"), index=ev.index)), errors="coerce")
+    other = (ev.attack == "pgd") & step.notna() & ((step - ev.eps / 4).abs() > 1e-9 * ev.eps.abs().clip(lower=1))
+    if other.any():
+        ev.loc[other, "column"] = ev.column[other] + " (step " + step[other].map(_num) + ")"
     ev["op"] = ev.operation.map(_op_key)
     ev["unit"] = _units(ev)
     return ev

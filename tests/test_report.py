@@ -443,3 +443,16 @@ def test_ns_gap_cells_keep_three_significant_digits():
     assert report.distance_cell(pd.Series([0.11, 0.13])) == "0.120 ± 0.014 (n=2)"
     assert report.distance_cell(pd.Series([0.0994])) == "0.0994 (n=1)"
     assert report.distance_cell(pd.Series([], dtype=float)) == "—"
+
+
+def test_pgd_with_a_step_other_than_eps_over_4_never_fills_the_pgd_cells(frames):
+    """SPEC's PGD-10 steps by ε/4; a PGD run with another `--step` is another attack: a column of its own (named
+    in the summary, shown in no table), never averaged into, or replacing, the PGD-10 cells (it replaced them)."""
+    ev = frames["eval"]
+    pgd = ev[(ev.attack == "pgd") & (ev.run == "run-d0") & (ev.branch == "adv")]
+    other = {"eval": pd.concat([ev, pgd.assign(step=1.0, accuracy=0.99)], ignore_index=True)}
+    labels = set(report._eval(other).column[report._eval(other).step == 1.0])
+    assert labels and all(c.startswith("PGD-") and c.endswith(" (step 1)") for c in labels)
+    for key in ("cross-bn", "ns-vs-ap", "test-time"):
+        pd.testing.assert_frame_equal(build_tables(frames)[key], build_tables(other)[key])
+    assert any(s.startswith("PGD-10 (step 1) (") for s in report.left_out(other))
