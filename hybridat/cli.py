@@ -169,8 +169,8 @@ def train_cmd(
     eps: Eps = 8.0,
     step: Annotated[float, typer.Option(help="training PGD step in pixel units")] = 2.0,
     steps: Annotated[int, typer.Option(help="training PGD steps")] = 10,
-    epochs: Annotated[int, typer.Option(help="lr x0.1 at 100/110 and x0.01 at 105/110 of them (short runs: the "
-                                             "first decay no later than the last epoch)")] = 110,
+    epochs: Annotated[int, typer.Option(help="lr x0.1 from the 100th of 110 and x0.01 from the 105th, scaled "
+                                             "(short runs: the first decay no later than the last epoch)")] = 110,
     batch_size: Annotated[int, typer.Option(help="images per branch per step (all GPUs together)")] = 128,
     lr: float = 0.1,
     weight_decay: float = 5e-4,

@@ -153,15 +153,17 @@ def fit_step(net, model: BranchModel, optimizer, x, y, cfg: TrainConfig) -> tupl
 
 
 def lr_milestones(epochs: int) -> tuple[int, int]:
-    """The epochs (0-based) from which the lr is x0.1 and x0.01: the paper's 100 and 105 of 110, scaled.
+    """The epochs (0-based) from which the lr is x0.1 and x0.01: the paper's epochs 100 and 105 of 110, counted
+    from 1 as the authors' loop counts them (`for epoch in range(1, 111)`, decay `if epoch >= 100`): 99 epochs at
+    the full lr, 5 at x0.1, the last 6 at x0.01. Scaled to E epochs.
 
-    Rule: m1 = round(E*100/110) clamped to [1, E-1], so that every run of 2 or more epochs spends at least its
-    last epoch at x0.1 (unclamped, 5 epochs would round to 5 and never decay); m2 = max(round(E*105/110), m1 + 1),
-    which may equal E (no x0.01 epoch) when the run is too short for both. E = 110 gives (100, 105); 5 gives (4, 5);
+    Rule: m1 = round(E*99/110) clamped to [1, E-1], so that every run of 2 or more epochs spends at least its
+    last epoch at x0.1 (unclamped, 5 epochs would round to 5 and never decay); m2 = max(round(E*104/110), m1 + 1),
+    which may equal E (no x0.01 epoch) when the run is too short for both. E = 110 gives (99, 104); 5 gives (4, 5);
     1 gives (1, 2): a one-epoch run never decays.
     """
-    m1 = max(1, min(round(epochs * 100 / 110), epochs - 1))
-    return m1, max(round(epochs * 105 / 110), m1 + 1)
+    m1 = max(1, min(round(epochs * 99 / 110), epochs - 1))
+    return m1, max(round(epochs * 104 / 110), m1 + 1)
 
 
 def lr_factor(epoch: int, epochs: int) -> float:

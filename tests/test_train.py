@@ -81,13 +81,17 @@ def test_hybrid_and_trades_objectives():
 
 
 def test_lr_schedule_is_the_papers():
-    assert [lr_factor(e, 110) for e in (0, 99, 100, 104, 105, 109)] == [1, 1, 0.1, 0.1, 0.1 ** 2, 0.1 ** 2]
+    """The authors' loop counts epochs from 1 and decays from its epoch 100 and 105: 99 epochs at the full lr, 5 at
+    x0.1, the last 6 at x0.01 (SPEC: "the last 6 epochs")."""
+    factors = [lr_factor(e, 110) for e in range(110)]
+    assert [factors.count(f) for f in (1, 0.1, 0.1 ** 2)] == [99, 5, 6]
+    assert [lr_factor(e, 110) for e in (0, 98, 99, 103, 104, 109)] == [1, 1, 0.1, 0.1, 0.1 ** 2, 0.1 ** 2]
     assert lr_factor(0, 1) == 1
 
 
 @pytest.mark.parametrize("epochs", range(1, 221))
 def test_lr_milestones_never_round_past_the_end(epochs):
-    """The rule of `lr_milestones`: every run of 2+ epochs ends decayed; 110 is the paper's 100/105."""
+    """The rule of `lr_milestones`: every run of 2+ epochs ends decayed; 110 is the paper's 100/105 (1-based)."""
     m1, m2 = lr_milestones(epochs)
     factors = [lr_factor(e, epochs) for e in range(epochs)]
     assert factors[0] == 1 and factors == sorted(factors, reverse=True)
@@ -95,8 +99,8 @@ def test_lr_milestones_never_round_past_the_end(epochs):
         assert 1 <= m1 <= epochs - 1 and factors[-1] <= 0.1 + 1e-12
     else:
         assert factors == [1]
-    assert m2 > m1 and round(epochs * 100 / 110) - 1 <= m1 <= round(epochs * 100 / 110)  # moved by one at most
-    assert lr_milestones(110) == (100, 105) and lr_milestones(5) == (4, 5) and lr_milestones(3) == (2, 3)
+    assert m2 > m1 and round(epochs * 99 / 110) - 1 <= m1 <= round(epochs * 99 / 110)  # moved by one at most
+    assert lr_milestones(110) == (99, 104) and lr_milestones(5) == (4, 5) and lr_milestones(3) == (2, 3)
     if epochs >= 22:  # long enough for both decays, as in the paper
         assert m2 <= epochs - 1 and factors[-1] == pytest.approx(0.01)
 
