@@ -89,7 +89,7 @@ def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float | None = None,
         steps: int = 10, start: str = "uniform", loss_fn=None, norm: str = "linf",
-        generator: torch.Generator | None = None) -> torch.Tensor:
+        generator: torch.Generator | None = None, batch_size: int | None = None) -> torch.Tensor:
     """Projected gradient ascent, Madry et al. 2018 ("Towards Deep Learning Models Resistant to
     Adversarial Attacks"). Threat model: ‖x_adv − x‖_∞ ≤ ε (norm="linf") or ‖·‖_2 ≤ ε per sample
     (norm="l2"), x_adv ∈ [0, 1]. x (B, C, H, W) in [0, 1], y (B,) int labels -> x_adv (B, C, H, W), detached.
@@ -101,15 +101,24 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
     CE (L∞) the gradient is B times the mean's: exactly so for a batch B that is a power of two (bit-identical
     examples again); for another B up to float round-off (within 1e-5 of each sample's largest component), so a
     component within round-off of 0 can take the other sign, and that sample's later iterates can then differ
-    (README, Speed: measured counts)."""
+    (README, Speed: measured counts). batch_size: the iterations run on that many images at a time (None: all of x
+    at once), so memory grows with it, not with len(x); the random start is drawn for all of x first, so the
+    examples are one call's up to that round-off (`loss_fn` then sees one batch at a time)."""
     _check(x, y, eps, norm)
     step = default_step(eps) if step is None else step
     if steps < 1 or step < 0:
         raise HybridatError(f"PGD needs steps >= 1 and step >= 0, got steps={steps}, step={step}")
     if start not in STARTS or norm not in NORMS:
         raise HybridatError(f"unknown start {start!r} or norm {norm!r}: starts {STARTS}, norms {tuple(NORMS)}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise HybridatError(f"PGD's batch_size must be an integer >= 1 or None, got {batch_size!r}")
     x, y = x.detach(), y.detach()
-    return pgd_from(model, x, y, _start(x, eps, start, norm, generator).detach(), eps, step, steps, loss_fn, norm)
+    adv = _start(x, eps, start, norm, generator).detach()  # (B, C, H, W): one draw, whatever the batch size
+    size = len(x) if batch_size is None else batch_size
+    if size >= len(x):
+        return pgd_from(model, x, y, adv, eps, step, steps, loss_fn, norm)
+    return torch.cat([pgd_from(model, x[lo:lo + size], y[lo:lo + size], adv[lo:lo + size], eps, step, steps, loss_fn,
+                               norm) for lo in range(0, len(x), size)])
 
 
 def pgd_from(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tensor, eps: float, step: float,

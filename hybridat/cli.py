@@ -376,6 +376,8 @@ def ns_gap_cmd(
     step: Annotated[Optional[float], typer.Option(help="PGD step of the adversarial domain in pixel units (the "
                                                        "authors' figures: 2)", show_default="eps/4")] = None,
     n: Annotated[int, typer.Option(help="test images in the batch")] = 512,
+    batch_size: Annotated[int, typer.Option(help="PGD crafts the adversarial images this many at a time (memory); "
+                                                 "the NS are still read over all N")] = 512,
     noise: Annotated[str, typer.Option(help="uniform U(-eps, eps) or gaussian of the same std")] = "uniform",
     noise_clip: Annotated[bool, typer.Option(help="clip the noisy images to [0, 1] (the authors' noise baseline "
                                                   "does not)")] = True,
@@ -402,6 +404,7 @@ def ns_gap_cmd(
     if step is not None:
         check_number("step", step, 0, 255, low_open=True)
     check_number("n", n, 1, integer=True)
+    check_number("batch size", batch_size, 1, 1 << 20, integer=True)
     check_number("seed", seed, 0, 2**63 - 1, integer=True)
     if layer is not None:
         check_number("layer", layer, 0, integer=True)
@@ -415,7 +418,7 @@ def ns_gap_cmd(
     split = _split_for(ckpt, data_dir, train=False, n=n)
     done = write_ns_gap(ckpt, to_float(split.images), split.labels, out, eps=eps, layer=layer, fix_ap=fix_ap,
                         branch=branch, steps=steps, step=step, noise=noise, seed=seed, mode=measure,
-                        reference=reference, noise_clip=noise_clip)
+                        reference=reference, noise_clip=noise_clip, batch_size=batch_size)
     if done.note:
         say(f"note: no AP gap ({done.note})")
     say(f"{out}: {len(done.rows)} rows; plots {outputs[2]}, {outputs[3]}")

@@ -344,3 +344,26 @@ def test_rows_record_the_noise_and_attack_and_report_never_averages_them(tmp_pat
         want = [r["distance"] for r in done[k].rows if (r["kind"], r["layer"], r["pair"], r["statistic"],
                 r["measure"]) == ("ns", 19, "noise-clean", "mean", "wasserstein")]
         assert distance_cell(pd.Series(want)) in set(table[table.layer == "19"]["own branch: noise-clean mean"])
+
+
+def test_ns_gap_crafts_in_batches_and_reads_the_ns_without_a_backward_graph(monkeypatch):
+    """Memory grows with the PGD batch, not with n: PGD runs batch_size images at a time (same examples as one
+    call, the random start drawn for all images at once), and the NS passes keep no autograd graph."""
+    import hybridat.attacks as attacks
+
+    model, (x, y) = make("dual-bn"), batch(10)
+    whole, _ = ns_gap(model, x, y, eps=8, steps=2, fix_ap=True, batch_size=10)
+    sizes, grad_enabled = [], []
+    pgd_from = attacks.pgd_from
+    monkeypatch.setattr(attacks, "pgd_from", lambda m, xb, *a, **k: sizes.append(len(xb)) or pgd_from(m, xb, *a, **k))
+    def record(module, inputs):  # train mode: the NS passes, not PGD's (eval mode)
+        if module.training:
+            grad_enabled.append(torch.is_grad_enabled())
+
+    norm_layers(model)[0][1].register_forward_pre_hook(record)
+    parts, _ = ns_gap(model, x, y, eps=8, steps=2, fix_ap=True, batch_size=4)
+    assert sizes == [4, 4, 2]
+    assert grad_enabled == [False] * 3  # batch_ns' pass per domain (the hook travels into its deep copy)
+    assert [r["distance"] for r in parts] == pytest.approx([r["distance"] for r in whole], rel=1e-5, abs=1e-9)
+    with pytest.raises(HybridatError, match="batch size"):
+        ns_gap(model, x, y, eps=8, batch_size=0)
