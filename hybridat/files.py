@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import signal
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from safetensors import SafetensorError
 
 from .errors import HybridatError
 
@@ -132,9 +135,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~umask())  # some writers (safetensors) recreate the file with mode 0600
         os.replace(tmp, path)
     except OSError as e:
-        if e.filename is not None and Path(e.filename) == tmp:  # name the file the user asked for
+        # name the file the user asked for; a failed write() names no file, and a full disk is the one being written
+        if (Path(e.filename) == tmp) if e.filename is not None else e.errno in (errno.ENOSPC, errno.EFBIG,
+                                                                               errno.EDQUOT):
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
+    except SafetensorError as e:  # safetensors' failed write (a full disk): its OS error, naming the file
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)

@@ -11,6 +11,7 @@ Files are read with `torch.load(weights_only=True)` (never unpickling code) or a
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -466,6 +467,9 @@ def export_branch(checkpoint: str | Path | Checkpoint, out: str | Path, *, branc
             if config.input_mean is not None:
                 meta |= {key: json.dumps(list(getattr(config, key))) for key in ("input_mean", "input_std")}
             save_file(state, tmp, metadata=meta)
-        else:
-            torch.save(state, tmp)
+        else:  # torch.save reports a failed write (a full disk) as a RuntimeError without errno or path; a
+            # plain write of its bytes raises the OSError that names both
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            tmp.write_bytes(buffer.getbuffer())
     return Exported(out, config)

@@ -459,3 +459,33 @@ def test_help_shows_the_defaults_that_are_not_values():
     result = CliRunner().invoke(app, ["attack", "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
     for text in ("(eps/4)", "(all)", "(both)", "($HYBRIDAT_DATA_DIR or ./data)"):
         assert text in result.output, result.output
+
+
+@pytest.mark.parametrize("args, out", [
+    (["export", "m.safetensors", "--branch", "adv", "--layout", "kuangliu", "--out", "e.pt"], "e.pt"),
+    (["export", "m.safetensors", "--branch", "adv", "--layout", "kuangliu", "--out", "e.safetensors"],
+     "e.safetensors"),
+    (["swap-bn", "m.safetensors", "--cross", "--out", "c.safetensors"], "c.safetensors"),
+    (["import", "plain.pt", "--out", "i.safetensors"], "i.safetensors")])
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line(args, out, base, tmp_path):
+    """A real write failure, not a stand-in: the file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes the
+    checkpoint's write fail part-way as a full disk does (EFBIG for ENOSPC). One line naming the output, exit 1,
+    neither the output nor its temp file left; torch.save's and safetensors' own errors never reach the user."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    ws = tmp_path / "ws"
+    shutil.copytree(base, ws, symlinks=True)
+
+    def limit():  # in the child: writes past 4 KB fail with EFBIG instead of killing it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1]), "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run([sys.executable, "-m", "hybridat", *args], cwd=ws, env=env, preexec_fn=limit,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == f"error: File too large: {out}\n"
+    assert not [p for p in os.listdir(ws) if p.startswith(f".{out}") or p == out]
