@@ -17,7 +17,6 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from .errors import HybridatError
 
@@ -115,6 +114,8 @@ def _download_cifar(tv_class: str, root: Path, train: bool, download: bool, base
     if not download:
         raise HybridatError(f"{base} does not exist and download is off; put the dataset there "
                             "or point HYBRIDAT_DATA_DIR at its parent")
+    import torchvision  # here: importing it costs every command 1.3 s of start-up (it pulls in torch._dynamo)
+
     try:  # the class is looked up at call time, so tests can replace it
         getattr(torchvision.datasets, tv_class)(str(root), train=train, download=True)
     except Exception as e:
@@ -125,6 +126,8 @@ def _read_svhn(info: DatasetInfo, root: Path, train: bool, download: bool) -> Ar
     split = "train" if train else "test"
     path = root / f"{split}_32x32.mat"
     present = path.exists()
+    import torchvision  # here: see _download_cifar
+
     try:  # torchvision maps label 10 (digit 0) to 0; it downloads over a file whose checksum differs: never ours
         ds = getattr(torchvision.datasets, info.tv_class)(str(root), split=split, download=download and not present)
         images, labels = np.ascontiguousarray(ds.data), np.asarray(ds.labels)

@@ -329,3 +329,13 @@ def test_cross_bn_swap_diverges_with_its_reason(tmp_path, data_dir):
     assert result.exit_code == 1
     assert "training diverged" in result.output and "variance ratio" in result.output
     assert "Traceback" not in result.output and not (out / "model.safetensors").exists()
+
+
+def test_the_commands_start_without_importing_torchvision():
+    """Importing torchvision (for downloads only) costs every command ~1.3 s of start-up and ~200 MB: `hybridat
+    info` on a checkpoint took 5.3 s, most of it imports. Only a download imports it."""
+    code = "import sys, hybridat.cli, hybridat.data, hybridat.analysis, hybridat.report, hybridat.interop, " \
+           "hybridat.run, hybridat.recombine, hybridat.evaluate; print('torchvision' in sys.modules)"
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stdout + done.stderr
