@@ -9,6 +9,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -302,12 +303,15 @@ ATTACKS = {"clean": _clean, "fgsm": _fgsm, "pgd": _pgd, "autoattack": _autoattac
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str, eps: float,
                     step: float | None = None, steps: int = 10, batch_size: int = 500, seed: int = 0,
                     aa_version: str | None = None, aa_attacks: str | list[str] | None = None,
-                    aa_restarts: int | None = None, graphs: bool = True, amp: bool = False) -> float:
+                    aa_restarts: int | None = None, graphs: bool = True, amp: bool = False,
+                    on_batch: Callable[[int], None] | None = None) -> float:
     """Fraction of x classified correctly after `attack` (a key of ATTACKS), in eval mode. Attacks run
     batch by batch (batch i seeded with seed + i); AutoAttack (`aa_settings(aa_version, aa_attacks,
     aa_restarts)`) gets all of x and batches itself.
     graphs: PGD on a GPU runs each full batch as one CUDA graph (`pgd_accuracy`), with the same numbers.
-    amp: FGSM and PGD craft their examples in bf16 (`crafting`); the accuracy is counted in fp32 on `model`."""
+    amp: FGSM and PGD craft their examples in bf16 (`crafting`); the accuracy is counted in fp32 on `model`.
+    on_batch(images done so far) is called after each batch, for a progress bar (no host sync; AutoAttack: once, at
+    the end)."""
     if attack not in ATTACKS:
         raise HybridatError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}")
     check_batch(model, x, y)  # pixels in [0, 1], one integer label per image, all on the model's device
@@ -317,7 +321,8 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
     amp = amp and attack in AMP_ATTACKS
     if attack == "pgd" and graphs and x.device.type == "cuda":
         step = default_step(eps) if step is None else step
-        return pgd_accuracy(model, x, y, eps, step, steps, batch_size, seed, capture=True, amp=amp).item() / len(x)
+        return pgd_accuracy(model, x, y, eps, step, steps, batch_size, seed, capture=True, amp=amp,
+                            on_batch=on_batch).item() / len(x)
     with crafting(model, x.device, amp) as net:
         x_aa = None
         if attack == "autoattack":
@@ -332,6 +337,8 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
                 with autocast(x.device, amp):
                     x_adv = ATTACKS[attack](net, xb, yb, eps, step, steps, seed + i)
             correct += _count_correct(model, x_adv, yb)
+            if on_batch is not None:
+                on_batch(lo + len(yb))
     return correct.item() / x.shape[0]  # the one host sync
 
 
@@ -364,7 +371,8 @@ def _count_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 
 def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int,
-                 batch_size: int, seed: int, capture: bool, amp: bool = False) -> torch.Tensor:
+                 batch_size: int, seed: int, capture: bool, amp: bool = False,
+                 on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
     """How many of x stay correct under L∞ PGD (evaluation protocol), as `robust_accuracy(..., "pgd", amp=amp)`
     counts them, with every full batch's iterations and count replayed as one CUDA graph (capture=True; graphs.py).
 
@@ -387,4 +395,6 @@ def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                 attack_and_count(xb, yb, start)
             else:
                 graph.run(xb=xb, yb=yb, start=start)
+            if on_batch is not None:
+                on_batch(lo + len(yb))
     return correct

@@ -149,6 +149,41 @@ def _acc(value) -> str:
     return "—" if value is None or value != value else f"{value:.3f}"
 
 
+def _eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class ImagesBar:
+    """A progress bar per measurement that goes batch by batch ("adv PGD-10  ━━━━  1000/10000 images  0:01:02  ETA
+    0:09:18"), shown while it runs on a terminal and then removed (the result lines stay); nothing in a log file.
+    Use as `on_batch(what, done, total)` inside `with`."""
+
+    def __init__(self):
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} "
+                            "images"), TimeElapsedColumn(), TextColumn("{task.fields[eta]}"), console=console,
+                            transient=True, disable=not console.is_terminal)  # a log file: not even an empty line
+        self.tasks: dict[str, tuple] = {}
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if what not in self.tasks:
+            for task, _ in self.tasks.values():
+                self.bar.update(task, visible=False)
+            self.tasks[what] = (self.bar.add_task(what, total=total, eta=""), time.perf_counter())
+            if not self.bar.live.is_started:
+                self.bar.start()
+        task, t0 = self.tasks[what]
+        left = (time.perf_counter() - t0) / done * (total - done) if done else None
+        self.bar.update(task, completed=done, eta="" if left is None else f"ETA {_eta(left)}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar.live.is_started:  # stopping a bar that never started prints an empty line
+            self.bar.stop()
+
+
 def _progress(quiet: bool) -> Progress:
     return Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), TextColumn("step {task.completed}/"
                     "{task.total}"), TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
@@ -274,7 +309,9 @@ def attack_cmd(
     check_outputs([out], [checkpoint, *split_files(_dataset_of(ckpt, dataset), False, data_dir)])
     check_csv_name(out)
     split = _split_for(ckpt, data_dir, train=False, n=n, dataset=dataset)
-    rows = evaluate(ckpt, split, attack, branches, **evaluate_args, on_row=_print_row, graphs=graphs)
+    with ImagesBar() as bar:
+        rows = evaluate(ckpt, split, attack, branches, **evaluate_args, on_row=_print_row, graphs=graphs,
+                        on_batch=bar)
     write_csv(rows, out)
 
 

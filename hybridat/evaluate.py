@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Callable
 
 from .attacks import AA_VERSIONS, AMP_ATTACKS, ATTACKS, AASettings, aa_settings, robust_accuracy
@@ -99,7 +100,8 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
              step: float | None = None, steps: list[int] | None = None, batch_size: int = 500, seed: int = 0,
              aa_version: str | None = None, aa_attacks: str | list[str] | None = None,
              aa_restarts: int | None = None, on_row: Callable[[dict], None] | None = None,
-             graphs: bool = True, amp: bool = False) -> list[dict]:
+             graphs: bool = True, amp: bool = False,
+             on_batch: Callable[[str, int, int], None] | None = None) -> list[dict]:
     """Accuracy under each attack through each branch. eps/step in pixel units; step defaults to eps/4.
     AutoAttack runs `aa_settings(aa_version, aa_attacks, aa_restarts)` (default: the standard version), and its
     rows record what ran (`aa_attacks`, `aa_restarts`, `aa_eot_iter`; `attack` is "autoattack" for the
@@ -109,6 +111,8 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
     A single-branch model is one network for both branches: it is attacked once and reported under each.
     ckpt: `load_checkpoint(path, device)`; split: `data.load_split(ckpt's dataset, train=False, device=the same)`.
     Returns the rows (and hands each to `on_row` as it is measured); `checkpoint.write_csv(rows, path)` writes them.
+    on_batch(what, images done, images in all) follows each attack batch by batch, e.g. ("adv PGD-10", 1000, 10000),
+    for a progress bar.
     """
     if not isinstance(ckpt, Checkpoint):
         raise HybridatError(f"ckpt must be a hybridat Checkpoint (hybridat.load_checkpoint(path)), got "
@@ -124,22 +128,30 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
         raise HybridatError(f"{ckpt.path} has {ckpt.config.num_classes} classes, but the data has labels up to "
                             f"{int(split.labels.max())}; evaluate it on the dataset it was trained on")
     single = NORMS[ckpt.config.norm].branches == 1
+
+    def precision(attack: str) -> str:
+        return "bf16" if amp and attack in AMP_ATTACKS else "fp32"
+
     x, y = to_float(split.images), split.labels
     rows, done = [], {}
     for branch in dict.fromkeys(branches):
         for attack, k in plan:
             key = (attack, k) if single else (branch, attack, k)
             if key not in done:
+                what = f"{'both' if single else branch} {attack_label(attack, k, precision=precision(attack))}"
+                progress = None if on_batch is None else partial(on_batch, what, total=len(y))
                 t0 = time.perf_counter()
+                if progress is not None:
+                    progress(0)
                 acc = robust_accuracy(BranchView(ckpt.model, branch), x, y, attack, eps=eps / 255,
                                       step=None if step is None else step / 255, steps=k or 1,
                                       batch_size=batch_size, seed=seed, aa_version=aa_version,
-                                      aa_attacks=aa_attacks, aa_restarts=aa_restarts, graphs=graphs, amp=amp)
+                                      aa_attacks=aa_attacks, aa_restarts=aa_restarts, graphs=graphs, amp=amp,
+                                      on_batch=progress)
                 done[key] = (acc, time.perf_counter() - t0)
             acc, seconds = done[key]
-            precision = "bf16" if amp and attack in AMP_ATTACKS else "fp32"
             row = _row(ckpt, branch, attack, k, eps, step, len(y), acc, seconds, seed, aa if attack == "autoattack"
-                       else None, precision)
+                       else None, precision(attack))
             rows.append(row)
             if on_row is not None:
                 on_row(row)

@@ -256,3 +256,14 @@ def test_each_commands_function_is_importable_from_the_package():
     assert callable(write_ns_gap) and set(hybridat.__all__) <= set(dir(hybridat))
     light = "import sys, hybridat; print('torch' in sys.modules)"  # `import hybridat` stays light
     assert subprocess.run([sys.executable, "-c", light], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_evaluate_reports_its_progress_batch_by_batch(ckpt):
+    """A long evaluation (PGD-20 on 10,000 images at full width) says how far each attack is, after every batch:
+    what runs, images done, images in all; the attack's start is announced at 0."""
+    calls = []
+    rows = evaluate(ckpt, split(10), ["clean", "pgd"], ["adv", "clean"], eps=8, steps=[1], batch_size=4,
+                    on_batch=lambda what, done, total: calls.append((what, done, total)))
+    assert len(rows) == 4
+    assert calls == [(what, done, 10) for what in ("adv clean", "adv PGD-1", "clean clean", "clean PGD-1")
+                     for done in (0, 4, 8, 10)]
