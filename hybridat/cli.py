@@ -185,9 +185,10 @@ class ImagesBar:
 
 
 def _progress(quiet: bool) -> Progress:
-    return Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), TextColumn("step {task.completed}/"
-                    "{task.total}"), TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
-                    console=console, disable=quiet)
+    # one text column after a short bar: in an 80-column terminal only its tail (img/s) is cut, never the epoch,
+    # step or ETA (rich squeezes every column of several)
+    return Progress(BarColumn(bar_width=10), TextColumn("[bold]epoch {task.fields[epoch]}[/] step {task.completed}/"
+                    "{task.total}  {task.fields[stats]}"), console=console, disable=quiet)
 
 
 @app.command("train")
@@ -242,11 +243,12 @@ def train_cmd(
     def on_step(epoch, i, n, sums):
         if not progress.live.is_started:
             progress.start()
-        if i % 10 == 0 or i == n:  # a host sync, so not every step
-            s = summary(sums)
-            progress.update(task, epoch=f"{epoch}/{epochs}", completed=i, total=n, stats=f"loss {s['loss']:.3f}  "
-                            f"acc adv {_acc(s['acc_adv'])} clean {_acc(s['acc_clean'])}  "
-                            f"{s['images'] / (time.perf_counter() - t0[0]):.0f} img/s")
+        if i == 1 or i % 10 == 0 or i == n:  # a host sync, so not every step; a full-width step can take a minute
+            s, spent = summary(sums), time.perf_counter() - t0[0]
+            left = spent / i * (n - i + (epochs - epoch) * n)  # this epoch's steps at its pace so far, then the rest
+            progress.update(task, epoch=f"{epoch}/{epochs}", completed=i, total=n, stats=f"ETA {_eta(left)}  loss "
+                            f"{s['loss']:.3f}  acc adv {_acc(s['acc_adv'])} clean {_acc(s['acc_clean'])}  "
+                            f"{s['images'] / spent:.0f} img/s")
 
     def on_epoch(row):
         t0[0] = time.perf_counter()

@@ -1,6 +1,7 @@
 """The command line on real CIFAR-10: train -> attack -> info, and one-line errors for bad input."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -339,3 +340,22 @@ def test_the_commands_start_without_importing_torchvision():
     env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stdout + done.stderr
+
+
+def test_train_progress_shows_the_first_step_and_the_time_left(monkeypatch, tmp_path):
+    """The bar is filled in at the first step, not the tenth (a full-width step on a CPU takes about a minute:
+    'epoch 0 step 0/None' for ten minutes), and says how long the run has left."""
+    import hybridat.run
+    from hybridat.train import step_sums
+
+    def one_step(out, config, cfg, *, on_step, **kwargs):
+        y = torch.zeros(4, dtype=torch.long)
+        logits = {"adv": torch.zeros(4, 10), "clean": torch.zeros(4, 10)}
+        on_step(1, 1, 50, step_sums(torch.tensor(2.0), logits, y))  # epoch 1 of 3, step 1 of 50
+        raise KeyboardInterrupt  # the bar's last state is printed when it stops
+
+    monkeypatch.setattr(hybridat.run, "run_training", one_step)
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "run"), "--epochs", "3", "--width", "0.0625"])
+    assert result.exit_code == 1
+    assert "epoch 1/3" in result.output and "step 1/50" in result.output, result.output
+    assert re.search(r"ETA \d+:\d\d:\d\d", result.output), result.output
