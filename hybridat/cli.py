@@ -392,10 +392,12 @@ def swap_bn_cmd(
     if reestimate is not None:
         check_outputs([out], [checkpoint, *split_files(_dataset_of(ckpt), True, data_dir)])
         split = _split_for(ckpt, data_dir, train=True)
-    digest = swap_bn(ckpt, out, cross=cross, swap_ap=swap_ap, ns=mapping["ns"] if ns or ap else None,
-                     ap=mapping["ap"] if ns or ap else None, from_layer=from_layer, reestimate=reestimate,
-                     split=split, branch=branch, n_images=n, eps=eps, step=step, steps=steps, batch_size=batch_size,
-                     seed=seed)
+    with ImagesBar() as bar:
+        progress = functools.partial(bar, f"{branch} NS on {reestimate} images", total=min(n, len(split or [])))
+        digest = swap_bn(ckpt, out, cross=cross, swap_ap=swap_ap, ns=mapping["ns"] if ns or ap else None,
+                         ap=mapping["ap"] if ns or ap else None, from_layer=from_layer, reestimate=reestimate,
+                         split=split, branch=branch, n_images=n, eps=eps, step=step, steps=steps,
+                         batch_size=batch_size, seed=seed, on_batch=progress)
     if reestimate is not None and NORMS[ckpt.config.norm].ns_sets == 1:
         say(f"note: {ckpt.config.norm} has one NS set, so both branches read the new statistics")
     op = {"--ns/--ap": "recombine"}.get(chosen[0], chosen[0].lstrip("-"))

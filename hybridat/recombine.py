@@ -9,7 +9,7 @@ Layer indices are positions in `norm_layers(model)` (depth order).
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -137,7 +137,8 @@ def check_reestimate(branch: str, domain: str, *, eps: float = 8.0, step: float 
 
 def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int = 128, n_batches: int | None = None,
                n_images: int | None = None, eps: float = 8.0, step: float = 2.0, steps: int = 10, seed: int = 0,
-               augment_data: bool = True, attack_branch: str | None = None, layers: Iterable[int] | None = None):
+               augment_data: bool = True, attack_branch: str | None = None, layers: Iterable[int] | None = None,
+               on_batch: Callable[[int], None] | None = None):
     """A copy whose `branch` reads running NS recomputed from one pass over `domain` data of `split`.
 
     The pass draws training batches (seed: order, augmentation and attack noise; the first n_images, at most
@@ -149,7 +150,7 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
     read. In cross-bn the set the branch reads (the other domain's) is the one refilled, from rows normalized by
     their own batch statistics (see `train_pass`). `layers` (indices, see `deeper_than`; None = all): only those
     layers' sets are re-estimated, every other layer keeps its running NS bit-identical (the pass still uses batch
-    statistics everywhere, as training does).
+    statistics everywhere, as training does). on_batch(images done so far) follows the pass: 0, then after each batch.
     """
     check_reestimate(branch, domain, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed)
     model = module_of(model)
@@ -173,6 +174,9 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
     data = split.subset(n_images) if n_images is not None else split
     generator = torch.Generator(device=split.images.device).manual_seed(seed)
     batches = train_batches(data, batch_size, torch.Generator().manual_seed(seed), augment_data)
+    done = 0
+    if on_batch is not None:
+        on_batch(done)
     for i, (x, y) in enumerate(batches):
         if n_batches is not None and i >= n_batches:
             break
@@ -180,6 +184,9 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
                     generator=generator)
         with train_pass(new), torch.no_grad():
             new(x, branch)
+        done += len(y)
+        if on_batch is not None:
+            on_batch(done)
     for i, ((_, m), (_, original)) in enumerate(zip(norm_layers(new), norm_layers(model))):
         if isinstance(m, BranchBatchNorm) and i not in chosen:  # not chosen: as before the pass
             for key in m.ns_keys:
@@ -209,12 +216,14 @@ _reestimate = reestimate  # swap_bn's argument `reestimate` (the domain) shadows
 def swap_bn(ckpt: Checkpoint, out, *, cross: bool = False, swap_ap: bool = False, ns: dict | None = None,
             ap: dict | None = None, from_layer: int | None = None, reestimate: str | None = None,
             split: Split | None = None, branch: str = "adv", n_images: int = 10000, eps: float = 8.0,
-            step: float = 2.0, steps: int = 10, batch_size: int = 128, seed: int = 0) -> str:
+            step: float = 2.0, steps: int = 10, batch_size: int = 128, seed: int = 0,
+            on_batch: Callable[[int], None] | None = None) -> str:
     """What `hybridat swap-bn` does with a loaded two-branch checkpoint: exactly one of `cross`, `swap_ap`, `ns`/`ap`
     (target branch -> source branch, e.g. {"adv": "clean"}) or `reestimate` (a domain: `branch`'s running NS
     recomputed on `split`, a training split on the checkpoint's device; see `reestimate` for the rest), in the norm
     layers from `from_layer` on (None: all); writes the NEW checkpoint `out` recording the operation as `report`
-    reads it and the parent's hash (`save_derived`), never over its input. Returns the new file's hash."""
+    reads it and the parent's hash (`save_derived`), never over its input. Returns the new file's hash.
+    on_batch: see `reestimate`."""
     chosen = [name for name, on in [("cross", cross), ("swap_ap", swap_ap), ("ns/ap", ns or ap),
                                     ("reestimate", reestimate is not None)] if on]
     if len(chosen) != 1:
@@ -241,7 +250,8 @@ def swap_bn(ckpt: Checkpoint, out, *, cross: bool = False, swap_ap: bool = False
         op |= {"ns": dict(ns or {}), "ap": dict(ap or {})}  # as given
     else:
         new = _reestimate(ckpt.model, branch, reestimate, split, batch_size=batch_size,
-                           n_images=n_images, eps=eps, step=step, steps=steps, seed=seed, layers=layers)
+                           n_images=n_images, eps=eps, step=step, steps=steps, seed=seed, layers=layers,
+                           on_batch=on_batch)
         op |= {"branch": branch, "domain": reestimate, "n_images": n_images, "eps": eps, "seed": seed}
         if reestimate == "adv":
             op |= {"step": step, "steps": steps}
