@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -94,9 +95,10 @@ def running_ns(model: nn.Module, branch: str) -> list[tuple[int, str, torch.Tens
 def perturb(model, x: torch.Tensor, y: torch.Tensor, domain: str, branch: str, eps: float, *,
             step: float | None = None, steps: int = 10, start: str = "uniform", noise: str = "uniform",
             noise_clip: bool = True, generator: torch.Generator | None = None,
-            batch_size: int | None = None) -> torch.Tensor:
+            batch_size: int | None = None, on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
     """x (B, 3, H, W) in [0, 1] moved into `domain`: clean = x; adv = L∞ PGD through `branch` in eval mode
-    (no trace on the model; step None = ε/4; `batch_size` images at a time, see `attacks.pgd`), in [0, 1]; noise = x + U(-ε, ε), or Gaussian of the same std ε/√3,
+    (no trace on the model; step None = ε/4; `batch_size` images at a time, `on_batch`: see `attacks.pgd`), in
+    [0, 1]; noise = x + U(-ε, ε), or Gaussian of the same std ε/√3,
     clipped to [0, 1] with noise_clip, else left as drawn (U: in [-ε, 1 + ε], the authors' noise baseline)."""
     check_choice(domain, DOMAINS, "domain")
     check_choice(noise, NOISES, "noise")
@@ -108,7 +110,7 @@ def perturb(model, x: torch.Tensor, y: torch.Tensor, domain: str, branch: str, e
     if domain == "adv":
         step = None if step is None else step / 255
         return pgd(_through(model, branch), x, y, eps / 255, step, steps, start=start, generator=generator,
-                   batch_size=batch_size)
+                   batch_size=batch_size, on_batch=on_batch)
     if noise == "uniform":
         delta = torch.empty_like(x).uniform_(-eps / 255, eps / 255, generator=generator)
     else:
@@ -119,12 +121,13 @@ def perturb(model, x: torch.Tensor, y: torch.Tensor, domain: str, branch: str, e
 
 def domain_batches(model, x, y, branch: str, eps: float, step: float | None = None, steps: int = 10,
                    noise: str = "uniform", seed: int = 0, noise_clip: bool = True,
-                   batch_size: int | None = None) -> dict[str, torch.Tensor]:
+                   batch_size: int | None = None,
+                   on_batch: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """{"clean": x, "adv": PGD-`steps` through `branch` (uniform start; `batch_size` images at a time), "noise":
     x + noise}, all (B, 3, H, W)."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
     return {d: perturb(model, x, y, d, branch, eps, step=step, steps=steps, noise=noise, noise_clip=noise_clip,
-                       generator=generator, batch_size=batch_size) for d in DOMAINS}
+                       generator=generator, batch_size=batch_size, on_batch=on_batch) for d in DOMAINS}
 
 
 @contextmanager
@@ -219,7 +222,8 @@ def pairs(reference: str) -> tuple[tuple[str, str], ...]:
 
 def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv", steps: int = 10,
            step: float | None = None, noise: str = "uniform", seed: int = 0, mode: str = "train",
-           reference: str = "batch", noise_clip: bool = True, batch_size: int = 512) -> tuple[list[dict], list[dict]]:
+           reference: str = "batch", noise_clip: bool = True, batch_size: int = 512,
+           on_batch: Callable[[int], None] | None = None) -> tuple[list[dict], list[dict]]:
     """NS distances per layer between the adv and the noisy version of the batch x (B, 3, H, W) and a reference.
 
     The adversarial examples are crafted through `branch`. fix_ap: every domain passes through `branch`;
@@ -230,7 +234,8 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv"
     the clean batch's NS; "running": adv-, noise- and clean-running against the running NS the clean domain is
     normalized with in eval mode (with fix_ap: `branch`'s, e.g. for dual-bn through adv the running NS of
     adversarial training data, as the authors' notebooks compared). noise_clip: see `perturb`. batch_size: PGD
-    crafts the adversarial domain that many images at a time (memory; the NS are read over all of x at once).
+    crafts the adversarial domain that many images at a time (memory; the NS are read over all of x at once), and
+    calls on_batch(images crafted so far) after each batch.
     x: float pixels in [0, 1] on the model's device, y: its integer labels (B,); eps, step in pixel units (8 means
     8/255). A loaded Checkpoint may stand for the model.
     Returns (rows in COLUMNS, channel rows in CHANNEL_COLUMNS; domain "running" holds the reference's channels).
@@ -254,7 +259,7 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv"
         fix_ap, branch = True, SINGLE
     else:
         check_choice(branch, BRANCHES, "branch")
-    data = domain_batches(model, x, y, branch, eps, step, steps, noise, seed, noise_clip, batch_size)
+    data = domain_batches(model, x, y, branch, eps, step, steps, noise, seed, noise_clip, batch_size, on_batch)
     route = {d: branch if fix_ap else ("clean" if d == "clean" else "adv") for d in DOMAINS}
     ns = {d: batch_ns(model, data[d], route[d], mode) for d in DOMAINS}
     if reference == "running":

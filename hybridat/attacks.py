@@ -90,7 +90,8 @@ def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float | None = None,
         steps: int = 10, start: str = "uniform", loss_fn=None, norm: str = "linf",
-        generator: torch.Generator | None = None, batch_size: int | None = None) -> torch.Tensor:
+        generator: torch.Generator | None = None, batch_size: int | None = None,
+        on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
     """Projected gradient ascent, Madry et al. 2018 ("Towards Deep Learning Models Resistant to
     Adversarial Attacks"). Threat model: ‖x_adv − x‖_∞ ≤ ε (norm="linf") or ‖·‖_2 ≤ ε per sample
     (norm="l2"), x_adv ∈ [0, 1]. x (B, C, H, W) in [0, 1], y (B,) int labels -> x_adv (B, C, H, W), detached.
@@ -104,7 +105,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
     component within round-off of 0 can take the other sign, and that sample's later iterates can then differ
     (README, Speed: measured counts). batch_size: the iterations run on that many images at a time (None: all of x
     at once), so memory grows with it, not with len(x); the random start is drawn for all of x first, so the
-    examples are one call's up to that round-off (`loss_fn` then sees one batch at a time)."""
+    examples are one call's up to that round-off (`loss_fn` then sees one batch at a time). on_batch(images done so
+    far) is called after each batch, for a progress bar."""
     _check(x, y, eps, norm)
     step = default_step(eps) if step is None else step
     if steps < 1 or step < 0:
@@ -116,10 +118,13 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
     x, y = x.detach(), y.detach()
     adv = _start(x, eps, start, norm, generator).detach()  # (B, C, H, W): one draw, whatever the batch size
     size = len(x) if batch_size is None else batch_size
-    if size >= len(x):
-        return pgd_from(model, x, y, adv, eps, step, steps, loss_fn, norm)
-    return torch.cat([pgd_from(model, x[lo:lo + size], y[lo:lo + size], adv[lo:lo + size], eps, step, steps, loss_fn,
-                               norm) for lo in range(0, len(x), size)])
+    parts = []
+    for lo in range(0, len(x), size):
+        parts.append(pgd_from(model, x[lo:lo + size], y[lo:lo + size], adv[lo:lo + size], eps, step, steps, loss_fn,
+                              norm))
+        if on_batch is not None:
+            on_batch(lo + len(parts[-1]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def pgd_from(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tensor, eps: float, step: float,

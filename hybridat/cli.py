@@ -457,9 +457,12 @@ def ns_gap_cmd(
     check_outputs(outputs, [checkpoint, *split_files(_dataset_of(ckpt), False, data_dir)])
     check_csv_name(out)
     split = _split_for(ckpt, data_dir, train=False, n=n)
-    done = write_ns_gap(ckpt, to_float(split.images), split.labels, out, eps=eps, layer=layer, fix_ap=fix_ap,
-                        branch=branch, steps=steps, step=step, noise=noise, seed=seed, mode=measure,
-                        reference=reference, noise_clip=noise_clip, batch_size=batch_size)
+    with ImagesBar() as bar:
+        progress = functools.partial(bar, f"PGD-{steps} through {branch}", total=len(split))
+        progress(0)
+        done = write_ns_gap(ckpt, to_float(split.images), split.labels, out, eps=eps, layer=layer, fix_ap=fix_ap,
+                            branch=branch, steps=steps, step=step, noise=noise, seed=seed, mode=measure,
+                            reference=reference, noise_clip=noise_clip, batch_size=batch_size, on_batch=progress)
     if done.note:
         say(f"note: no AP gap ({done.note})")
     say(f"{out}: {len(done.rows)} rows; plots {outputs[2]}, {outputs[3]}")

@@ -361,8 +361,9 @@ def test_ns_gap_crafts_in_batches_and_reads_the_ns_without_a_backward_graph(monk
             grad_enabled.append(torch.is_grad_enabled())
 
     norm_layers(model)[0][1].register_forward_pre_hook(record)
-    parts, _ = ns_gap(model, x, y, eps=8, steps=2, fix_ap=True, batch_size=4)
-    assert sizes == [4, 4, 2]
+    crafted = []
+    parts, _ = ns_gap(model, x, y, eps=8, steps=2, fix_ap=True, batch_size=4, on_batch=crafted.append)
+    assert sizes == [4, 4, 2] and crafted == [4, 8, 10]  # on_batch: the progress of PGD, the long part
     assert grad_enabled == [False] * 3  # batch_ns' pass per domain (the hook travels into its deep copy)
     assert [r["distance"] for r in parts] == pytest.approx([r["distance"] for r in whole], rel=1e-5, abs=1e-9)
     with pytest.raises(HybridatError, match="batch size"):
