@@ -391,7 +391,7 @@ def swap_bn_cmd(
     split = None
     if reestimate is not None:
         check_outputs([out], [checkpoint, *split_files(_dataset_of(ckpt), True, data_dir)])
-        split = _split_for(ckpt, data_dir, train=True)
+        split = _split_for(ckpt, data_dir, train=True, n=n)  # the first n only: what the pass reads
     with ImagesBar() as bar:
         progress = functools.partial(bar, f"{branch} NS on {reestimate} images", total=min(n, len(split or [])))
         digest = swap_bn(ckpt, out, cross=cross, swap_ap=swap_ap, ns=mapping["ns"] if ns or ap else None,

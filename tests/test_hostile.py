@@ -226,6 +226,9 @@ CASES = [
     ("ns-gap --steps 0", ["ns-gap", "m.safetensors", "--steps", "0", "--out", "o.csv"], "PGD steps must be in [1", 1),
     ("swap-bn --reestimate --steps 0", ["swap-bn", "m.safetensors", "--reestimate", "adv", "--steps", "0", *FAST,
                                         "--out", "o.safetensors"], "PGD steps must be in [1", 1),
+    ("swap-bn --reestimate --n past the training split", ["swap-bn", "m.safetensors", "--reestimate", "clean", "--n",
+                                                          "81", *FAST, "--out", "o.safetensors"],
+     "n=81 must be between 1 and 80, the size of the cifar10 train split in ", 1),
     ("ns-gap --layer past the last", ["ns-gap", "m.safetensors", "--layer", "100", "--n", "8", "--steps", "1", *FAST,
                                       "--out", "o.csv"], "layer 100 is out of range: the model has 20 norm layers", 1),
     # -- flags that would be ignored: swap-bn's pass settings without --reestimate (--cross acts on both branches)
