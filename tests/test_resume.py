@@ -243,3 +243,24 @@ def test_a_resumed_torchrun_run_is_bit_identical(tmp_path):
     rows = [pd.read_csv(tmp_path / name / "train.csv").drop(columns=TIMING + ["run"]) for name in ("whole", "resumed")]
     pd.testing.assert_frame_equal(*rows)
     assert list(rows[0]["epoch"]) == [1, 2]
+
+
+def test_a_folder_that_turned_read_only_is_named_as_the_output(tmp_path, monkeypatch):
+    """The output's folder was writable when checked and is read-only (a remount, a full quota) when the artifact is
+    written, hours later: the error names the artifact, not its hidden temp file (seen with `mount -o remount,ro`:
+    'Read-only file system: /mnt/.e.csv.4107.6577b8c6.tmp'), and nothing is left."""
+    import errno
+
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if str(path).endswith(".tmp"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(OSError) as caught:
+        with atomic_path(tmp_path / "e.csv") as tmp:
+            tmp.write_text("never")
+    assert caught.value.filename == str(tmp_path / "e.csv") and caught.value.errno == errno.EROFS
+    assert list(tmp_path.iterdir()) == []
