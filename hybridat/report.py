@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .analysis import DOMAIN_SETTINGS, PROTOCOL, PROTOCOL_DEFAULTS, protocol_text
-from .checkpoint import TRAINING_COLUMNS, write_csv
+from .checkpoint import TRAINING_COLUMNS
 from .files import atomic_path, check_outputs, same_file
 from .errors import HybridatError
 from .evaluate import aa_columns, attack_label
@@ -664,7 +665,8 @@ def write_report(frames: dict[str, pd.DataFrame], out_dir: Path, margin: float =
     """Write findings.md/.tex/.csv, <key>.md, <key>.tex and <key>.csv per table, report.md (findings, then every
     table), the figures that have data (accuracy.png, training.png, ns-gap.png), and summary.txt: what `report`
     prints, the findings in short and where the rest is. Everything is rendered before the first file is written;
-    each file is written atomically; none over a file of `inputs` (the CSVs read: `load_runs(..., sources=inputs)`).
+    all files are written to temp files, then renamed (a failure leaves an earlier report whole); none over a file of
+    `inputs` (the CSVs read: `load_runs(..., sources=inputs)`).
     A figure an earlier report left in out_dir that this one has no rows for is removed (other files stay).
     margin, ratio_margin: see `findings.findings`. Returns the paths written."""
     from .findings import WIDTH, findings, findings_latex, findings_markdown, summary_lines
@@ -693,12 +695,14 @@ def write_report(frames: dict[str, pd.DataFrame], out_dir: Path, margin: float =
          *(textwrap.wrap(note, WIDTH, subsequent_indent="    ", break_on_hyphens=False) + [""] if note else []),
          f"Tables:  {out_dir / 'report.md'} (also .md, .tex, .csv per table)",
          f"Figures: {', '.join(str(out_dir / n) for n in figures) or 'none (no rows to plot)'}"]) + "\n"
-    for name, content in files.items():
-        if isinstance(content, pd.DataFrame):
-            write_csv(content, out_dir / name)
-            continue
-        with atomic_path(out_dir / name) as tmp:
-            if isinstance(content, str):
+    # every file to its temp file first, then all renamed: a failure (a full disk, Ctrl-C) while writing leaves the
+    # earlier report in out_dir as it was, never some of its tables beside some of this one's
+    with ExitStack() as stack:
+        for name, content in files.items():
+            tmp = stack.enter_context(atomic_path(out_dir / name))
+            if isinstance(content, pd.DataFrame):
+                content.to_csv(tmp, index=False)
+            elif isinstance(content, str):
                 tmp.write_text(content, encoding="utf-8")
             else:
                 content.savefig(tmp, format="png", dpi=150)  # the temp name ends in .tmp: say the format

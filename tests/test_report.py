@@ -242,23 +242,23 @@ def test_write_report_renders_everything_before_writing(frames, tmp_path, monkey
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_write_report_failure_leaves_no_half_file(frames, tables, tmp_path, monkeypatch):
-    real = report.write_csv
+def test_write_report_failure_leaves_the_earlier_report_whole(frames, tmp_path, monkeypatch):
+    """A failure halfway through (a full disk while the third table's CSV is written) leaves the folder as the
+    earlier report left it: no file of the new one beside the old report.md, no half file, no temp file."""
+    write_report(frames, tmp_path)  # the earlier report: every table, findings on NS rows too
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = pd.DataFrame.to_csv
 
-    def failing(frame, path):  # dies halfway through writing the third table's CSV
-        if Path(path).name == "two-task.csv":
-            with report.atomic_path(path) as tmp:
-                tmp.write_text("norm,lo")
-                raise OSError("disk full")
-        real(frame, path)
-    monkeypatch.setattr(report, "write_csv", failing)
+    def failing(frame, path, *args, **kwargs):
+        if "two-task.csv" in Path(path).name:
+            Path(path).write_text("norm,lo")
+            raise OSError(28, "No space left on device", str(path))
+        return real(frame, path, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", failing)
     with pytest.raises(OSError):
-        write_report(frames, tmp_path)
-    left = sorted(p.name for p in tmp_path.iterdir())
-    done = [f"{k}.{e}" for k in ("findings", "cross-bn", "ns-vs-ap") for e in ("md", "tex", "csv")]
-    assert left == sorted(done + ["two-task.md", "two-task.tex"])  # and no two-task.csv, whole or partial
-    assert (tmp_path / "ns-vs-ap.md").read_text(encoding="utf-8") == render_markdown(tables["ns-vs-ap"],
-                                                                                   TITLES["ns-vs-ap"])
+        write_report({"eval": frames["eval"]}, tmp_path)  # other findings: every table file would change
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_print_tables(tables):
