@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -422,7 +422,7 @@ def write_ns_gap(ckpt: Checkpoint, x, y, out, *, eps: float, layer: int | None =
     eps=eps, **settings)` (fix_ap, branch, steps, step, noise, seed, mode, reference, noise_clip), the AP gap where
     the model has two AP sets (recorded with the protocol, so that `report` sets it beside the NS gap), every row
     with the checkpoint's ids and training columns, as `report` reads them; then FILE.csv, FILE-channels.csv and
-    the plots FILE-depth.png and FILE-channels.png (the channels of `layer`, default the last), each atomically,
+    the plots FILE-depth.png and FILE-channels.png (the channels of `layer`, default the last), all four atomically,
     none over the checkpoint. Every output is checked before any work."""
     if not isinstance(ckpt, Checkpoint):
         raise HybridatError(f"ckpt must be a hybridat Checkpoint (hybridat.load_checkpoint(path)), got "
@@ -441,9 +441,11 @@ def write_ns_gap(ckpt: Checkpoint, x, y, out, *, eps: float, layer: int | None =
     ids = ({"run": ckpt.run} | ckpt.row_ids() | {"unfinished": ckpt.unfinished}
            | training_columns(ckpt.train))
     layer = max(r["layer"] for r in channels) if layer is None else layer
-    plot_gap_by_depth(rows, paths[2])
-    plot_channels(channels, layer, paths[3])
-    rows, channels = [ids | r for r in rows], [ids | r for r in channels]
-    write_csv(channels, paths[1])
-    write_csv(rows, paths[0])
+    with ExitStack() as stack:  # all four to temp files, then renamed: a failure leaves an earlier set whole
+        tmp = [stack.enter_context(atomic_path(p)) for p in paths]
+        plot_gap_by_depth(rows, tmp[2])
+        plot_channels(channels, layer, tmp[3])
+        rows, channels = [ids | r for r in rows], [ids | r for r in channels]
+        write_csv(channels, tmp[1])
+        write_csv(rows, tmp[0])
     return NSGapFiles(rows, channels, paths, note)

@@ -1,6 +1,8 @@
 """The library from a notebook: bad arguments to the public functions give one HybridatError line that names the
 mistake, never a torch traceback from deep inside or a silently wrong number."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -267,3 +269,24 @@ def test_evaluate_reports_its_progress_batch_by_batch(ckpt):
     assert len(rows) == 4
     assert calls == [(what, done, 10) for what in ("adv clean", "adv PGD-1", "clean clean", "clean PGD-1")
                      for done in (0, 4, 8, 10)]
+
+
+def test_write_ns_gap_failing_halfway_leaves_the_earlier_files_whole(ckpt, tmp_path, monkeypatch):
+    """A full disk at the last of the four files (the rows CSV): the plots and the channels CSV of the new run are
+    not left beside the earlier rows (a plot that no CSV matches); the earlier four stay as they were."""
+    import hybridat.analysis as analysis
+
+    x, y = data()
+    analysis.write_ns_gap(ckpt, x, y, tmp_path / "g.csv", eps=8, steps=1, fix_ap=True)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = analysis.write_csv
+
+    def full(rows, path):
+        if "g.csv" in Path(path).name and "channels" not in Path(path).name:
+            raise OSError(28, "No space left on device", str(path))
+        real(rows, path)
+
+    monkeypatch.setattr(analysis, "write_csv", full)
+    with pytest.raises(OSError):
+        analysis.write_ns_gap(ckpt, x, y, tmp_path / "g.csv", eps=16, steps=1, fix_ap=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
