@@ -91,6 +91,12 @@ def say(message: str) -> None:
     console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
+def _out_of_memory(command: str) -> str:
+    batched = {"attack_cmd": "--batch-size", "ns_gap_cmd": "--batch-size or --n", "train_cmd": "--batch-size",
+               "swap_bn_cmd": "--batch-size"}
+    return "out of memory" + (f"; a smaller {batched[command]} needs less" if command in batched else "")
+
+
 def cli_errors(fn):
     """Bad input, an OS error (read-only folder, disk full, ...), SIGINT or SIGTERM end in one line on stderr and
     exit code 1, never a traceback; SIGTERM runs every cleanup (temp files, locks) as SIGINT does."""
@@ -107,7 +113,11 @@ def cli_errors(fn):
         except SafetensorError as e:
             error_line(f"could not read or write a safetensors file ({e})")
         except (MemoryError, torch.OutOfMemoryError):
-            error_line("out of memory")
+            error_line(_out_of_memory(fn.__name__))
+        except RuntimeError as e:  # torch's CPU allocator has no exception type of its own, only this message
+            if "can't allocate memory" not in str(e):
+                raise
+            error_line(_out_of_memory(fn.__name__))
         except (KeyboardInterrupt, Terminated):
             resume = " (--resume goes on from the last epoch)" if fn.__name__ == "train_cmd" else ""
             error_line(f"interrupted; no half-written file was left{resume}")

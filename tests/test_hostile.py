@@ -492,3 +492,23 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line(args, out, base, tmp
     assert done.returncode == 1, done.stderr
     assert done.stderr == f"error: File too large: {out}\n"
     assert not [p for p in os.listdir(ws) if p.startswith(f".{out}") or p == out]
+
+
+def test_running_out_of_memory_on_the_cpu_is_one_line(base, tmp_path, monkeypatch):
+    """Seen at full width, `attack --batch-size 1024` under a 5 GB limit: torch's CPU allocator raises a plain
+    RuntimeError (no OutOfMemoryError as on CUDA), which reached the user as a traceback."""
+    import hybridat.attacks as attacks
+
+    ws = tmp_path / "ws"
+    shutil.copytree(base, ws, symlinks=True)
+    monkeypatch.chdir(ws)
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 268435456 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(attacks, "pgd_from", no_memory)
+    result = CliRunner().invoke(app, ["attack", "m.safetensors", "--attack", "pgd", "--n", "8", *FAST, "--out", "o.csv"])
+    assert result.exit_code == 1 and result.output == "error: out of memory; a smaller --batch-size needs less\n"
+    assert not result.exception or isinstance(result.exception, SystemExit)
+    assert not (ws / "o.csv").exists()
