@@ -278,7 +278,29 @@ def _eval(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Eval rows ready for tables: derived checkpoints inherit training metadata, robust rows at train ε only."""
     ev = _eval_all(frames.get("eval", pd.DataFrame(columns=sorted(SCHEMAS["eval"]))).copy())
     # a re-run of the same evaluation replaces the earlier one
-    return ev[_at_train_eps(ev)].drop_duplicates(["checkpoint_hash", "branch", "column"], keep="last")
+    ev = ev[_at_train_eps(ev)].drop_duplicates(["checkpoint_hash", "branch", "column"], keep="last")
+    _check_same_images(ev)
+    return ev
+
+
+def _check_same_images(ev: pd.DataFrame) -> None:
+    """The seeds of one cell were evaluated on as many test images (`attack --n`): an accuracy on the first 500 and
+    one on all 10,000 are not two draws of one measurement, and their mean is neither."""
+    if "n" not in ev or ev.n.dropna().empty:
+        return
+    key = [c for c in (*SAME_MEASUREMENT["eval"], "training") if c in ev and c not in ("seed", "operation", "steps",
+                                                                                      "step")] + ["op", "column"]
+    text = ev[key].astype(str).apply(lambda col: col.map(_value)).agg("|".join, axis=1)
+    mixed = ev[ev.groupby(text).n.transform("nunique") > 1]
+    if mixed.empty:
+        return
+    rows = mixed[text[mixed.index] == text[mixed.index[0]]].sort_values("seed")
+    first = rows.iloc[0]
+    seeds = "; ".join(f"{r.unit}: n={r.n:g}" for r in rows.itertuples())
+    raise HybridatError(
+        f"{first.column} of {first.norm} ({first.branch} branch, {op_label(first.op)}, ε={_num(first.eps)}) was "
+        f"evaluated on different numbers of test images ({seeds}); report would average them as one cell. "
+        "Evaluate every seed with the same --n")
 
 
 def _eval_all(ev: pd.DataFrame) -> pd.DataFrame:

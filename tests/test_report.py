@@ -456,3 +456,23 @@ def test_pgd_with_a_step_other_than_eps_over_4_never_fills_the_pgd_cells(frames)
     for key in ("cross-bn", "ns-vs-ap", "test-time"):
         pd.testing.assert_frame_equal(build_tables(frames)[key], build_tables(other)[key])
     assert any(s.startswith("PGD-10 (step 1) (") for s in report.left_out(other))
+
+
+def test_seeds_evaluated_on_different_numbers_of_images_are_refused(frames, tmp_path):
+    """One seed's PGD-10 on the first 500 test images and another's on all 10,000 are not one measurement: refused
+    in one line naming the cell and each seed's n, not averaged. Other cells may differ in n (AutoAttack on the
+    first 1,000 beside PGD on all)."""
+    ev = frames["eval"]
+    assert set(ev[ev.attack == "autoattack"].n) == {1000} and set(ev[ev.attack != "autoattack"].n) == {10000}
+    build_tables(frames)  # the fixture: AutoAttack on the first 1,000, the rest on all 10,000, each cell one n
+    seed0 = (ev.run == "run-b0") & (ev.attack == "pgd") & (ev.branch == "adv") & (ev.eps == 8)
+    assert seed0.sum() == 1
+    mixed = ev.copy()
+    mixed.loc[seed0, "n"] = 500
+    with pytest.raises(HybridatError, match=r"^PGD-10 of bn \(adv branch, as trained, ε=8\) was evaluated on "
+                                            r"different numbers of test images \(seed 0: n=500; seed 1: n=10000"):
+        build_tables({"eval": mixed})
+    mixed.to_csv(tmp_path / "eval.csv", index=False)
+    with pytest.raises(HybridatError, match="Evaluate every seed with the same --n"):
+        write_report(load_runs([tmp_path]), tmp_path / "report")
+    assert not (tmp_path / "report").exists()
