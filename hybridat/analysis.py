@@ -46,13 +46,15 @@ REFERENCES = ("batch", "running")  # what a domain's NS are compared with: the c
 SINGLE = "model"  # the `branch` of rows measured on a module that is not a hybridat model (one branch)
 PROTOCOL = ("mode", "reference", "noise_clip")  # recorded in every row; `report` never mixes rows that differ in them
 PROTOCOL_DEFAULTS = {"mode": "train", "reference": "batch", "noise_clip": True}  # what ns-gap measured before them
-# how the noisy and the adversarial domain were made (noise kind; PGD steps, step in pixel units, crafting branch):
+# how the noisy and the adversarial domain were made (noise kind; PGD steps, step in pixel units, crafting branch,
+# random start):
 # recorded in every row, so that `report` never averages rows of different domains (CSVs before them: unknown)
-DOMAIN_SETTINGS = ("noise", "steps", "step", "attack_branch")
+DOMAIN_SETTINGS = ("noise", "steps", "step", "attack_branch", "start")
 COLUMNS = ("kind", "layer", "layer_name", "pair", "statistic", "measure", "distance", "fix_ap", "branch", "eps",
            *PROTOCOL, *DOMAIN_SETTINGS)
 CHANNEL_COLUMNS = ("layer", "layer_name", "domain", "channel", "mean", "std", "fix_ap", "branch", "eps", *PROTOCOL,
                    *DOMAIN_SETTINGS)
+NS_STARTS = ("uniform", "normal")  # PGD's random start in ns-gap (attacks.STARTS less "none")
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -121,13 +123,14 @@ def perturb(model, x: torch.Tensor, y: torch.Tensor, domain: str, branch: str, e
 
 def domain_batches(model, x, y, branch: str, eps: float, step: float | None = None, steps: int = 10,
                    noise: str = "uniform", seed: int = 0, noise_clip: bool = True,
-                   batch_size: int | None = None,
-                   on_batch: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
-    """{"clean": x, "adv": PGD-`steps` through `branch` (uniform start; `batch_size` images at a time), "noise":
-    x + noise}, all (B, 3, H, W)."""
+                   batch_size: int | None = None, on_batch: Callable[[int], None] | None = None,
+                   start: str = "uniform") -> dict[str, torch.Tensor]:
+    """{"clean": x, "adv": PGD-`steps` through `branch` (from `start`, see `attacks.pgd`; `batch_size` images at a
+    time), "noise": x + noise}, all (B, 3, H, W)."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    return {d: perturb(model, x, y, d, branch, eps, step=step, steps=steps, noise=noise, noise_clip=noise_clip,
-                       generator=generator, batch_size=batch_size, on_batch=on_batch) for d in DOMAINS}
+    return {d: perturb(model, x, y, d, branch, eps, step=step, steps=steps, start=start, noise=noise,
+                       noise_clip=noise_clip, generator=generator, batch_size=batch_size, on_batch=on_batch)
+            for d in DOMAINS}
 
 
 @contextmanager
@@ -223,7 +226,7 @@ def pairs(reference: str) -> tuple[tuple[str, str], ...]:
 def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv", steps: int = 10,
            step: float | None = None, noise: str = "uniform", seed: int = 0, mode: str = "train",
            reference: str = "batch", noise_clip: bool = True, batch_size: int = 512,
-           on_batch: Callable[[int], None] | None = None) -> tuple[list[dict], list[dict]]:
+           on_batch: Callable[[int], None] | None = None, start: str = "uniform") -> tuple[list[dict], list[dict]]:
     """NS distances per layer between the adv and the noisy version of the batch x (B, 3, H, W) and a reference.
 
     The adversarial examples are crafted through `branch`. fix_ap: every domain passes through `branch`;
@@ -235,7 +238,8 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv"
     normalized with in eval mode (with fix_ap: `branch`'s, e.g. for dual-bn through adv the running NS of
     adversarial training data, as the authors' notebooks compared). noise_clip: see `perturb`. batch_size: PGD
     crafts the adversarial domain that many images at a time (memory; the NS are read over all of x at once), and
-    calls on_batch(images crafted so far) after each batch.
+    calls on_batch(images crafted so far) after each batch. start: PGD's random start, "uniform" in the ε-ball
+    (evaluation protocol) or "normal", x + 0.001·N(0, 1) (the authors' NS figures and the training attack).
     x: float pixels in [0, 1] on the model's device, y: its integer labels (B,); eps, step in pixel units (8 means
     8/255). A loaded Checkpoint may stand for the model.
     Returns (rows in COLUMNS, channel rows in CHANNEL_COLUMNS; domain "running" holds the reference's channels).
@@ -248,6 +252,7 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv"
     check_choice(noise, NOISES, "noise")
     check_choice(mode, MODES, "mode")
     check_choice(reference, REFERENCES, "reference")
+    check_choice(start, NS_STARTS, "start")
     check_number("eps", eps, 0, 255)
     check_number("PGD steps", steps, 1, 100_000, integer=True)
     check_number("batch size", batch_size, 1, 1 << 20, integer=True)
@@ -259,14 +264,14 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv"
         fix_ap, branch = True, SINGLE
     else:
         check_choice(branch, BRANCHES, "branch")
-    data = domain_batches(model, x, y, branch, eps, step, steps, noise, seed, noise_clip, batch_size, on_batch)
+    data = domain_batches(model, x, y, branch, eps, step, steps, noise, seed, noise_clip, batch_size, on_batch, start)
     route = {d: branch if fix_ap else ("clean" if d == "clean" else "adv") for d in DOMAINS}
     ns = {d: batch_ns(model, data[d], route[d], mode) for d in DOMAINS}
     if reference == "running":
         ns["running"] = running_ns(model, route["clean"])
     setting = {"fix_ap": bool(fix_ap), "branch": branch if fix_ap else "own", "eps": eps, "mode": mode,
                "reference": reference, "noise_clip": bool(noise_clip), "noise": noise, "steps": steps,
-               "step": eps / 4 if step is None else step, "attack_branch": branch}
+               "step": eps / 4 if step is None else step, "attack_branch": branch, "start": start}
     rows, channel_rows = [], []
     for layer, name, *_ in ns["clean"]:
         for d1, d2 in pairs(reference):

@@ -429,6 +429,8 @@ def ns_gap_cmd(
     n: Annotated[int, typer.Option(help="test images in the batch")] = 512,
     batch_size: Annotated[int, typer.Option(help="PGD crafts the adversarial images this many at a time (memory); "
                                                  "the NS are still read over all N")] = 512,
+    start: Annotated[str, typer.Option(help="PGD's random start: uniform in the eps-ball, or normal: x + "
+                                             "0.001 N(0, 1) (the authors' figures)")] = "uniform",
     noise: Annotated[str, typer.Option(help="uniform U(-eps, eps) or gaussian of the same std")] = "uniform",
     noise_clip: Annotated[bool, typer.Option(help="clip the noisy images to [0, 1] (the authors' noise baseline "
                                                   "does not)")] = True,
@@ -444,10 +446,11 @@ def ns_gap_cmd(
     device: DeviceOpt = "auto",
 ):
     """Per-layer NS distance between adversarial, noisy and clean versions of the same test images."""
-    from .analysis import MODES, NOISES, REFERENCES, check_layer, ns_gap_paths, write_ns_gap
+    from .analysis import MODES, NOISES, NS_STARTS, REFERENCES, check_layer, ns_gap_paths, write_ns_gap
 
     check_choice(branch, BRANCHES, "branch")
     check_choice(noise, NOISES, "noise")
+    check_choice(start, NS_STARTS, "start")
     check_choice(measure, MODES, "measure")
     check_choice(reference, REFERENCES, "reference")
     check_number("eps", eps, 0, 255)
@@ -472,7 +475,8 @@ def ns_gap_cmd(
         progress(0)
         done = write_ns_gap(ckpt, to_float(split.images), split.labels, out, eps=eps, layer=layer, fix_ap=fix_ap,
                             branch=branch, steps=steps, step=step, noise=noise, seed=seed, mode=measure,
-                            reference=reference, noise_clip=noise_clip, batch_size=batch_size, on_batch=progress)
+                            reference=reference, noise_clip=noise_clip, batch_size=batch_size, on_batch=progress,
+                            start=start)
     if done.note:
         say(f"note: no AP gap ({done.note})")
     say(f"{out}: {len(done.rows)} rows; plots {outputs[2]}, {outputs[3]}")

@@ -49,7 +49,7 @@ SHORT = {"train_epochs": "epochs", "train_steps": "PGD steps", "train_step": "PG
          "train_clean_weight": "clean weight", "train_trades_beta": "β", "train_subset": "subset", "train_amp": "amp",
          "loss_name": "loss", "train_eps": "train ε", "mode": "NS mode", "reference": "NS reference",
          "noise_clip": "noise clip", "noise": "noise", "steps": "NS PGD steps", "step": "NS PGD step",
-         "attack_branch": "NS PGD branch"}
+         "attack_branch": "NS PGD branch", "start": "NS PGD start"}
 
 BOTH = [(b, c) for b in ("adv", "clean") for c in ("clean", "PGD-10", "AA")]  # (branch, attack column)
 PAPER = [("adv", "clean"), ("adv", "PGD-10"), ("adv", "AA"), ("clean", "clean")]  # table 2's cells per ε

@@ -18,7 +18,7 @@ from hybridat.errors import HybridatError
 from hybridat.models import ModelConfig, build_model, norm_layers
 
 PROTOCOL = ["mode", "reference", "noise_clip"]
-DOMAIN = ["noise", "steps", "step", "attack_branch"]
+DOMAIN = ["noise", "steps", "step", "attack_branch", "start"]
 COLUMNS = ["kind", "layer", "layer_name", "pair", "statistic", "measure", "distance", "fix_ap", "branch", "eps",
            *PROTOCOL, *DOMAIN]
 CHANNEL_COLUMNS = ["layer", "layer_name", "domain", "channel", "mean", "std", "fix_ap", "branch", "eps", *PROTOCOL,
@@ -333,13 +333,15 @@ def test_rows_record_the_noise_and_attack_and_report_never_averages_them(tmp_pat
                     train={"eps": 8, "loss": "hybrid", "dataset": "cifar10", "epochs": 1})
     ckpt, (x, y) = load_checkpoint(tmp_path / "m.safetensors"), batch(8)
     settings = {"u": dict(noise="uniform", steps=1), "g": dict(noise="gaussian", steps=1),
-                "s": dict(noise="uniform", steps=2), "c": dict(noise="uniform", steps=1, branch="clean")}
+                "s": dict(noise="uniform", steps=2), "c": dict(noise="uniform", steps=1, branch="clean"),
+                "n": dict(noise="uniform", steps=1, start="normal")}
     done = {k: write_ns_gap(ckpt, x, y, tmp_path / f"{k}.csv", eps=8, fix_ap=False, **s) for k, s in settings.items()}
     for k, s in settings.items():
-        assert all((r["noise"], r["steps"], r["step"], r["attack_branch"]) ==
-                   (s["noise"], s["steps"], 2.0, s.get("branch", "adv")) for r in done[k].rows + done[k].channels)
+        assert all((r["noise"], r["steps"], r["step"], r["attack_branch"], r["start"]) ==
+                   (s["noise"], s["steps"], 2.0, s.get("branch", "adv"), s.get("start", "uniform"))
+                   for r in done[k].rows + done[k].channels)
     table = build_tables(load_runs([tmp_path / f"{k}.csv" for k in settings]))["ns-gap"]
-    assert table.training.nunique() == 4  # one part per measurement, none averaged with another
+    assert table.training.nunique() == 5  # one part per measurement, none averaged with another
     for k in settings:
         want = [r["distance"] for r in done[k].rows if (r["kind"], r["layer"], r["pair"], r["statistic"],
                 r["measure"]) == ("ns", 19, "noise-clean", "mean", "wasserstein")]
@@ -368,3 +370,19 @@ def test_ns_gap_crafts_in_batches_and_reads_the_ns_without_a_backward_graph(monk
     assert [r["distance"] for r in parts] == pytest.approx([r["distance"] for r in whole], rel=1e-5, abs=1e-9)
     with pytest.raises(HybridatError, match="batch size"):
         ns_gap(model, x, y, eps=8, batch_size=0)
+
+
+def test_ns_gap_pgd_starts_where_asked():
+    """`start="normal"` crafts the adversarial domain from x + 0.001·N(0, 1), as the authors' NS figures do: its
+    examples are `attacks.pgd`'s from that start (seeded like the uniform one), and differ from the uniform start's."""
+    from hybridat.attacks import pgd
+    from hybridat.models import BranchView
+
+    model, (x, y) = make("dual-bn"), batch(6)
+    adv = {s: domain_batches(model, x, y, "adv", 8, steps=2, seed=5, start=s)["adv"] for s in ("uniform", "normal")}
+    want = pgd(BranchView(model, "adv"), x, y, 8 / 255, None, 2, start="normal",
+               generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(adv["normal"], want, rtol=0, atol=0)
+    assert not torch.equal(adv["normal"], adv["uniform"])
+    with pytest.raises(HybridatError, match="start"):
+        ns_gap(model, x, y, eps=8, steps=1, start="none ")

@@ -74,13 +74,13 @@ def test_ns_gap_protocol_flags_are_recorded_in_every_row(trained, tmp_path, data
     out = tmp_path / "gap.csv"
     result = invoke("ns-gap", trained / "model.safetensors", "--measure", "eval", "--reference", "running",
                     "--no-noise-clip", "--eps", "8", "--n", "16", "--steps", "1", "--step", "2", "--noise", "gaussian",
-                    "--data-dir", data_dir, "--device", "cpu", "--out", out)
+                    "--start", "normal", "--data-dir", data_dir, "--device", "cpu", "--out", out)
     assert result.exit_code == 0, result.output
     frame, channels = pd.read_csv(out), pd.read_csv(tmp_path / "gap-channels.csv")
     for f in (frame, channels):  # the AP rows too: they sit next to the NS gap of this protocol in `report`
         assert (f["mode"] == "eval").all() and (f["reference"] == "running").all() and (~f["noise_clip"]).all()
         assert (f["step"] == 2).all() and (f["steps"] == 1).all() and (f["noise"] == "gaussian").all()
-        assert (f["attack_branch"] == "adv").all()
+        assert (f["attack_branch"] == "adv").all() and (f["start"] == "normal").all()
     assert set(frame.pair) == {"adv-running", "noise-running", "clean-running", "adv-clean"}  # adv-clean: AP rows
     assert set(frame.pair[frame.kind == "ap"]) == {"adv-clean"}
     assert set(channels.domain) == {"clean", "adv", "noise", "running"}

@@ -218,6 +218,7 @@ CASES = [
     ("--amp without fgsm or pgd", ["attack", "m.safetensors", "--amp", "--attack", "clean", "--attack", "autoattack",
                                    "--out", "o.csv"], "amp (bf16 examples) applies to fgsm and pgd, none of which", 1),
     ("unknown ns-gap --noise", ["ns-gap", "m.safetensors", "--noise", "pink", "--out", "o.csv"], "unknown noise", 1),
+    ("unknown ns-gap --start", ["ns-gap", "m.safetensors", "--start", "none", "--out", "o.csv"], "unknown start", 1),
     ("unknown ns-gap --branch", ["ns-gap", "m.safetensors", "--branch", "x", "--out", "o.csv"], "unknown branch", 1),
     ("unknown ns-gap --measure", ["ns-gap", "m.safetensors", "--measure", "test", "--out", "o.csv"],
      "unknown measure 'test'; choose one of: train, eval", 1),
