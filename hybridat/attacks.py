@@ -113,8 +113,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
         raise HybridatError(f"PGD needs steps >= 1 and step >= 0, got steps={steps}, step={step}")
     if start not in STARTS or norm not in NORMS:
         raise HybridatError(f"unknown start {start!r} or norm {norm!r}: starts {STARTS}, norms {tuple(NORMS)}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise HybridatError(f"PGD's batch_size must be an integer >= 1 or None, got {batch_size!r}")
+    if batch_size is not None:
+        check_number("PGD batch size", batch_size, 1, integer=True)
     x, y = x.detach(), y.detach()
     adv = _start(x, eps, start, norm, generator).detach()  # (B, C, H, W): one draw, whatever the batch size
     size = len(x) if batch_size is None else batch_size

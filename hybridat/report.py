@@ -110,6 +110,11 @@ SAME_MEASUREMENT = {
 }
 
 
+def _key_text(frame: pd.DataFrame, key: list[str]) -> pd.Series:
+    """Each row's values in `key` as one text, for grouping rows alike in all of them ("8", "8.0": one value)."""
+    return frame[key].astype(str).apply(lambda col: col.map(_value)).agg("|".join, axis=1)
+
+
 def _check_one_model_per_seed(kind: str, frame: pd.DataFrame) -> None:
     """One line naming both CSVs when rows of one setting, seed and measurement come from two checkpoints."""
     if kind not in SAME_MEASUREMENT or frame.empty:
@@ -118,7 +123,7 @@ def _check_one_model_per_seed(kind: str, frame: pd.DataFrame) -> None:
     key = [c for c in dict.fromkeys(SAME_MEASUREMENT[kind]) if c in frame]
     if "operation" in key:
         frame = frame.assign(operation=frame.operation.map(_op_key))
-    same = frame[key].astype(str).apply(lambda col: col.map(_value)).agg("|".join, axis=1)  # "8", "8.0": one
+    same = _key_text(frame, key)
     clash = frame[frame.groupby(same).checkpoint_hash.transform("nunique") > 1]
     if clash.empty:
         return
@@ -290,7 +295,7 @@ def _check_same_images(ev: pd.DataFrame) -> None:
         return
     key = [c for c in (*SAME_MEASUREMENT["eval"], "training") if c in ev and c not in ("seed", "operation", "steps",
                                                                                       "step")] + ["op", "column"]
-    text = ev[key].astype(str).apply(lambda col: col.map(_value)).agg("|".join, axis=1)
+    text = _key_text(ev, key)
     mixed = ev[ev.groupby(text).n.transform("nunique") > 1]
     if mixed.empty:
         return
