@@ -112,6 +112,8 @@ SAME_MEASUREMENT = {
 
 def _key_text(frame: pd.DataFrame, key: list[str]) -> pd.Series:
     """Each row's values in `key` as one text, for grouping rows alike in all of them ("8", "8.0": one value)."""
+    if frame.empty:  # agg over no rows gives a frame, not a series (rows without a seed: an imported model's)
+        return pd.Series("", index=frame.index, dtype=str)
     return frame[key].astype(str).apply(lambda col: col.map(_value)).agg("|".join, axis=1)
 
 

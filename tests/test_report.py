@@ -476,3 +476,16 @@ def test_seeds_evaluated_on_different_numbers_of_images_are_refused(frames, tmp_
     with pytest.raises(HybridatError, match="Evaluate every seed with the same --n"):
         write_report(load_runs([tmp_path]), tmp_path / "report")
     assert not (tmp_path / "report").exists()
+
+
+def test_rows_without_a_seed_are_reported_not_a_crash(tmp_path):
+    """An imported checkpoint records no seed (nor a training eps or loss): its eval and ns-gap rows, the documented
+    `import` -> `attack`, `ns-gap` -> `report` path, gave a pandas traceback ("Grouper ... not 1-dimensional")
+    when every row lacked a seed. Each such checkpoint is its own unit: reported, never refused or averaged."""
+    for name in ("eval.csv", "nsgap.csv"):
+        rows = pd.read_csv(FIXTURES / name, dtype=str, keep_default_na=False)
+        rows.assign(seed="", train_eps="", loss_name="").to_csv(tmp_path / name, index=False)
+    loaded = load_runs([tmp_path])
+    assert set(loaded) == {"eval", "nsgap"} and loaded["eval"].seed.isna().all()
+    written = write_report(loaded, tmp_path / "report")
+    assert (tmp_path / "report" / "report.md") in written
