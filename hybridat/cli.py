@@ -58,7 +58,9 @@ class OneLineUsageErrors(TyperGroup):
 
 
 app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Hybrid adversarial training and the analysis of Dual BN.")
+                  help="Hybrid adversarial training and the analysis of Dual BN: train, then attack, swap-bn and "
+                       "ns-gap on its checkpoint, then report on their CSVs (README: Stages). Pixels are in [0, 1]; "
+                       "eps and PGD step sizes are in 1/255 (--eps 8 = 8/255) on every command and in every CSV.")
 console = Console(stderr=True)
 
 
@@ -67,16 +69,20 @@ def _names(keys) -> str:
 
 
 # choices are plain strings checked by the library (an unknown name: one line, exit 1, the valid names listed)
-Norm = Annotated[str, typer.Option(help=f"normalization variant (SPEC.md): {_names(NORMS)}")]
+Norm = Annotated[str, typer.Option(help=f"normalization variant (README: Normalization variants): {_names(NORMS)}")]
 Arch = Annotated[str, typer.Option(help=_names(ARCHS))]
 Loss = Annotated[str, typer.Option(help=f"training objective: {_names(LOSSES)}")]
 Dataset = Annotated[str, typer.Option(help=_names(DATASETS))]
-DataDir = Annotated[Optional[Path], typer.Option(help="folder holding cifar-10-batches-py/",
+DataDir = Annotated[Optional[Path], typer.Option(help="folder holding cifar-10-batches-py/ (cifar-100-python/, "
+                                                      "SVHN's .mat files); a missing dataset is downloaded into it",
                                                  show_default="$HYBRIDAT_DATA_DIR or ./data")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps")]
-Graphs = Annotated[bool, typer.Option(help="on a GPU, run each step (attack + update) as one CUDA graph")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")]
+Graphs = Annotated[bool, typer.Option(help="on a GPU, run each training step (attack + update) as one CUDA graph "
+                                            "(--no-graphs: eager)")]
 Eps = Annotated[float, typer.Option(help="L-inf radius in pixel units (8 = 8/255)")]
 Seed = Annotated[int, typer.Option(help="seed of weights, data order, augmentation and attack noise")]
+EvalSeed = Annotated[int, typer.Option(help="seed of PGD's random start (batch i: seed + i) and of AutoAttack; "
+                                            "recorded as eval_seed")]
 Ckpt = Annotated[Path, typer.Argument(help="a hybridat .safetensors checkpoint")]
 
 
@@ -213,16 +219,19 @@ def train_cmd(
     dataset: Dataset = "cifar10",
     data_dir: DataDir = None,
     eps: Eps = 8.0,
-    step: Annotated[float, typer.Option(help="training PGD step in pixel units")] = 2.0,
-    steps: Annotated[int, typer.Option(help="training PGD steps")] = 10,
-    epochs: Annotated[int, typer.Option(help="lr x0.1 from the 100th of 110 and x0.01 from the 105th, scaled "
-                                             "(short runs: the first decay no later than the last epoch)")] = 110,
+    step: Annotated[float, typer.Option(help="training PGD step in pixel units (2 = 2/255)")] = 2.0,
+    steps: Annotated[int, typer.Option(help="training PGD steps (start x + 0.001 N(0, 1), through the adv "
+                                            "branch in eval mode)")] = 10,
+    epochs: Annotated[int, typer.Option(help="training epochs; the lr drops x0.1 at 100/110 of them and x0.01 at "
+                                             "105/110 (a short run: the first drop by its last epoch)")] = 110,
     batch_size: Annotated[int, typer.Option(help="images per branch per step (all GPUs together)")] = 128,
-    lr: float = 0.1,
-    weight_decay: float = 5e-4,
-    clean_weight: Annotated[float, typer.Option(help="hybrid loss weight of the clean branch")] = 0.5,
-    trades_beta: float = 6.0,
-    train_subset: Annotated[Optional[int], typer.Option(help="train on the first N images only")] = None,
+    lr: Annotated[float, typer.Option(help="SGD learning rate (momentum 0.9)")] = 0.1,
+    weight_decay: Annotated[float, typer.Option(help="SGD weight decay, on every parameter")] = 5e-4,
+    clean_weight: Annotated[float, typer.Option(help="--loss hybrid: w in w CE(clean branch, x) + (1 - w) CE(adv "
+                                                     "branch, x_adv)")] = 0.5,
+    trades_beta: Annotated[float, typer.Option(help="--loss trades: weight of the KL term")] = 6.0,
+    train_subset: Annotated[Optional[int], typer.Option(help="train on the first N training images only",
+                                                        show_default="all")] = None,
     seed: Seed = 0,
     device: DeviceOpt = "auto",
     amp: Annotated[bool, typer.Option(help="bf16 autocast in the training step (norm statistics, weights and the "
@@ -283,13 +292,15 @@ def attack_cmd(
     checkpoint: Ckpt,
     out: Annotated[Path, typer.Option(help="tidy CSV, one row per (branch, attack, steps)")],
     attack: Annotated[list[str], typer.Option(help=f"repeatable: {_names(ATTACKS)}")] = ["clean", "pgd"],
-    steps: Annotated[Optional[list[int]], typer.Option(help="PGD steps, repeatable (10 and 20 = two rows)",
-                                                       show_default="10")] = None,
+    steps: Annotated[Optional[list[int]], typer.Option(help="PGD steps, repeatable (10 and 20 = two rows); FGSM "
+                                                            "is one step of eps", show_default="10")] = None,
     eps: Eps = 8.0,
-    step: Annotated[Optional[float], typer.Option(help="PGD step in pixel units", show_default="eps/4")] = None,
-    branch: Annotated[Optional[list[str]], typer.Option(help="adv or clean, repeatable", show_default="both")] = None,
+    step: Annotated[Optional[float], typer.Option(help="PGD step in pixel units (report's PGD-k cells are eps/4 "
+                                                       "only)", show_default="eps/4")] = None,
+    branch: Annotated[Optional[list[str]], typer.Option(help="adv or clean, repeatable (a one-branch model is "
+                                                             "measured once, under both)", show_default="both")] = None,
     n: Annotated[Optional[int], typer.Option(help="evaluate the first N test images", show_default="all")] = None,
-    batch_size: int = 500,
+    batch_size: Annotated[int, typer.Option(help="images per attack batch (memory)")] = 500,
     aa_version: Annotated[Optional[str], typer.Option(help=f"AutoAttack version: {_names(AA_VERSIONS)}",
                                                       show_default="standard")] = None,
     aa_attacks: Annotated[Optional[str], typer.Option(
@@ -300,9 +311,10 @@ def attack_cmd(
     dataset: Annotated[Optional[str], typer.Option(help=_names(DATASETS),
                                                    show_default="the one it was trained on")] = None,
     data_dir: DataDir = None,
-    seed: Seed = 0,
+    seed: EvalSeed = 0,
     device: DeviceOpt = "auto",
-    graphs: Graphs = True,
+    graphs: Annotated[bool, typer.Option(help="on a GPU, run each PGD batch as one CUDA graph (--no-graphs: "
+                                              "eager)")] = True,
     amp: Annotated[bool, typer.Option(help="craft FGSM and PGD examples in bf16 (autocast, norms folded into their "
                                            "convolutions) for speed; accuracy is still counted in fp32, rows say "
                                            "bf16, and AutoAttack stays fp32. Not the paper's protocol")] = False,
@@ -351,14 +363,20 @@ def swap_bn_cmd(
     out: Annotated[Path, typer.Option(help="the NEW checkpoint (never the input)")],
     cross: Annotated[bool, typer.Option("--cross", help="each branch keeps its AP, takes the other's NS")] = False,
     swap_ap: Annotated[bool, typer.Option("--swap-ap", help="each branch keeps its NS, takes the other's AP")] = False,
-    ns: Annotated[Optional[list[str]], typer.Option(help="general form: BRANCH=SOURCE NS, e.g. adv=clean")] = None,
-    ap: Annotated[Optional[list[str]], typer.Option(help="general form: BRANCH=SOURCE AP, e.g. clean=adv")] = None,
-    from_layer: Annotated[Optional[int], typer.Option(help="only norm layers with index >= K (0 = first)")] = None,
-    reestimate: Annotated[Optional[str], typer.Option(help="recompute --branch's running NS on clean, adv "
-                                                            "or noise training data")] = None,
+    ns: Annotated[Optional[list[str]], typer.Option(help="general form, repeatable: BRANCH=SOURCE, BRANCH reads "
+                                                         "SOURCE's running NS, e.g. adv=clean")] = None,
+    ap: Annotated[Optional[list[str]], typer.Option(help="general form, repeatable: BRANCH=SOURCE, BRANCH uses "
+                                                         "SOURCE's AP, e.g. clean=adv")] = None,
+    from_layer: Annotated[Optional[int], typer.Option(help="only norm layers K and deeper (depth order, 0 = first, "
+                                                           "as ns-gap's layer column)", show_default="all")] = None,
+    reestimate: Annotated[Optional[str], typer.Option(help="recompute --branch's running NS from one pass in train "
+                                                            "mode over the first --n augmented training images as "
+                                                            "they are (clean), PGD examples as in training crafted "
+                                                            "through --branch (adv), or x + U(-eps, eps) (noise)")]
+    = None,
     branch: Annotated[Optional[str], typer.Option(help="--reestimate: adv or clean, the branch whose NS it "
                                                        "recomputes", show_default="adv")] = None,
-    n: Annotated[Optional[int], typer.Option(help="--reestimate: training images in the pass",
+    n: Annotated[Optional[int], typer.Option(help="--reestimate: the first N training images, one pass",
                                              show_default="10000")] = None,
     eps: Annotated[Optional[float], typer.Option(help="--reestimate adv or noise: L-inf radius in pixel units",
                                                  show_default="8.0")] = None,
@@ -419,14 +437,18 @@ def swap_bn_cmd(
 def ns_gap_cmd(
     checkpoint: Ckpt,
     out: Annotated[Path, typer.Option(help="tidy CSV; FILE-channels.csv and FILE-*.png are written beside it")],
-    fix_ap: Annotated[bool, typer.Option("--fix-ap", help="all domains through the same branch (same AP)")] = False,
+    fix_ap: Annotated[bool, typer.Option("--fix-ap", help="all domains through --branch (one AP: the paper's "
+                                                          "protocol); without it each through its own branch (adv "
+                                                          "and noise: adv; clean: clean), as earlier work")] = False,
     branch: Annotated[str, typer.Option(help="adv or clean: branch of the PGD examples, and of every domain with "
                                              "--fix-ap")] = "adv",
-    eps: Eps = 16.0,
+    eps: Annotated[float, typer.Option(help="L-inf radius of the adversarial and noisy domains in pixel units "
+                                            "(16 = 16/255)")] = 16.0,
     steps: Annotated[int, typer.Option(help="PGD steps of the adversarial domain")] = 10,
     step: Annotated[Optional[float], typer.Option(help="PGD step of the adversarial domain in pixel units (the "
                                                        "authors' figures: 2)", show_default="eps/4")] = None,
-    n: Annotated[int, typer.Option(help="test images in the batch")] = 512,
+    n: Annotated[int, typer.Option(help="the first N test images; each domain's NS are read over all N at once")]
+    = 512,
     batch_size: Annotated[int, typer.Option(help="PGD crafts the adversarial images this many at a time (memory); "
                                                  "the NS are still read over all N")] = 512,
     start: Annotated[str, typer.Option(help="PGD's random start: uniform in the eps-ball, or normal: x + "
@@ -436,13 +458,13 @@ def ns_gap_cmd(
                                                   "does not)")] = True,
     measure: Annotated[str, typer.Option(help="train: read NS in train mode, batch NS upstream (the authors' "
                                               "momentum-1 protocol); eval: forward hooks in eval mode, running NS "
-                                              "upstream")] = "train",
+                                              "upstream (CSV column: mode)")] = "train",
     reference: Annotated[str, typer.Option(help="batch: each domain against the clean batch's NS; running: against "
                                                 "the checkpoint's running NS (the authors' notebooks)")] = "batch",
-    layer: Annotated[Optional[int], typer.Option(help="layer of the per-channel plot",
-                                                 show_default="the last")] = None,
+    layer: Annotated[Optional[int], typer.Option(help="norm layer whose channels FILE-channels.png shows (0 = "
+                                                      "first)", show_default="the last")] = None,
     data_dir: DataDir = None,
-    seed: Seed = 0,
+    seed: Annotated[int, typer.Option(help="seed of PGD's random start and of the noise")] = 0,
     device: DeviceOpt = "auto",
 ):
     """Per-layer NS distance between adversarial, noisy and clean versions of the same test images."""
@@ -485,14 +507,15 @@ def ns_gap_cmd(
 @app.command("report")
 @cli_errors
 def report_cmd(
-    runs: Annotated[list[Path], typer.Argument(help="CSV files or folders searched for them")],
+    runs: Annotated[list[Path], typer.Argument(help="eval, train and ns-gap CSVs, or folders searched for them "
+                                                    "recursively (other CSVs there are skipped)")],
     out: Annotated[Path, typer.Option(help="folder for the tables (.md, .tex, .csv), report.md and plots")],
     margin: Annotated[float, typer.Option(help="Findings: accuracies within this many percentage points "
                                                        "count as comparable")] = 2.0,
     ratio_margin: Annotated[float, typer.Option(help="Findings: NS gaps within this factor count as "
                                                              "comparable")] = 1.5,
 ):
-    """The paper's claims checked against the rows (Findings), SPEC.md's five tables (mean ± std over seeds) and
+    """The paper's claims checked against the rows (Findings), its five tables (mean ± std over seeds) and
     figures, from tidy CSVs; never recomputes anything. Prints the findings and where the tables and figures are."""
     from .report import check_report_out, load_runs, write_report
 
@@ -531,8 +554,11 @@ def import_cmd(
     arch: Annotated[Optional[str], typer.Option(help=_names(ARCHS), show_default="found from the keys")] = None,
     layout: Annotated[str, typer.Option(help=f"key layout of the file (README: Bring your own model): auto, "
                                              f"{_names(LAYOUTS)}")] = "auto",
-    norm: Annotated[Optional[str], typer.Option(help="variant to import as", show_default="the layout's")] = None,
-    num_classes: Annotated[Optional[int], typer.Option(show_default="from the classifier's shape")] = None,
+    norm: Annotated[Optional[str], typer.Option(help="variant to import as: one with the same sets (e.g. bn-mix), "
+                                                     "or dual-bn, dual-ap, dual-ns from one single BN",
+                                                show_default="the layout's")] = None,
+    num_classes: Annotated[Optional[int], typer.Option(help="classes of the classifier",
+                                                       show_default="from the classifier's shape")] = None,
     input_mean: Annotated[Optional[str], typer.Option(help="R,G,B: the model was trained on (x - mean) / std")]
     = None,
     input_std: Annotated[Optional[str], typer.Option(help="R,G,B, with --input-mean")] = None,

@@ -331,7 +331,7 @@ def _gn(doc: str, groups: Callable[[int], int], ap_sets: int) -> NormSpec:
 
 SWAP_DIVERGES = ("cross-bn-swap normalizes each half with the other half's batch NS, which squares the adv/clean "
                  "variance ratio at every norm layer (rho -> rho^2), so activations blow up with depth; it is an "
-                 "ablation that cannot train (SPEC.md); train cross-bn or cross-bn-adv instead")
+                 "ablation that cannot train (README: Known behaviour); train cross-bn or cross-bn-adv instead")
 
 _GROUPS = {
     "gn": lambda c: math.gcd(32, c),  # 32 groups (Wu & He 2018), fewer when a narrow layer has fewer channels

@@ -1,0 +1,33 @@
+"""The --help of every command is a newcomer's reference: every flag and argument says what it does, and every
+radius or step says its unit (pixel units: 8 = 8/255), as the README's Conventions do."""
+
+import typer
+
+from hybridat.cli import app
+
+
+def _params():
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        for param in command.params:
+            yield name, param
+
+
+def test_every_flag_and_argument_of_every_command_has_a_help_text():
+    bare = [f"{name} {param.name}" for name, param in _params() if not (getattr(param, "help", None) or "").strip()]
+    assert bare == []
+
+
+def test_every_radius_and_step_flag_states_its_unit():
+    sized = [(name, param) for name, param in _params() if param.name in ("eps", "step")]
+    assert {name for name, _ in sized} == {"train", "attack", "swap-bn", "ns-gap"}
+    vague = [f"{name} --{param.name}" for name, param in sized if "pixel units" not in param.help]
+    assert vague == []
+
+
+def test_no_help_text_points_at_a_file_outside_the_repository():
+    """SPEC.md lives beside the project, not in it: a user of the package never has it."""
+    group = typer.main.get_command(app)
+    texts = [group.help or ""] + [c.help or "" for c in group.commands.values()]
+    texts += [getattr(p, "help", None) or "" for _, p in _params()]
+    assert not [t for t in texts if "SPEC" in t]
