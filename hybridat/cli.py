@@ -566,12 +566,20 @@ def import_cmd(
     = "aux",
     dataset: Annotated[str, typer.Option(help=f"the dataset it was trained on, for later stages: "
                                               f"{_names(DATASETS)}")] = "cifar10",
+    seed: Annotated[Optional[int], typer.Option(help="the seed it was trained with (report pairs seeds)",
+                                                show_default="not recorded")] = None,
+    loss: Annotated[Optional[str], typer.Option(help=f"its training objective: {_names(LOSSES)}",
+                                                show_default="not recorded")] = None,
+    eps: Annotated[Optional[float], typer.Option(help="the L-inf radius it was trained at, in pixel units (8 = "
+                                                      "8/255)", show_default="not recorded")] = None,
 ):
-    """Import a checkpoint of other code (ResNet-18, PreAct, WRN, the authors' Dual BN, timm SplitBN)."""
+    """Import a checkpoint of other code (ResNet-18, PreAct, WRN, the authors' Dual BN, timm SplitBN). With --seed,
+    --loss and --eps (how it was trained) report sets its rows in the tables and Findings."""
     from .interop import import_checkpoint
 
     done = import_checkpoint(src, out, arch=arch, layout=layout, norm=norm, num_classes=num_classes,
-                             input_mean=input_mean, input_std=input_std, adv_split=adv_split, dataset=dataset)
+                             input_mean=input_mean, input_std=input_std, adv_split=adv_split, dataset=dataset,
+                             seed=seed, loss=loss, eps=eps)
     c = done.model.config
     say(f"{out}  layout {done.layout}{' (auto)' if layout == 'auto' else ''}: {c.arch} width {c.width:g}, "
         f"{c.num_classes} classes, norm {c.norm}  -> {done.hash}")

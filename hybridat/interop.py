@@ -26,8 +26,9 @@ from safetensors.torch import save_file
 from . import __version__
 from .checkpoint import Checkpoint, atomic_path, check_checkpoint_name, file_hash, load_checkpoint, save_checkpoint
 from .data import DATASETS, check_classes
-from .errors import HybridatError, check_choice
+from .errors import HybridatError, check_choice, check_number
 from .files import check_outputs
+from .inputs import check_pixel_eps
 from .models import ARCHS, BranchModel, ModelConfig, build_model, norm_layers
 from .norms import AP_PARAMS, BRANCHES, NORMS, NS_BUFFERS, SHARED, BranchBatchNorm, set_name
 
@@ -355,7 +356,8 @@ def _triple(value, what: str) -> tuple[float, float, float] | None:
 def import_checkpoint(src: str | Path, out: str | Path | None = None, *, arch: str | None = None,
                       layout: str = "auto", norm: str | None = None, num_classes: int | None = None,
                       input_mean=None, input_std=None, adv_split: str = "aux",
-                      dataset: str = "cifar10") -> Imported:
+                      dataset: str = "cifar10", seed: int | None = None, loss: str | None = None,
+                      eps: float | None = None) -> Imported:
     """Read a foreign .pt/.pth/.safetensors checkpoint as a hybridat model; write it to `out` if given.
 
     The layout ('auto' tries every one), the arch, the width (from conv1) and the classes (from the head) are
@@ -363,9 +365,12 @@ def import_checkpoint(src: str | Path, out: str | Path | None = None, *, arch: s
     model normalize its [0, 1] input itself, for models trained on normalized inputs; a file written by
     `export_branch` carries them. adv_split: which split of a timm SplitBatchNorm2d model is the adversarial
     one ('aux', as AdvProp trains it, or 'main'). dataset: the one it was trained on, which later stages read
-    by default. The checkpoint's metadata records the source's name and hash, the layout and `imported`.
+    by default. seed, loss, eps (pixel units): how it was trained, where known, recorded as `train` records them,
+    so that `report` sets its rows in the tables and Findings (without them: among the rows no table shows).
+    The checkpoint's metadata records the source's name and hash, the layout and `imported`.
     """
     check_choice(dataset, DATASETS, "dataset")
+    training = _training(dataset, seed, loss, eps)
     check_choice(adv_split, ADV_SPLITS, "--adv-split")
     src = Path(src)
     if out is not None:
@@ -394,8 +399,23 @@ def import_checkpoint(src: str | Path, out: str | Path | None = None, *, arch: s
         if found.layout.base:
             record |= {"base_layout": found.layout.base, "adv_split": adv_split}
         result.path = Path(out)
-        result.hash = save_checkpoint(model, out, imported=record, train={"dataset": dataset})
+        seeded = {} if seed is None else {"seed": str(seed)}  # as `train` records it
+        result.hash = save_checkpoint(model, out, imported=record, train=training, **seeded)
     return result
+
+
+def _training(dataset: str, seed: int | None, loss: str | None, eps: float | None) -> dict:
+    """The `train` metadata of an imported model: its dataset, and the loss and ε it was trained with if given."""
+    from .train import LOSSES
+
+    if seed is not None:
+        check_number("seed", seed, 0, 2**63 - 1, integer=True)
+    training = {"dataset": dataset}
+    if loss is not None:
+        training["loss"] = check_choice(loss, LOSSES, "loss")
+    if eps is not None:
+        training["eps"] = float(check_pixel_eps(check_number("eps", eps, 0, 255)))
+    return training
 
 
 def branch_state(model: BranchModel, branch: str) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ def test_every_flag_and_argument_of_every_command_has_a_help_text():
 
 def test_every_radius_and_step_flag_states_its_unit():
     sized = [(name, param) for name, param in _params() if param.name in ("eps", "step")]
-    assert {name for name, _ in sized} == {"train", "attack", "swap-bn", "ns-gap"}
+    assert {name for name, _ in sized} == {"train", "attack", "swap-bn", "ns-gap", "import"}
     vague = [f"{name} --{param.name}" for name, param in sized if "pixel units" not in param.help]
     assert vague == []
 
