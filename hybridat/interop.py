@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -155,6 +156,18 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _load_error(e: Exception) -> str:
+    """What torch.load(weights_only=True) found wrong: the unpickler's own reason (e.g. "Unsupported global: GLOBAL
+    __main__.Net"), not torch's preamble about re-running with weights_only=False, which would run the file's code."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        reason = next((line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()), "")
+        if reason:
+            return reason
+    return _first_line(e)
+
+
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
     """The state dict inside the usual containers ({'state_dict': ...}, {'model': ...}, {'net': ...})."""
     while isinstance(obj, dict):
@@ -185,6 +198,8 @@ def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A foreign file's state dict (unwrapped, prefixes stripped) and its safetensors metadata ({} for torch)."""
     path = Path(path)
+    if path.is_dir():
+        raise HybridatError(f"{path} is a folder; give the checkpoint file (.pt, .pth or .safetensors)")
     if not path.is_file():
         raise HybridatError(f"no file at {path}")
     if _kind(path) == "safetensors":
@@ -194,11 +209,13 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         except (SafetensorError, OSError, ValueError) as e:
             raise HybridatError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of the pickle protocol of files it then reads or refuses
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- whatever the unpickler refuses, the answer is one line
         raise HybridatError(f"{path} does not load with torch.load(weights_only=True), which never runs code from "
                             f"the file (a pickled model object needs code: save its state_dict() instead): "
-                            f"{_first_line(e)}") from None
+                            f"{_load_error(e)}") from None
     return _unwrap(obj, path), {}
 
 
@@ -291,6 +308,8 @@ def match(state: dict[str, torch.Tensor], *, arch: str | None = None, layout: st
         raise HybridatError(f"adv split must be 'aux' or 'main', got {adv_split!r}")
     if arch is not None and arch not in ARCHS:
         raise HybridatError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+    if num_classes is not None:  # 0 was taken for "not given" and the head's classes used instead
+        check_number("num_classes", num_classes, 2, 100_000, integer=True)
     if norm is not None:
         spec = NORMS.get(norm)
         if spec is None or spec.ns_sets == 0 or spec.dual_head or spec.adapters:

@@ -70,6 +70,13 @@ class ModelConfig:
             raise HybridatError(f"unknown norm {self.norm!r}; choose one of: {', '.join(NORMS)}")
         check_number("width", self.width, 0, MAX_WIDTH, low_open=True)
         check_number("num_classes", self.num_classes, 2, 100_000, integer=True)
+        for key in INPUT_NORM:  # NaN or infinity here made every logit NaN
+            value = getattr(self, key)
+            if value is not None:
+                if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 3:
+                    raise HybridatError(f"{key} must be 3 numbers (R, G, B), got {value!r:.200}")
+                for v in value:
+                    check_number(key, v, -1e6, 1e6)
         if self.input_std is not None and not all(v > 0 for v in self.input_std):
             raise HybridatError(f"input_std must be positive, got {self.input_std}")
         return self
