@@ -352,7 +352,11 @@ def _mapping(pairs: list[str] | None, flag: str) -> dict[str, str]:
         target, _, source = pair.partition("=")
         if not source:
             raise HybridatError(f"{flag} takes BRANCH=SOURCE (e.g. adv=clean), got {pair!r}")
-        mapping[check_choice(target, BRANCHES, "branch")] = check_choice(source, BRANCHES, "branch")
+        target, source = check_choice(target, BRANCHES, "branch"), check_choice(source, BRANCHES, "branch")
+        if mapping.get(target, source) != source:  # the later one silently won
+            raise HybridatError(f"{flag} gives branch {target} two sources ({target}={mapping[target]}, "
+                                f"{target}={source}); give each branch once")
+        mapping[target] = source
     return mapping
 
 
@@ -409,7 +413,8 @@ def swap_bn_cmd(
     if reestimate is not None:
         check_choice(reestimate, DOMAINS, "--reestimate domain")
         check_reestimate(branch, reestimate, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed,
-                         n_images=n)
+                         n_images=n, given=[flag.lstrip("-") for flag, value in pass_flags.items()
+                                            if value is not None])
     if from_layer is not None:
         check_number("from layer", from_layer, 0, integer=True)
     mapping = {"ns": _mapping(ns, "--ns"), "ap": _mapping(ap, "--ap")}

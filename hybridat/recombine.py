@@ -119,14 +119,27 @@ def _copy_set(dst: BranchBatchNorm, dst_key: str, src: BranchBatchNorm, src_key:
         getattr(dst, set_name(base, dst_key)).copy_(getattr(src, set_name(base, src_key)))
 
 
+# the attack settings each --reestimate domain reads (the others it would ignore)
+DOMAIN_USES = {"clean": (), "noise": ("eps",), "adv": ("eps", "step", "steps")}
+
+
 def check_reestimate(branch: str, domain: str, *, eps: float = 8.0, step: float = 2.0, steps: int = 10,
-                     batch_size: int = 128, seed: int = 0, n_images: int | None = None) -> None:
-    """Every setting of `reestimate` checked (one line for the first bad one), before any model or data is read."""
+                     batch_size: int = 128, seed: int = 0, n_images: int | None = None,
+                     given: Iterable[str] = ()) -> None:
+    """Every setting of `reestimate` checked (one line for the first bad one), before any model or data is read.
+    given: the names of eps, step and steps a user set explicitly; one the domain does not read is refused, rather
+    than silently ignored (`--reestimate clean --eps 4` measured nothing at ε=4)."""
     check_choice(branch, BRANCHES, "branch")
     check_choice(domain, DOMAINS, "domain")
+    unused = [name for name in given if name in DOMAIN_USES["adv"] and name not in DOMAIN_USES[domain]]
+    if unused:
+        why = {"clean": "clean images take no ε or PGD settings",
+               "noise": "it reads --eps only (--step and --steps are adv's PGD settings)"}[domain]
+        raise HybridatError(f"{', '.join(f'--{name}' for name in unused)} {'does' if len(unused) == 1 else 'do'} "
+                            f"not apply to --reestimate {domain}: {why}")
     check_number("eps", eps, 0, 255)
     check_pixel_eps(eps)
-    check_number("step", step, 0, 255)
+    check_number("step", step, 0, 255, low_open=True)  # a step of 0: PGD never leaves its start
     check_pixel_eps(step, "step")
     check_number("PGD steps", steps, 1, 100_000, integer=True)
     check_number("batch size", batch_size, 1, 1 << 20, integer=True)

@@ -93,15 +93,15 @@ def check_config(cfg: TrainConfig, norm: str) -> None:
     check_choice(cfg.loss, LOSSES, "loss")
     if get_norm(norm).needs_both and len(LOSSES[cfg.loss].branches) < 2:
         raise HybridatError(f"norm {norm} mixes both branches in one batch; use --loss hybrid or trades")
+    attacked = "adv" in LOSSES[cfg.loss].branches  # only --loss clean crafts no adversarial examples
     check_number("eps", cfg.eps, 0, 255)
-    check_number("step", cfg.step, 0, 255)
+    check_number("step", cfg.step, 0, 255, low_open=attacked)  # a step of 0: PGD never leaves its start
     check_pixel_eps(cfg.eps)
     check_pixel_eps(cfg.step, "step")
-    attacked = "adv" in LOSSES[cfg.loss].branches  # only --loss clean crafts no adversarial examples
     check_number("PGD steps", cfg.steps, 1 if attacked else 0, 100_000, integer=True)
     check_number("epochs", cfg.epochs, 1, 100_000, integer=True)
     check_number("batch size", cfg.batch_size, 1, 1 << 20, integer=True)
-    check_number("lr", cfg.lr, 0)
+    check_number("lr", cfg.lr, 0, low_open=True)  # 0: no weight ever moves
     check_number("momentum", cfg.momentum, 0, 1)
     check_number("weight decay", cfg.weight_decay, 0)
     check_number("clean weight", cfg.clean_weight, 0, 1)
