@@ -70,6 +70,19 @@ def run_lock(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def remove_empty(folders: list[Path]) -> None:
+    """Remove each of `folders` (deepest first: ones this call made) that holds nothing but a run's lock file."""
+    for folder in folders:
+        try:
+            if set(os.listdir(folder)) - {LOCK}:
+                return  # it holds something (a file of the run, another process's): keep it and those above
+            if (folder / LOCK).exists():
+                os.unlink(folder / LOCK)
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
 def _contents(out: Path) -> set[str]:
     """Names in the run folder, without the lock and hidden temp files."""
     return {name for name in os.listdir(out) if not name.startswith(".")}
@@ -233,18 +246,24 @@ def run_training(out: str | Path, config: ModelConfig, cfg: TrainConfig, *, data
         if cfg.batch_size < world:  # every rank alike, before the folder is made
             raise HybridatError(f"batch_size {cfg.batch_size} is below the {world} processes of this run: each "
                                 "takes at least one image per step (--batch-size is the global batch)")
+        made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
         out.mkdir(parents=True, exist_ok=True)
-        with ExitStack() as lock:
-            ident = identity(config, cfg, dataset)
+        try:
+            with ExitStack() as lock:
+                ident = identity(config, cfg, dataset)
 
-            def check_folder():  # rank 0's lock and verdict; every rank stops on a refusal
-                lock.enter_context(run_lock(out))
-                return prepare_folder(out, ident, resume=resume, overwrite=overwrite)
-            state = on_rank0(check_folder, world)
-            if world > 1 and not main and resume and (out / STATE).is_file():  # rank 0 checked it (one file system)
-                state = read_state(out / STATE)
-            result = _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank, world, main,
-                                 on_step, on_epoch, graphs)
+                def check_folder():  # rank 0's lock and verdict; every rank stops on a refusal
+                    lock.enter_context(run_lock(out))
+                    return prepare_folder(out, ident, resume=resume, overwrite=overwrite)
+                state = on_rank0(check_folder, world)
+                if world > 1 and not main and resume and (out / STATE).is_file():  # rank 0 checked it
+                    state = read_state(out / STATE)
+                result = _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank, world, main,
+                                     on_step, on_epoch, graphs)
+        except BaseException:  # a bad dataset, an interrupt before the first epoch: no empty run folder is left
+            if main:
+                remove_empty(made)
+            raise
         if world > 1:  # rank 0 has written the model: every rank leaves the group together
             torch.distributed.barrier()
         return result
