@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .errors import HybridatError
+from .data import DATASETS
+from .errors import HybridatError, check_choice, check_number
 from .files import atomic_path
 from .models import BranchModel, ModelConfig, build_model
 from .runtime import resolve_device
@@ -212,6 +214,7 @@ def _decode(header: dict[str, str], key: str, default=None):
 META_TYPES = {"train": (dict,), "seed": (int, str), "epoch": (int,), "operation": (dict,), "parent": (str,),
               "run": (int, str, float)}
 TRAIN_TYPES = {"dataset": (str,), "eps": (int, float), "loss": (str,), "epochs": (int,), "steps": (int,)}
+TRAIN_RANGES = {"eps": (0, 255), "epochs": (1, math.inf), "steps": (0, math.inf)}
 
 
 def _check_header(path: Path, header: dict[str, str]) -> ModelConfig:
@@ -233,6 +236,17 @@ def _check_header(path: Path, header: dict[str, str]) -> ModelConfig:
         if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
             raise HybridatError(f"{path}: training setting {key!r} must be "
                                 f"{' or '.join(k.__name__ for k in kinds)}, got {value!r}"[:300])
+    # and by value: every later row copies these (a NaN ε, a dataset no stage can load)
+    try:
+        for key, (low, high) in TRAIN_RANGES.items():
+            if train.get(key) is not None:
+                check_number(f"training setting {key!r}", train[key], low, high)
+        if train.get("dataset") is not None:
+            check_choice(train["dataset"], DATASETS, "training setting 'dataset'")
+        if _decode(header, "epoch") is not None:
+            check_number("metadata 'epoch'", _decode(header, "epoch"), 0)
+    except HybridatError as e:
+        raise HybridatError(f"{path}: {e}") from None
     return config
 
 
