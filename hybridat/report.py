@@ -7,6 +7,7 @@ and never opens a model. A cell is the mean ± sample std over seeds with n show
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,10 +19,12 @@ from rich.table import Table
 from rich.text import Text
 
 from .analysis import DOMAIN_SETTINGS, PROTOCOL, PROTOCOL_DEFAULTS, protocol_text
+from .attacks import ATTACKS
 from .checkpoint import TRAINING_COLUMNS
 from .files import atomic_path, check_outputs, same_file
 from .errors import HybridatError
 from .evaluate import aa_columns, attack_label
+from .norms import BRANCHES, NORMS
 
 MISSING = "—"
 
@@ -84,6 +87,7 @@ def load_runs(paths: list[Path], sources: list[Path] | None = None) -> dict[str,
                         frame[col] = str(default)
             if kind is not None:
                 _check_accuracies(file, frame)
+                _check_cells(file, kind, frame)
                 found[kind].append(frame.assign(**{SOURCE: str(file)}))
                 if sources is not None:
                     sources.append(file)
@@ -155,6 +159,45 @@ def _check_accuracies(file: Path, frame: pd.DataFrame) -> None:
             raise HybridatError(f"{file}: {col} must lie in [0, 1], got {frame[col][i]!r} (row {i + 2})"
                                 if pd.isna(values[i]) else
                                 f"{file}: {col} must lie in [0, 1], got {bad.iloc[0]} (row {i + 2})")
+
+
+# What every row of a kind must hold: text that is not empty, and numbers (finite). A row without them was grouped
+# as a setting "?" (an eps of NaN made a cell of its own, a pgd row without steps a "PGD-None" column).
+REQUIRED_TEXT = {"eval": ("checkpoint_hash", "norm", "arch", "branch", "attack"),
+                 "nsgap": ("checkpoint_hash", "norm", "kind", "pair", "statistic", "measure"),  # AP rows: no branch
+                 "train": ("run", "norm", "loss_name")}
+REQUIRED_NUMBERS = {"eval": ("width", "eps"), "nsgap": ("layer", "distance"), "train": ("eps", "epoch")}  # AP: no ε
+MAY_DIVERGE = {"loss", "loss_adv", "loss_clean"}  # a diverged epoch's loss is NaN or inf, and its row is kept
+
+
+def _check_cells(file: Path, kind: str, frame: pd.DataFrame) -> None:
+    """One line naming the file, column and row of the first cell that is empty where every row has a value, or
+    not a finite number in a numeric column (an empty numeric cell elsewhere is a setting that does not apply)."""
+    def where(col: str, i) -> str:
+        return f"{file}: {col} {{}} (row {i + 2})"
+
+    text = {col: frame[col].astype(str).str.strip() for col in frame.columns}
+    for col in REQUIRED_TEXT[kind] + REQUIRED_NUMBERS[kind]:
+        empty = text[col][text[col] == ""]
+        if len(empty):
+            raise HybridatError(where(col, empty.index[0]).format(f"is empty; every {kind} row has one"))
+    for col, names in (("norm", NORMS), *((("branch", BRANCHES), ("attack", ATTACKS)) if kind == "eval" else ())):
+        unknown = text[col][~text[col].isin(names)]
+        if len(unknown):
+            i = unknown.index[0]
+            raise HybridatError(where(col, i).format(f"{frame[col][i]!r} is none of {', '.join(names)}"))
+    if kind == "eval":
+        steps = text.get("steps")
+        if steps is not None:
+            unset = steps[(frame["attack"].str.strip() == "pgd") & (steps == "")]
+            if len(unset):
+                raise HybridatError(where("steps", unset.index[0]).format("is empty in a pgd row"))
+    for col in sorted((NUMERIC - MAY_DIVERGE - set(ACCURACIES)) & set(frame.columns)):
+        values = pd.to_numeric(frame[col], errors="coerce")
+        bad = values[(text[col] != "") & ~values.map(lambda v: pd.notna(v) and math.isfinite(v))]
+        if len(bad):
+            i = bad.index[0]
+            raise HybridatError(where(col, i).format(f"must be a finite number, got {frame[col][i]!r}"))
 
 
 def _read(file: Path) -> tuple[str | None, pd.DataFrame]:
