@@ -102,6 +102,21 @@ def _build(ws: Path) -> None:
     state = torch.load(ws / "plain.pt", weights_only=True)
     state["fc.weight"][0, 0] = float("nan")
     torch.save(state, ws / "plain-nan.pt")
+    (ws / "garbage.pt").write_bytes(b"\x80\x04garbage")  # a pickle's first bytes, then no pickle
+    torch.save(torch.nn.Linear(2, 2), ws / "module.pt")  # a pickled model object, not its state dict
+    _rewrite(ws / "m.safetensors", ws / "dataset-mnist.safetensors", train=json.dumps(TRAIN_META | {"dataset": "mnist"}))
+    _rewrite(ws / "m.safetensors", ws / "eps-nan.safetensors", train=json.dumps(TRAIN_META | {"eps": float("nan")}))
+    evals = pd.read_csv(FIXTURES / "eval.csv", dtype=str, keep_default_na=False)
+    pgd = evals.index[evals.attack == "pgd"][0]
+    for name, col, row, value in (("eps-nan", "eps", 3, "nan"), ("pgd-no-steps", "steps", pgd, ""),
+                                  ("norm-typo", "norm", 3, "dualbn"), ("branch-empty", "branch", 3, "")):
+        (ws / name).mkdir()
+        evals.assign(**{col: evals[col].where(evals.index != row, value)}).to_csv(ws / name / "eval.csv",
+                                                                                  index=False)
+    gaps = pd.read_csv(FIXTURES / "nsgap.csv", dtype=str, keep_default_na=False)
+    (ws / "distance-inf").mkdir()
+    gaps.assign(distance=gaps.distance.where(gaps.index != 2, "inf")).to_csv(ws / "distance-inf" / "g.csv",
+                                                                            index=False)
     (ws / "random.safetensors").write_bytes(random.Random(0).randbytes(4096))
     (ws / "empty.safetensors").write_bytes(b"")
     (ws / "dir.safetensors").mkdir()
@@ -315,6 +330,55 @@ CASES = [
      1),
     ("report accuracy text", ["report", "acc-text/eval.csv", "--out", "rep"], "got '0.5x' (row 5)", 1),
     ("report a header-only CSV", ["report", "header-only", "--out", "rep"], "hold a header but no rows", 1),
+    # -- found by the audit of every command against every bad-input kind (issue: bad-input and artifact safety)
+    ("--device xpu", ["attack", "m.safetensors", "--device", "xpu", "--out", "o.csv"], "unknown device 'xpu'", 1),
+    ("--device xpu:0", ["swap-bn", "m.safetensors", "--cross", "--device", "xpu:0", "--out", "o.safetensors"],
+     "unknown device 'xpu:0'", 1),
+    pytest.param("--device mps without one", ["attack", "m.safetensors", "--device", "mps", "--out", "o.csv"],
+                 "no MPS device", 1, marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="has MPS")),
+    ("--device cuda:99", ["attack", "m.safetensors", "--device", "cuda:99", "--out", "o.csv"], "--device cuda", 1),
+    ("import a damaged pickle", ["import", "garbage.pt", "--out", "o.safetensors"],
+     "does not load with torch.load(weights_only=True), which never runs code from the file (a pickled model object "
+     "needs code: save its state_dict() instead): Unsupported operand", 1),
+    ("import a pickled module", ["import", "module.pt", "--out", "o.safetensors"],
+     "Unsupported global: GLOBAL torch.nn.modules.linear.Linear", 1),
+    ("import a folder", ["import", "folder", "--out", "o.safetensors"], "folder is a folder; give the checkpoint", 1),
+    ("import --num-classes 0", ["import", "plain.pt", "--num-classes", "0", "--out", "o.safetensors"],
+     "num_classes must be in [2, 100000], got 0", 1),
+    ("import --input-mean nan", ["import", "plain.pt", "--input-mean", "nan,0,0", "--input-std", "1,1,1", "--out",
+                                 "o.safetensors"], "input_mean must be a finite number, got nan", 1),
+    ("import --input-std inf", ["import", "plain.pt", "--input-mean", "0,0,0", "--input-std", "1,inf,1", "--out",
+                                "o.safetensors"], "input_std must be a finite number, got inf", 1),
+    ("train --lr 0", [*TRAIN, "--lr", "0", "--out", "runs/x"], "lr must be in (0, inf], got 0", 1),
+    ("train --step 0", [*TRAIN, "--step", "0", "--out", "runs/x"], "step must be in (0, 255], got 0", 1),
+    ("swap-bn --reestimate adv --step 0", ["swap-bn", "m.safetensors", "--reestimate", "adv", "--step", "0", "--n",
+                                           "8", *FAST, "--out", "o.safetensors"], "step must be in (0, 255]", 1),
+    ("swap-bn --reestimate clean --eps", ["swap-bn", "m.safetensors", "--reestimate", "clean", "--eps", "4", "--n",
+                                          "8", *FAST, "--out", "o.safetensors"],
+     "--eps does not apply to --reestimate clean", 1),
+    ("swap-bn --reestimate noise --steps --step", ["swap-bn", "m.safetensors", "--reestimate", "noise", "--steps",
+                                                   "3", "--step", "1", "--n", "8", *FAST, "--out", "o.safetensors"],
+     "--step, --steps do not apply to --reestimate noise: it reads --eps only", 1),
+    ("swap-bn --ns one branch twice", ["swap-bn", "m.safetensors", "--ns", "adv=clean", "--ns", "adv=adv", "--out",
+                                       "o.safetensors"], "--ns gives branch adv two sources", 1),
+    ("train fails in a new folder", [*TRAIN, "--train-subset", "1000", "--out", "runs/new"],
+     "n=1000 must be between 1 and 80", 1),  # and leaves no empty run folder (nor the folders above it)
+    ("train fails in new folders", [*TRAIN, "--train-subset", "1000", "--out", "new/deeper/run"],
+     "n=1000 must be between 1 and 80", 1),
+    ("checkpoint trained on an unknown dataset", ["info", "dataset-mnist.safetensors"],
+     "dataset-mnist.safetensors: unknown training setting 'dataset' 'mnist'", 1),
+    ("checkpoint trained at eps NaN: attack", ["attack", "eps-nan.safetensors", "--n", "8", *FAST, "--out", "o.csv"],
+     "eps-nan.safetensors: training setting 'eps' must be a finite number, got nan", 1),
+    ("checkpoint trained at eps NaN: swap-bn", ["swap-bn", "eps-nan.safetensors", "--cross", "--out",
+                                                "o.safetensors"], "training setting 'eps' must be a finite number", 1),
+    ("report eps NaN", ["report", "eps-nan", "--out", "rep"], "eval.csv: eps must be a finite number, got 'nan' (row 5)",
+     1),
+    ("report a pgd row without steps", ["report", "pgd-no-steps", "--out", "rep"], "steps is empty in a pgd row", 1),
+    ("report an unknown norm", ["report", "norm-typo", "--out", "rep"], "norm 'dualbn' is none of bn, bn-mix", 1),
+    ("report an empty branch", ["report", "branch-empty/eval.csv", "--out", "rep"],
+     "branch is empty; every eval row has one (row 5)", 1),
+    ("report an infinite NS distance", ["report", "distance-inf", "--out", "rep"],
+     "g.csv: distance must be a finite number, got 'inf' (row 4)", 1),
     # -- successes that used to break: markup in metadata and paths; an unfinished checkpoint is marked
     ("swap-bn, markup everywhere", ["swap-bn", "markup.safetensors", "--cross", "--out", "[red]x[/].safetensors"],
      "[red]x[/].safetensors  cross", 0),
