@@ -567,8 +567,8 @@ def import_cmd(
     input_mean: Annotated[Optional[str], typer.Option(help="R,G,B: the model was trained on (x - mean) / std")]
     = None,
     input_std: Annotated[Optional[str], typer.Option(help="R,G,B, with --input-mean")] = None,
-    adv_split: Annotated[str, typer.Option(help="timm-splitbn: which split is adversarial, aux (AdvProp) or main")]
-    = "aux",
+    adv_split: Annotated[Optional[str], typer.Option(help="timm-splitbn: which split is adversarial, aux (AdvProp) "
+                                                          "or main", show_default="aux")] = None,
     dataset: Annotated[str, typer.Option(help=f"the dataset it was trained on, for later stages: "
                                               f"{_names(DATASETS)}")] = "cifar10",
     seed: Annotated[Optional[int], typer.Option(help="the seed it was trained with (report pairs seeds)",

@@ -374,7 +374,7 @@ def _triple(value, what: str) -> tuple[float, float, float] | None:
 
 def import_checkpoint(src: str | Path, out: str | Path | None = None, *, arch: str | None = None,
                       layout: str = "auto", norm: str | None = None, num_classes: int | None = None,
-                      input_mean=None, input_std=None, adv_split: str = "aux",
+                      input_mean=None, input_std=None, adv_split: str | None = None,
                       dataset: str = "cifar10", seed: int | None = None, loss: str | None = None,
                       eps: float | None = None) -> Imported:
     """Read a foreign .pt/.pth/.safetensors checkpoint as a hybridat model; write it to `out` if given.
@@ -383,14 +383,16 @@ def import_checkpoint(src: str | Path, out: str | Path | None = None, *, arch: s
     found from the keys unless given; `norm` defaults to the layout's variant. input_mean/std (R,G,B) make the
     model normalize its [0, 1] input itself, for models trained on normalized inputs; a file written by
     `export_branch` carries them. adv_split: which split of a timm SplitBatchNorm2d model is the adversarial
-    one ('aux', as AdvProp trains it, or 'main'). dataset: the one it was trained on, which later stages read
-    by default. seed, loss, eps (pixel units): how it was trained, where known, recorded as `train` records them,
-    so that `report` sets its rows in the tables and Findings (without them: among the rows no table shows).
+    one ('aux', as AdvProp trains it and the default, or 'main'; refused for a file of another layout).
+    dataset: the one it was trained on, which later stages read by default. seed, loss, eps (pixel units): how it
+    was trained, where known, recorded as `train` records them, so that `report` sets its rows in the tables and
+    Findings (without them: among the rows no table shows).
     The checkpoint's metadata records the source's name and hash, the layout and `imported`.
     """
     check_choice(dataset, DATASETS, "dataset")
     training = _training(dataset, seed, loss, eps)
-    check_choice(adv_split, ADV_SPLITS, "--adv-split")
+    if adv_split is not None:
+        check_choice(adv_split, ADV_SPLITS, "--adv-split")
     src = Path(src)
     if out is not None:
         check_outputs([out], [src])  # never over the source (path, link, hardlink); writable; before any work
@@ -407,16 +409,20 @@ def import_checkpoint(src: str | Path, out: str | Path | None = None, *, arch: s
         mean, std = _triple(meta["input_mean"], "input_mean"), _triple(meta.get("input_std"), "input_std")
     if (mean is None) != (std is None):
         raise HybridatError("--input-mean and --input-std go together: give both or neither")
+    split = adv_split or "aux"
     found = match(state, arch=arch, layout=layout, norm=norm, num_classes=num_classes, input_mean=mean,
-                  input_std=std, adv_split=adv_split)
-    model = load_foreign(state, found, adv_split)
+                  input_std=std, adv_split=split)
+    if adv_split is not None and not found.layout.base:  # it would be ignored: the file has one BN per layer
+        raise HybridatError(f"--adv-split applies to timm-splitbn files (two BNs per layer); {src} has layout "
+                            f"{found.layout.label}")
+    model = load_foreign(state, found, split)
     check_classes(dataset, model.config.num_classes)
     result = Imported(model, found.layout.label)
     if out is not None:
         record = {"source": src.name, "source_hash": file_hash(src), "layout": found.layout.name,
                   "imported": True}
         if found.layout.base:
-            record |= {"base_layout": found.layout.base, "adv_split": adv_split}
+            record |= {"base_layout": found.layout.base, "adv_split": split}
         result.path = Path(out)
         seeded = {} if seed is None else {"seed": str(seed)}  # as `train` records it
         result.hash = save_checkpoint(model, out, imported=record, train=training, **seeded)

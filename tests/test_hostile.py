@@ -349,6 +349,8 @@ CASES = [
                                  "o.safetensors"], "input_mean must be a finite number, got nan", 1),
     ("import --input-std inf", ["import", "plain.pt", "--input-mean", "0,0,0", "--input-std", "1,inf,1", "--out",
                                 "o.safetensors"], "input_std must be a finite number, got inf", 1),
+    ("import --adv-split of a plain file", ["import", "plain.pt", "--adv-split", "main", "--out", "o.safetensors"],
+     "--adv-split applies to timm-splitbn files (two BNs per layer); plain.pt has layout torchvision", 1),
     ("train --lr 0", [*TRAIN, "--lr", "0", "--out", "runs/x"], "lr must be in (0, inf], got 0", 1),
     ("train --step 0", [*TRAIN, "--step", "0", "--out", "runs/x"], "step must be in (0, 255], got 0", 1),
     ("swap-bn --reestimate adv --step 0", ["swap-bn", "m.safetensors", "--reestimate", "adv", "--step", "0", "--n",

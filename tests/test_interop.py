@@ -100,7 +100,7 @@ def test_every_layout_imports_with_the_foreign_logits_through_every_branch(name,
     ref, layout, arch, norm = reference(name)
     src = tmp_path / "foreign.pt"
     torch.save(ref.state_dict(), src)
-    split = "main" if name == "timm-splitbn-wrn" else "aux"
+    split = {"timm-splitbn-wrn": "main", "timm-splitbn-preact": "aux"}.get(name)  # other layouts: refused
     done = import_checkpoint(src, tmp_path / "imported.safetensors", adv_split=split)
     assert done.layout.split(" ")[0] == layout and done.model.config.arch == arch and done.model.config.norm == norm
     ckpt = load_checkpoint(done.path)
