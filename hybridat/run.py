@@ -83,6 +83,12 @@ def remove_empty(folders: list[Path]) -> None:
             return
 
 
+def discard_run(out: Path) -> None:
+    """Remove the run's own files from `out` (an --overwrite, once the new run has an epoch to write instead)."""
+    for name in sorted(_contents(out) & set(RUN_FILES)):
+        os.unlink(out / name)
+
+
 def _contents(out: Path) -> set[str]:
     """Names in the run folder, without the lock and hidden temp files."""
     return {name for name in os.listdir(out) if not name.startswith(".")}
@@ -109,13 +115,12 @@ def prepare_folder(out: Path, ident: dict, *, resume: bool, overwrite: bool) -> 
     Refused with one line: a finished run (model.safetensors) or an unfinished one unless --resume or
     --overwrite; a run of other settings unless --overwrite; a folder of files that belong to no run unless
     --overwrite (files beside a finished run or a resume state, e.g. an eval.csv, never stop it). --overwrite
-    removes the run's own files (never anything else) before training starts.
+    starts afresh; the old run's own files (never anything else) are removed by `discard_run` only when the new
+    run's first epoch is done, so a run that fails before then (bad data, Ctrl-C) leaves the old one as it was.
     """
     present = _contents(out)
     mine = present & set(RUN_FILES)
     if overwrite:
-        for name in mine:
-            os.unlink(out / name)
         return None
     if MODEL in present:
         raise HybridatError(f"{out} holds a finished run ({MODEL}); --overwrite to train it again")
@@ -259,7 +264,7 @@ def run_training(out: str | Path, config: ModelConfig, cfg: TrainConfig, *, data
                 if world > 1 and not main and resume and (out / STATE).is_file():  # rank 0 checked it
                     state = read_state(out / STATE)
                 result = _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank, world, main,
-                                     on_step, on_epoch, graphs)
+                                     on_step, on_epoch, graphs, overwrite)
         except BaseException:  # a bad dataset, an interrupt before the first epoch: no empty run folder is left
             if main:
                 remove_empty(made)
@@ -270,7 +275,7 @@ def run_training(out: str | Path, config: ModelConfig, cfg: TrainConfig, *, data
 
 
 def _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank, world, main, on_step,
-                on_epoch, graphs) -> RunResult:
+                on_epoch, graphs, overwrite=False) -> RunResult:
     generator = seed_everything(cfg.seed)
     # rank 0 alone downloads a missing dataset (ranks downloading at once wrote into one folder)
     split = on_rank0(lambda: load_split(dataset, train=True, data_dir=data_dir, device=device, n=cfg.train_subset),
@@ -290,6 +295,9 @@ def _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank,
                      optimizer=optimizer):
         problem = _divergence(row, model)  # the same on every rank: the row is all-reduced, weights in sync
         if main:
+            if overwrite:  # the old run stays whole until now: a run that failed before its first epoch kept it
+                discard_run(out)
+                overwrite = False
             # last.safetensors, then the resume state, then the CSV: a kill between any two leaves a state that
             # redoes at most this epoch, with the same numbers
             digest = "" if problem else save_checkpoint(model, out / LAST, **meta, epoch=str(row["epoch"]))

@@ -363,6 +363,10 @@ CASES = [
      "--step, --steps do not apply to --reestimate noise: it reads --eps only", 1),
     ("swap-bn --ns one branch twice", ["swap-bn", "m.safetensors", "--ns", "adv=clean", "--ns", "adv=adv", "--out",
                                        "o.safetensors"], "--ns gives branch adv two sources", 1),
+    ("train --overwrite that fails keeps the old run", [*TRAIN, "--overwrite", "--train-subset", "1000", "--out",
+                                                        "runs/finished"], "n=1000 must be between 1 and 80", 1),
+    ("train --overwrite that fails keeps a resume state", [*TRAIN, "--overwrite", "--train-subset", "1000", "--out",
+                                                           "runs/other"], "n=1000 must be between 1 and 80", 1),
     ("train fails in a new folder", [*TRAIN, "--train-subset", "1000", "--out", "runs/new"],
      "n=1000 must be between 1 and 80", 1),  # and leaves no empty run folder (nor the folders above it)
     ("train fails in new folders", [*TRAIN, "--train-subset", "1000", "--out", "new/deeper/run"],

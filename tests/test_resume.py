@@ -141,6 +141,15 @@ def test_resume_of_a_finished_run_and_overwrite(reference, tmp_path, data_dir):
     with pytest.raises(HybridatError, match="finished run"):  # what the folder is, not the file beside it
         run_training(out, CONFIG, CFG, data_dir=data_dir)
     before = (out / MODEL).stat().st_mtime_ns
+    old = {name: (out / name).read_bytes() for name in (MODEL, "train.csv")}
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # --overwrite stopped in its first epoch: the finished run is kept whole
+        run_training(out, CONFIG, CFG, data_dir=data_dir, overwrite=True, on_step=interrupt)
+    assert {name: (out / name).read_bytes() for name in (MODEL, "train.csv")} == old
+    assert sorted(os.listdir(out)) == [".lock", "eval.csv", MODEL, "train.csv"]
     run_training(out, CONFIG, CFG, data_dir=data_dir, overwrite=True)
     assert (out / MODEL).stat().st_mtime_ns != before and (out / "eval.csv").read_text() == "mine"
     _same_run(reference, out)
