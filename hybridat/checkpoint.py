@@ -250,16 +250,24 @@ def _check_header(path: Path, header: dict[str, str]) -> ModelConfig:
     return config
 
 
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.int64: "I64"}  # what a hybridat model's tensors are stored as
+
+
 def _check_shapes(path: Path, f, config: ModelConfig) -> None:
     """Every tensor the config's model has, with its shape, and nothing else; checked on the meta device, so a
     small file claiming a huge config never allocates the huge model."""
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
+        state = build_model(config).state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
     found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     problems = [f"missing {k!r}" for k in sorted(expected.keys() - found.keys())]
     problems += [f"unexpected {k!r}" for k in sorted(found.keys() - expected.keys())]
     problems += [f"{k!r} has shape {found[k]}, the config needs {expected[k]}" for k in expected
                  if k in found and found[k] != expected[k]]
+    # the dtype too: load_state_dict would cast int8 or float16 weights into the float32 model without a word
+    dtypes = {k: f.get_slice(k).get_dtype() for k in expected.keys() & found.keys()}
+    problems += [f"{k!r} is {dtypes[k]}, the model needs {SAFETENSORS_DTYPES[state[k].dtype]}" for k in sorted(dtypes)
+                 if state[k].dtype in SAFETENSORS_DTYPES and dtypes[k] != SAFETENSORS_DTYPES[state[k].dtype]]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise HybridatError(f"{path}: weights do not match its config {config.to_json()}: {problems[0]}{more}")

@@ -106,6 +106,9 @@ def _build(ws: Path) -> None:
     torch.save(torch.nn.Linear(2, 2), ws / "module.pt")  # a pickled model object, not its state dict
     _rewrite(ws / "m.safetensors", ws / "dataset-mnist.safetensors", train=json.dumps(TRAIN_META | {"dataset": "mnist"}))
     _rewrite(ws / "m.safetensors", ws / "eps-nan.safetensors", train=json.dumps(TRAIN_META | {"eps": float("nan")}))
+    with safe_open(ws / "m.safetensors", "pt") as f:  # the weights of the same shapes as int8: cast, silently
+        save_file({k: f.get_tensor(k).to(torch.int8) if k == "conv1.weight" else f.get_tensor(k) for k in f.keys()},
+                  ws / "int8.safetensors", metadata=f.metadata())
     evals = pd.read_csv(FIXTURES / "eval.csv", dtype=str, keep_default_na=False)
     pgd = evals.index[evals.attack == "pgd"][0]
     for name, col, row, value in (("eps-nan", "eps", 3, "nan"), ("pgd-no-steps", "steps", pgd, ""),
@@ -371,6 +374,8 @@ CASES = [
      "n=1000 must be between 1 and 80", 1),  # and leaves no empty run folder (nor the folders above it)
     ("train fails in new folders", [*TRAIN, "--train-subset", "1000", "--out", "new/deeper/run"],
      "n=1000 must be between 1 and 80", 1),
+    ("checkpoint of int8 weights", ["swap-bn", "int8.safetensors", "--cross", "--out", "o.safetensors"],
+     "'conv1.weight' is I8, the model needs F32", 1),
     ("checkpoint trained on an unknown dataset", ["info", "dataset-mnist.safetensors"],
      "dataset-mnist.safetensors: unknown training setting 'dataset' 'mnist'", 1),
     ("checkpoint trained at eps NaN: attack", ["attack", "eps-nan.safetensors", "--n", "8", *FAST, "--out", "o.csv"],
