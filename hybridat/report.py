@@ -167,6 +167,10 @@ REQUIRED_TEXT = {"eval": ("checkpoint_hash", "norm", "arch", "branch", "attack")
                  "nsgap": ("checkpoint_hash", "norm", "kind", "pair", "statistic", "measure"),  # AP rows: no branch
                  "train": ("run", "norm", "loss_name")}
 REQUIRED_NUMBERS = {"eval": ("width", "eps"), "nsgap": ("layer", "distance"), "train": ("eps", "epoch")}  # AP: no ε
+CELL_RANGES = {"eps": (0, 255, False), "train_eps": (0, 255, False), "step": (0, 255, False),
+               "width": (0, 16, False), "steps": (0, math.inf, True), "n": (1, math.inf, True),
+               "layer": (0, math.inf, True), "epoch": (1, math.inf, True), "seed": (0, math.inf, True),
+               "distance": (0, math.inf, False)}  # (low, high, integer) of what the commands write
 MAY_DIVERGE = {"loss", "loss_adv", "loss_clean"}  # a diverged epoch's loss is NaN or inf, and its row is kept
 
 
@@ -198,6 +202,14 @@ def _check_cells(file: Path, kind: str, frame: pd.DataFrame) -> None:
         if len(bad):
             i = bad.index[0]
             raise HybridatError(where(col, i).format(f"must be a finite number, got {frame[col][i]!r}"))
+        if col in CELL_RANGES:  # and a possible one: no stage writes a negative ε, 2.5 PGD steps or layer -1
+            low, high, integer = CELL_RANGES[col]
+            wrong = values[(text[col] != "") & ((values < low) | (values > high) | (values % 1 != 0 if integer
+                                                                                      else False))]
+            if len(wrong):
+                i = wrong.index[0]
+                what = f"{'an integer' if integer else 'a number'} in [{low:g}, {high:g}]"
+                raise HybridatError(where(col, i).format(f"must be {what}, got {frame[col][i]!r}"))
 
 
 def _read(file: Path) -> tuple[str | None, pd.DataFrame]:

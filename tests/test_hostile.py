@@ -112,7 +112,8 @@ def _build(ws: Path) -> None:
     evals = pd.read_csv(FIXTURES / "eval.csv", dtype=str, keep_default_na=False)
     pgd = evals.index[evals.attack == "pgd"][0]
     for name, col, row, value in (("eps-nan", "eps", 3, "nan"), ("pgd-no-steps", "steps", pgd, ""),
-                                  ("norm-typo", "norm", 3, "dualbn"), ("branch-empty", "branch", 3, "")):
+                                  ("norm-typo", "norm", 3, "dualbn"), ("branch-empty", "branch", 3, ""),
+                                  ("eps-negative", "eps", 3, "-8"), ("steps-fraction", "steps", pgd, "2.5")):
         (ws / name).mkdir()
         evals.assign(**{col: evals[col].where(evals.index != row, value)}).to_csv(ws / name / "eval.csv",
                                                                                   index=False)
@@ -388,6 +389,10 @@ CASES = [
     ("report an unknown norm", ["report", "norm-typo", "--out", "rep"], "norm 'dualbn' is none of bn, bn-mix", 1),
     ("report an empty branch", ["report", "branch-empty/eval.csv", "--out", "rep"],
      "branch is empty; every eval row has one (row 5)", 1),
+    ("report a negative eps", ["report", "eps-negative", "--out", "rep"],
+     "eval.csv: eps must be a number in [0, 255], got '-8' (row 5)", 1),
+    ("report 2.5 PGD steps", ["report", "steps-fraction", "--out", "rep"], "steps must be an integer in [0, inf], got "
+     "'2.5'", 1),
     ("report an infinite NS distance", ["report", "distance-inf", "--out", "rep"],
      "g.csv: distance must be a finite number, got 'inf' (row 4)", 1),
     # -- successes that used to break: markup in metadata and paths; an unfinished checkpoint is marked
