@@ -400,6 +400,9 @@ def import_checkpoint(src: str | Path, out: str | Path | None = None, *, arch: s
     state, meta = read_state_dict(src)
     if "hybridat.format" in meta:
         raise HybridatError(f"{src} is already a hybridat checkpoint: every stage reads it as it is")
+    if str(meta.get("format", "")).startswith("hybridat-resume"):  # run.STATE_FORMAT
+        raise HybridatError(f"{src} is a hybridat training run's resume state, not a checkpoint of other code; the "
+                            f"run's latest model is {src.parent / 'last.safetensors'}, which every stage reads as it is")
     bad = [k for k, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
            and not torch.isfinite(t).all()]
     if bad:  # every stage would refuse the model: refused here, before a checkpoint is written

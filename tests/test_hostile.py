@@ -346,6 +346,9 @@ CASES = [
      "needs code: save its state_dict() instead): Unsupported operand", 1),
     ("import a pickled module", ["import", "module.pt", "--out", "o.safetensors"],
      "Unsupported global: GLOBAL torch.nn.modules.linear.Linear", 1),
+    ("import a resume state", ["import", "runs/other/resume.safetensors", "--out", "o.safetensors"],
+     "is a hybridat training run's resume state, not a checkpoint of other code; the run's latest model is "
+     "runs/other/last.safetensors", 1),
     ("import a folder", ["import", "folder", "--out", "o.safetensors"], "folder is a folder; give the checkpoint", 1),
     ("import --num-classes 0", ["import", "plain.pt", "--num-classes", "0", "--out", "o.safetensors"],
      "num_classes must be in [2, 100000], got 0", 1),
