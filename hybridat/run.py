@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,19 @@ def read_state(path: Path) -> dict:
                  "rng_python": json.loads(meta["rng_python"]), "tensors": tensors}
         if not (isinstance(state["rows"], list) and isinstance(state["identity"], dict)):
             raise ValueError("rows or identity of the wrong type")
+        epochs = state["identity"].get("train", {}).get("epochs") if isinstance(state["identity"].get("train"),
+                                                                                 dict) else None
+        if state["epoch"] < 1 or (isinstance(epochs, int) and state["epoch"] > epochs):
+            raise ValueError(f"epoch {state['epoch']} of {epochs}")
+        missing = [k for k in ("rng.torch", "rng.data") if k not in tensors]
+        if missing or not any(k.startswith("model.") for k in tensors):
+            raise ValueError(f"no {', '.join(missing) or 'model weights'}")
+        python = state["rng_python"]
+        if not (isinstance(python, list) and len(python) == 3 and isinstance(python[1], list)):
+            raise ValueError("a damaged Python generator state")
+        scalars = state["optim_scalars"]
+        if not (isinstance(scalars, dict) and all(re.fullmatch(r"\d+\.\w+", k) for k in scalars)):
+            raise ValueError("damaged optimizer scalars")
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
         raise HybridatError(f"{path} is not a readable resume state ({e}); --overwrite to start over") from None
     return state
@@ -286,7 +300,13 @@ def _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank,
     optimizer = make_optimizer(model, cfg)
     rows, start = [], 0
     if state is not None:
-        restore_state(state, model, optimizer, generator)
+        try:  # read_state checked its structure; what only the model can tell (keys, shapes, generator sizes) here
+            restore_state(state, model, optimizer, generator)
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as e:
+            why = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+            raise HybridatError(f"{out / STATE} does not fit this run ({why}); --overwrite to start over") from None
+        if not weights_finite(model):  # save_state never writes a diverged epoch's weights
+            raise HybridatError(f"{out / STATE} holds non-finite weights; --overwrite to start over")
         rows, start = state["rows"], state["epoch"]
     meta = {"train": cfg.to_dict() | {"dataset": dataset}, "seed": str(cfg.seed), "run": out.name}
     ids = {"run": out.name, "seed": cfg.seed, "norm": config.norm, "arch": config.arch, "width": config.width,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from hybridat import run as run_module
 from hybridat.errors import HybridatError
@@ -273,3 +276,60 @@ def test_a_folder_that_turned_read_only_is_named_as_the_output(tmp_path, monkeyp
             tmp.write_text("never")
     assert caught.value.filename == str(tmp_path / "e.csv") and caught.value.errno == errno.EROFS
     assert list(tmp_path.iterdir()) == []
+
+
+SMALL = TrainConfig(epochs=2, batch_size=16, steps=1, train_subset=16)
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory) -> tuple[Path, Path]:
+    """A run folder stopped after epoch 1 of 2 (last.safetensors, resume state, train.csv) and its data."""
+    root = tmp_path_factory.mktemp("stopped")
+    data = fake_cifar10(root / "data", 16)
+
+    def stop(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(root / "run", CONFIG, SMALL, data_dir=data, on_epoch=stop)
+    return root / "run", data
+
+
+def _damage(tensors: dict, meta: dict, what: str) -> None:
+    weight = "model.conv1.weight"
+    {"no generator": lambda: tensors.pop("rng.torch"),
+     "a generator of the wrong size": lambda: tensors.__setitem__("rng.torch", torch.zeros(3, dtype=torch.uint8)),
+     "a weight missing": lambda: tensors.pop(weight),
+     "a weight of the wrong shape": lambda: tensors.__setitem__(weight, torch.zeros(3)),
+     "NaN weights": lambda: tensors.__setitem__(weight, torch.full_like(tensors[weight], float("nan"))),
+     "epoch -1": lambda: meta.__setitem__("epoch", "-1"),
+     "epoch past the last": lambda: meta.__setitem__("epoch", "5"),
+     "damaged optimizer scalars": lambda: meta.__setitem__("optim_scalars", json.dumps({"x": 1})),
+     "a damaged Python generator": lambda: meta.__setitem__("rng_python", "[1]")}[what]()
+
+
+@pytest.mark.parametrize("what, message", [
+    ("no generator", "not a readable resume state (no rng.torch)"),
+    ("a generator of the wrong size", "does not fit this run (Expected a CPUGeneratorImplState of size"),
+    ("a weight missing", "does not fit this run (Missing key(s) in state_dict: \"conv1.weight\""),
+    ("a weight of the wrong shape", "does not fit this run (size mismatch for conv1.weight"),
+    ("NaN weights", "holds non-finite weights"),
+    ("epoch -1", "not a readable resume state (epoch -1 of 2)"),
+    ("epoch past the last", "not a readable resume state (epoch 5 of 2)"),
+    ("damaged optimizer scalars", "not a readable resume state (damaged optimizer scalars)"),
+    ("a damaged Python generator", "not a readable resume state (a damaged Python generator state)")])
+def test_a_damaged_resume_state_is_one_line_and_changes_nothing(what, message, stopped, tmp_path):
+    """A resume state whose header reads but whose contents are damaged: a traceback from restore_state (KeyError,
+    torch's RuntimeError, ValueError), or, for an impossible epoch, a 'finished' model of the wrong epoch."""
+    run, data = stopped
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    with safe_open(out / STATE, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    _damage(tensors, meta, what)
+    save_file(tensors, out / STATE, metadata=meta)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(HybridatError, match="--overwrite to start over") as e:
+        run_training(out, CONFIG, SMALL, data_dir=data, resume=True)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
