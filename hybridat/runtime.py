@@ -104,7 +104,11 @@ def distributed(device: torch.device) -> Iterator[tuple[int, int]]:
     """(rank, world_size) inside; joins the process group when launched by torchrun (WORLD_SIZE > 1) and leaves it
     on the way out (a group the caller had already joined is the caller's to leave). Leaving explicitly: a rank that
     exits with its gloo connections still open can make a peer still reading them abort."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    text = os.environ.get("WORLD_SIZE", "1")
+    world = int(text) if text.strip().isdigit() else 0
+    if world < 1:
+        raise HybridatError(f"WORLD_SIZE={text!r} in the environment; it must be a number of processes >= 1 "
+                            "(torchrun sets it: unset it to run one process)")
     if world == 1:
         yield 0, 1
         return
@@ -112,7 +116,11 @@ def distributed(device: torch.device) -> Iterator[tuple[int, int]]:
     if joined:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        except ValueError as e:  # torch's env:// rendezvous: RANK, MASTER_ADDR, ... missing or malformed
+            raise HybridatError(f"WORLD_SIZE={world} but the process group could not start ({e}); launch with "
+                                "torchrun, or unset WORLD_SIZE to run one process") from None
     try:
         yield dist.get_rank(), world
     finally:

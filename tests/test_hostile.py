@@ -596,3 +596,21 @@ def test_running_out_of_memory_on_the_cpu_is_one_line(base, tmp_path, monkeypatc
     assert result.exit_code == 1 and result.output == "error: out of memory; a smaller --batch-size needs less\n"
     assert not result.exception or isinstance(result.exception, SystemExit)
     assert not (ws / "o.csv").exists()
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("abc", "WORLD_SIZE='abc' in the environment; it must be a number of processes >= 1"),
+    ("0", "WORLD_SIZE='0' in the environment"),
+    ("2", "WORLD_SIZE=2 but the process group could not start (Error initializing torch.distributed using env:// "
+          "rendezvous: environment variable RANK expected, but not set); launch with torchrun")])
+def test_a_bad_torchrun_environment_is_one_line(value, fragment, base, tmp_path, monkeypatch):
+    """WORLD_SIZE that is no count, or > 1 outside torchrun: a traceback (int('abc'), torch's rendezvous error)."""
+    ws = tmp_path / "ws"
+    shutil.copytree(base, ws, symlinks=True)
+    monkeypatch.chdir(ws)
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", value)
+    result = CliRunner().invoke(app, [*TRAIN, "--out", "runs/x"])
+    assert result.exit_code == 1 and result.output.startswith("error: ") and fragment in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (ws / "runs" / "x").exists()
