@@ -19,7 +19,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     """`auto` = the local CUDA device under torchrun, else cuda:0, else mps, else cpu."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            local = os.environ.get("LOCAL_RANK", "0")
+            if not local.strip().isdigit():
+                raise HybridatError(f"LOCAL_RANK={local!r} in the environment; torchrun sets it to the process's GPU "
+                                    "index (unset it to run one process)")
+            return resolve_device(f"cuda:{int(local)}")  # its index checked against the GPUs there are
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
