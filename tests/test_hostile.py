@@ -614,3 +614,24 @@ def test_a_bad_torchrun_environment_is_one_line(value, fragment, base, tmp_path,
     result = CliRunner().invoke(app, [*TRAIN, "--out", "runs/x"])
     assert result.exit_code == 1 and result.output.startswith("error: ") and fragment in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (ws / "runs" / "x").exists()
+
+
+@pytest.mark.parametrize("name, env, fragment", [
+    ("auto", {"LOCAL_RANK": "x"}, "LOCAL_RANK='x' in the environment"),
+    ("auto", {"LOCAL_RANK": "2"}, "--device cuda:2: torch sees 2 CUDA device(s), cuda:0 to cuda:1"),
+    ("cuda:5", {}, "--device cuda:5: torch sees 2 CUDA device(s)"),
+    ("xpu", {}, "unknown device 'xpu'"), ("cpu:1", {}, "unknown device 'cpu:1'"), ("meta", {}, "unknown device")])
+def test_device_names_on_a_two_gpu_host(name, env, fragment, monkeypatch):
+    """What a GPU host would answer (two CUDA devices, faked: nothing touches CUDA before these checks)."""
+    from hybridat.errors import HybridatError
+    from hybridat.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(HybridatError) as e:
+        resolve_device(name)
+    assert fragment in str(e.value)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda", 1) and resolve_device("cuda:1") == torch.device("cuda", 1)
