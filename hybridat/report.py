@@ -18,13 +18,15 @@ from matplotlib.ticker import MaxNLocator
 from rich.table import Table
 from rich.text import Text
 
-from .analysis import DOMAIN_SETTINGS, PROTOCOL, PROTOCOL_DEFAULTS, protocol_text
+from .analysis import DOMAIN_SETTINGS, MEASURES, PROTOCOL, PROTOCOL_DEFAULTS, protocol_text
 from .attacks import ATTACKS
 from .checkpoint import TRAINING_COLUMNS
 from .files import atomic_path, check_outputs, same_file
 from .errors import HybridatError
 from .evaluate import aa_columns, attack_label
+from .models import ARCHS
 from .norms import BRANCHES, NORMS
+from .train import LOSSES
 
 MISSING = "—"
 
@@ -167,6 +169,15 @@ REQUIRED_TEXT = {"eval": ("checkpoint_hash", "norm", "arch", "branch", "attack")
                  "nsgap": ("checkpoint_hash", "norm", "kind", "pair", "statistic", "measure"),  # AP rows: no branch
                  "train": ("run", "norm", "loss_name")}
 REQUIRED_NUMBERS = {"eval": ("width", "eps"), "nsgap": ("layer", "distance"), "train": ("eps", "epoch")}  # AP: no ε
+# the names a text cell may hold ("" where a setting may not apply): what the commands write, lower-cased
+CHOICES = {
+    "eval": {"norm": tuple(NORMS), "arch": tuple(ARCHS), "branch": BRANCHES, "attack": tuple(ATTACKS),
+             "loss_name": ("", *LOSSES)},
+    "nsgap": {"norm": tuple(NORMS), "arch": tuple(ARCHS), "kind": ("ns", "ap"),
+              "statistic": ("mean", "std", "weight", "bias"), "measure": tuple(MEASURES),
+              "fix_ap": ("true", "false", ""), "branch": ("adv", "clean", "own", ""), "loss_name": ("", *LOSSES)},
+    "train": {"norm": tuple(NORMS), "arch": tuple(ARCHS), "loss_name": tuple(LOSSES)},
+}
 CELL_RANGES = {"eps": (0, 255, False), "train_eps": (0, 255, False), "step": (0, 255, False),
                "width": (0, 16, False), "steps": (0, math.inf, True), "n": (1, math.inf, True),
                "layer": (0, math.inf, True), "epoch": (1, math.inf, True), "seed": (0, math.inf, True),
@@ -185,11 +196,14 @@ def _check_cells(file: Path, kind: str, frame: pd.DataFrame) -> None:
         empty = text[col][text[col] == ""]
         if len(empty):
             raise HybridatError(where(col, empty.index[0]).format(f"is empty; every {kind} row has one"))
-    for col, names in (("norm", NORMS), *((("branch", BRANCHES), ("attack", ATTACKS)) if kind == "eval" else ())):
-        unknown = text[col][~text[col].isin(names)]
+    for col, names in CHOICES[kind].items():
+        if col not in frame:
+            continue
+        unknown = text[col][~text[col].str.lower().isin(names)]
         if len(unknown):
             i = unknown.index[0]
-            raise HybridatError(where(col, i).format(f"{frame[col][i]!r} is none of {', '.join(names)}"))
+            named = ", ".join(n or "empty" for n in names)
+            raise HybridatError(where(col, i).format(f"{frame[col][i]!r} is none of {named}"))
     if kind == "eval":
         steps = text.get("steps")
         if steps is not None:

@@ -118,9 +118,9 @@ def _build(ws: Path) -> None:
         evals.assign(**{col: evals[col].where(evals.index != row, value)}).to_csv(ws / name / "eval.csv",
                                                                                   index=False)
     gaps = pd.read_csv(FIXTURES / "nsgap.csv", dtype=str, keep_default_na=False)
-    (ws / "distance-inf").mkdir()
-    gaps.assign(distance=gaps.distance.where(gaps.index != 2, "inf")).to_csv(ws / "distance-inf" / "g.csv",
-                                                                            index=False)
+    for name, col, value in (("distance-inf", "distance", "inf"), ("measure-typo", "measure", "wasserstien")):
+        (ws / name).mkdir()
+        gaps.assign(**{col: gaps[col].where(gaps.index != 2, value)}).to_csv(ws / name / "g.csv", index=False)
     (ws / "random.safetensors").write_bytes(random.Random(0).randbytes(4096))
     (ws / "empty.safetensors").write_bytes(b"")
     (ws / "dir.safetensors").mkdir()
@@ -396,6 +396,8 @@ CASES = [
      "eval.csv: eps must be a number in [0, 255], got '-8' (row 5)", 1),
     ("report 2.5 PGD steps", ["report", "steps-fraction", "--out", "rep"], "steps must be an integer in [0, inf], got "
      "'2.5'", 1),
+    ("report an unknown NS measure", ["report", "measure-typo", "--out", "rep"],
+     "g.csv: measure 'wasserstien' is none of wasserstein, mad (row 4)", 1),
     ("report an infinite NS distance", ["report", "distance-inf", "--out", "rep"],
      "g.csv: distance must be a finite number, got 'inf' (row 4)", 1),
     # -- successes that used to break: markup in metadata and paths; an unfinished checkpoint is marked
