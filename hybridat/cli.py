@@ -28,7 +28,7 @@ from .interop import LAYOUTS, PLAIN
 from .models import ARCHS, ModelConfig
 from .norms import BRANCHES, NORMS
 from .runtime import resolve_device, tune_host
-from .train import LOSSES, TrainConfig, summary
+from .train import LOSSES, TrainConfig, loss_weights, summary
 
 # typer vendors click; its usage errors (an unknown command or flag, a value of the wrong type, a missing argument)
 # derive from click's ClickException, reached here through the public typer.BadParameter
@@ -227,9 +227,10 @@ def train_cmd(
     batch_size: Annotated[int, typer.Option(help="images per branch per step (all GPUs together)")] = 128,
     lr: Annotated[float, typer.Option(help="SGD learning rate (momentum 0.9)")] = 0.1,
     weight_decay: Annotated[float, typer.Option(help="SGD weight decay, on every parameter")] = 5e-4,
-    clean_weight: Annotated[float, typer.Option(help="--loss hybrid: w in w CE(clean branch, x) + (1 - w) CE(adv "
-                                                     "branch, x_adv)")] = 0.5,
-    trades_beta: Annotated[float, typer.Option(help="--loss trades: weight of the KL term")] = 6.0,
+    clean_weight: Annotated[Optional[float], typer.Option(help="--loss hybrid: w in w CE(clean branch, x) + (1 - w) "
+                                                              "CE(adv branch, x_adv)", show_default="0.5")] = None,
+    trades_beta: Annotated[Optional[float], typer.Option(help="--loss trades: weight of the KL term",
+                                                         show_default="6.0")] = None,
     train_subset: Annotated[Optional[int], typer.Option(help="train on the first N training images only",
                                                         show_default="all")] = None,
     seed: Seed = 0,
@@ -250,8 +251,8 @@ def train_cmd(
     check_choice(arch, ARCHS, "arch")
     check_choice(norm, NORMS, "norm")
     cfg = TrainConfig(loss=loss, eps=eps, step=step, steps=steps, epochs=epochs, batch_size=batch_size,
-                      lr=lr, weight_decay=weight_decay, clean_weight=clean_weight, trades_beta=trades_beta,
-                      seed=seed, train_subset=train_subset, amp=amp)
+                      lr=lr, weight_decay=weight_decay, seed=seed, train_subset=train_subset, amp=amp,
+                      **loss_weights(loss, clean_weight, trades_beta))
     config = ModelConfig(arch, norm, width, num_classes(dataset)).check()
     quiet = quiet or os.environ.get("RANK", "0") != "0"  # rank 0 only; no progress: no host sync every 10 steps
     # started at the first step, so that every check (and its one-line error) comes first

@@ -86,6 +86,22 @@ LOSSES: dict[str, Loss] = {
 }
 
 
+LOSS_WEIGHTS = {"clean_weight": "hybrid", "trades_beta": "trades"}  # the one loss each weight is read by
+
+
+def loss_weights(loss: str, clean_weight: float | None = None, trades_beta: float | None = None) -> dict:
+    """TrainConfig's clean_weight and trades_beta: each one given (not None) only with the loss that reads it (with
+    another it would be ignored: `--loss trades --clean-weight 0.3` trained with no clean weight), the defaults
+    elsewhere."""
+    check_choice(loss, LOSSES, "loss")
+    given = {"clean_weight": clean_weight, "trades_beta": trades_beta}
+    for name, value in given.items():
+        if value is not None and LOSS_WEIGHTS[name] != loss:
+            raise HybridatError(f"--{name.replace('_', '-')} weighs a term of --loss {LOSS_WEIGHTS[name]}; --loss "
+                                f"{loss} has none, so it would be ignored")
+    return {name: getattr(TrainConfig, name) if value is None else value for name, value in given.items()}
+
+
 def check_config(cfg: TrainConfig, norm: str) -> None:
     """Reject impossible settings (NaN and infinity included) before any work is done."""
     if not isinstance(cfg, TrainConfig):
