@@ -27,7 +27,7 @@ from .files import Terminated, check_outputs, os_error_line, signals_interrupt
 from .interop import LAYOUTS, PLAIN
 from .models import ARCHS, ModelConfig
 from .norms import BRANCHES, NORMS
-from .runtime import resolve_device, tune_host
+from .runtime import exit_process, resolve_device, tune_host
 from .train import LOSSES, TrainConfig, loss_weights, summary
 
 # typer vendors click; its usage errors (an unknown command or flag, a value of the wrong type, a missing argument)
@@ -619,5 +619,9 @@ def info_cmd(checkpoint: Ckpt):
     Console().print(table)
 
 
-def main() -> None:  # console-script entry point
-    sys.exit(app())
+def main() -> None:  # console-script entry point (and `python -m hybridat`, what torchrun starts)
+    try:
+        app()  # it ends by sys.exit (OneLineUsageErrors.main)
+    except SystemExit as done:
+        exit_process(done.code)
+    exit_process(0)

@@ -92,12 +92,12 @@ def check_batch(model: nn.Module, x, y) -> None:
 
 def check_pixel_eps(eps: float, what: str = "eps") -> float:
     """`eps` (pixel units: 8 means 8/255) unless it is exactly k/255 for a k in 1..32, i.e. the [0, 1] value of a
-    usual radius given where pixel units are meant (it would attack with k/255²)."""
+    usual radius given where pixel units are meant (read in pixel units it is k/255²)."""
     if isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1:
         k = round(eps * 255)
         if 1 <= k <= 32 and abs(eps * 255 - k) < 1e-9:
             raise HybridatError(f"{what} is in pixel units (8 means 8/255); {eps:.6g} is {k}/255 in [0, 1] units, "
-                                f"which would attack with {k}/255²: give {what}={k}")
+                                f"which read in pixel units is {k}/255²: give {what}={k}")
     return eps
 
 

@@ -152,6 +152,24 @@ def test_torchrun_ddp_on_cpu(tmp_path, data_dir):
     assert load_checkpoint(out / "model.safetensors").config.norm == "dual-bn"
 
 
+@pytest.mark.parametrize("code, status, printed", [(0, 0, ""), (1, 1, ""), (None, 0, ""), ("why", 1, "why\n")])
+def test_a_rank_exits_without_finalization(code, status, printed, monkeypatch, capsys):
+    """A process that was a rank of a process group leaves by os._exit with sys.exit's status, streams flushed: in
+    the interpreter's finalization a gloo worker thread still releasing the last collective's tensors takes the GIL
+    and aborts the process (SIGABRT after the model was written: a core of it showed that stack). Any other process
+    exits as usual."""
+    from hybridat import runtime
+
+    with pytest.raises(SystemExit) as done:
+        runtime.exit_process(code)
+    assert done.value.code == code
+    left = []
+    monkeypatch.setattr(runtime, "_joined_group", True)
+    monkeypatch.setattr(runtime.os, "_exit", left.append)
+    runtime.exit_process(code)
+    assert left == [status] and capsys.readouterr().err == printed
+
+
 @pytest.mark.parametrize("held", ["finished run", "lock", "batch 1"])
 def test_torchrun_refusal_is_one_line_per_rank(held, tmp_path):
     """A folder rank 0 refuses stops rank 1 too with the same line (it died of gloo's 'Connection reset by peer'
