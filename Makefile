@@ -52,6 +52,9 @@ DERIVED ?= cross:--cross swap-ap:--swap-ap reest-adv-on-clean:--reestimate=clean
            reest-clean-on-adv:--reestimate=adv@clean reest-adv-on-noise:--reestimate=noise@adv
 derived_names = $(foreach d,$(DERIVED),$(word 1,$(subst :, ,$(d))))
 derived_flags = $(subst @, --branch ,$(word 2,$(subst :, ,$(filter $(1):%,$(DERIVED)))))
+# a re-estimation's settings: $(1)_REEST for every domain, $(1)_REEST_PGD (PGD steps and step) for the adv domain
+# only (swap-bn refuses PGD settings that a clean or noisy pass would ignore); $(2) = the derived model's flags
+reest_flags = $(if $(findstring reestimate,$(2)),$($(1)_REEST)) $(if $(findstring reestimate=adv,$(2)),$($(1)_REEST_PGD))
 
 field = $(word $(1),$(subst _, ,$(2)))
 # the seed of a run or derived name ending in _sSEED
@@ -71,7 +74,7 @@ $(1)/runs/%/aa.csv: $(1)/runs/%/model.safetensors
 	$$(HYBRIDAT) attack $$< --eps $$(call field,3,$$*) --attack autoattack $$($(1)_AA) --out $$@
 $(1)/derived/%/model.safetensors: $(1)/runs/dual-bn_hybrid_8_s$$$$(call seed_of,$$$$*)/model.safetensors
 	$$(HYBRIDAT) swap-bn $$< $$(call derived_flags,$$(call field,1,$$*)) \
-	    $$(if $$(findstring reestimate,$$(call derived_flags,$$(call field,1,$$*))),$$($(1)_REEST)) --out $$@
+	    $$(call reest_flags,$(1),$$(call derived_flags,$$(call field,1,$$*))) --out $$@
 $(1)/derived/%/eval.csv: $(1)/derived/%/model.safetensors
 	$$(HYBRIDAT) attack $$< --eps 8 $$($(1)_EVAL) --out $$@
 $(1)/nsgap/%.csv: $(1)/runs/dual-bn_hybrid_8_s$$$$(call seed_of,$$$$*)/model.safetensors
@@ -103,7 +106,8 @@ $(MINI)_STEP := 6.667  # PGD-3 covering the distance of PGD-10 with step 2 (10 x
 $(MINI)_TRAIN ?= --width 0.125 --train-subset 10000 --epochs 5 --steps 3 --device cpu
 $(MINI)_EVAL ?= --n 1000 --attack clean --attack pgd --steps 10 --device cpu
 $(MINI)_AA ?= --n 100 --device cpu
-$(MINI)_REEST ?= --n 2000 --steps 3 --step 6.667 --device cpu
+$(MINI)_REEST ?= --n 2000 --device cpu
+$(MINI)_REEST_PGD ?= --steps 3 --step 6.667
 $(MINI)_NSGAP ?= --eps 16 --n 256 --device cpu
 $(eval $(call pipeline,$(MINI),$(call pipeline_files,$(MINI),$(grid_runs),aa,$(SEEDS),$(derived_names))))
 mini: $(MINI)/report/report.md
@@ -116,7 +120,8 @@ DEMO_DERIVED := cross_s0 swap-ap_s0 reest-adv-on-clean_s0
 $(DEMO)_STEP := 3
 $(DEMO)_TRAIN ?= --width 0.125 --train-subset 3000 --epochs 4 --batch-size 64 --steps 3 --lr 0.05
 $(DEMO)_EVAL ?= --n 500 --attack clean --attack pgd --steps 10 --batch-size 250
-$(DEMO)_REEST ?= --n 1000 --steps 3 --step 3
+$(DEMO)_REEST ?= --n 1000
+$(DEMO)_REEST_PGD ?= --steps 3 --step 3
 $(DEMO)_NSGAP ?= --eps 16 --n 256
 $(eval $(call pipeline,$(DEMO),$(foreach r,$(DEMO_RUNS),$(DEMO)/runs/$(r)/eval.csv) \
     $(foreach d,$(DEMO_DERIVED),$(DEMO)/derived/$(d)/eval.csv) $(DEMO)/nsgap/own_s0.csv $(DEMO)/nsgap/fixap_s0.csv))

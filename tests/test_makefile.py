@@ -96,3 +96,35 @@ def test_cifar10_is_fetched_once_before_tests_and_trainings(checkout, tmp_path):
     (data / "cifar-10-batches-py").mkdir(parents=True)
     (data / "cifar-10-batches-py" / "test_batch").touch()
     assert "from hybridat import" not in _make(checkout, "-n", "demo", HYBRIDAT_DATA_DIR=str(data)).stdout
+
+
+def test_every_pipelines_swap_bn_flags_are_accepted(tmp_path):
+    """Each distinct swap-bn command of demo, mini, study and tables runs through the real CLI (on a 1/16-width
+    dual-bn model and 16 random images): `make demo` stopped at its re-estimation on clean images when swap-bn began
+    refusing PGD settings a clean pass ignores, and the dry runs above never run a command."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from conftest import fake_cifar10, tiny
+    from hybridat.checkpoint import save_checkpoint
+    from hybridat.cli import app
+
+    parent = tmp_path / "parent.safetensors"
+    save_checkpoint(tiny("dual-bn"), parent, run="r")
+    data = fake_cifar10(tmp_path / "data", 16)
+    commands = set()
+    for target in ("demo", "mini", "study", "tables"):
+        for line in _make(ROOT, "-n", "-B", target).stdout.splitlines():
+            if " swap-bn " in line:
+                words = shlex.split(line)
+                args = words[words.index("swap-bn") + 1:]
+                args = [str(parent) if a.endswith("model.safetensors") and a == args[0] else a for a in args]
+                args = ["16" if prev == "--n" else a for prev, a in zip(["", *args], args)]  # 16 images, not 10,000
+                commands.add(tuple(a for a in args if a != "--out" and not a.endswith("model.safetensors")))
+    assert any("--reestimate=clean" in c for c in commands) and any("--reestimate=adv" in c for c in commands)
+    for i, command in enumerate(sorted(commands)):
+        reads_data = any(a.startswith("--reestimate") for a in command)  # the others refuse --data-dir
+        extra = ["--data-dir", str(data)] * reads_data + ["--device", "cpu"] * ("--device" not in command)
+        result = CliRunner().invoke(app, ["swap-bn", *command, *extra, "--out", str(tmp_path / f"out{i}.safetensors")])
+        assert result.exit_code == 0, f"{command}: {result.output}"
