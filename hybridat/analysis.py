@@ -223,6 +223,22 @@ def pairs(reference: str) -> tuple[tuple[str, str], ...]:
                                                                                       ("adv", "noise", "clean"))
 
 
+def check_ns_gap(*, eps: float, steps: int = 10, step: float | None = None, noise: str = "uniform",
+                 reference: str = "batch", start: str = "uniform", batch_size: int = 512) -> None:
+    """`ns_gap`'s settings checked (one line for the first bad one), before any model or data is read. The mode and
+    the branch are its callers' to check: the CLI calls the mode --measure, and a one-branch module has no branch."""
+    check_choice(noise, NOISES, "noise")
+    check_choice(reference, REFERENCES, "reference")
+    check_choice(start, NS_STARTS, "start")
+    check_number("eps", eps, 0, 255)
+    check_pixel_eps(eps)
+    check_number("PGD steps", steps, 1, 100_000, integer=True)
+    check_number("batch size", batch_size, 1, 1 << 20, integer=True)
+    if step is not None:
+        check_number("step", step, 0, 255, low_open=True)
+        check_pixel_eps(step, "step")
+
+
 def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv", steps: int = 10,
            step: float | None = None, noise: str = "uniform", seed: int = 0, mode: str = "train",
            reference: str = "batch", noise_clip: bool = True, batch_size: int = 512,
@@ -248,17 +264,9 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv"
     check_batch(model, x, y)
     check_flag(fix_ap, "fix_ap")
     check_flag(noise_clip, "noise_clip")
-    check_pixel_eps(eps)
-    check_choice(noise, NOISES, "noise")
     check_choice(mode, MODES, "mode")
-    check_choice(reference, REFERENCES, "reference")
-    check_choice(start, NS_STARTS, "start")
-    check_number("eps", eps, 0, 255)
-    check_number("PGD steps", steps, 1, 100_000, integer=True)
-    check_number("batch size", batch_size, 1, 1 << 20, integer=True)
-    if step is not None:
-        check_number("step", step, 0, 255, low_open=True)
-        check_pixel_eps(step, "step")
+    check_ns_gap(eps=eps, steps=steps, step=step, noise=noise, reference=reference, start=start,
+                 batch_size=batch_size)
     single = not branched(model)
     if single:
         fix_ap, branch = True, SINGLE

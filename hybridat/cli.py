@@ -474,19 +474,13 @@ def ns_gap_cmd(
     device: DeviceOpt = "auto",
 ):
     """Per-layer NS distance between adversarial, noisy and clean versions of the same test images."""
-    from .analysis import MODES, NOISES, NS_STARTS, REFERENCES, check_layer, ns_gap_paths, write_ns_gap
+    from .analysis import MODES, check_layer, check_ns_gap, ns_gap_paths, write_ns_gap
 
     check_choice(branch, BRANCHES, "branch")
-    check_choice(noise, NOISES, "noise")
-    check_choice(start, NS_STARTS, "start")
     check_choice(measure, MODES, "measure")
-    check_choice(reference, REFERENCES, "reference")
-    check_number("eps", eps, 0, 255)
-    check_number("PGD steps", steps, 1, 100_000, integer=True)
-    if step is not None:
-        check_number("step", step, 0, 255, low_open=True)
+    check_ns_gap(eps=eps, steps=steps, step=step, noise=noise, reference=reference, start=start,
+                 batch_size=batch_size)
     check_number("n", n, 1, integer=True)
-    check_number("batch size", batch_size, 1, 1 << 20, integer=True)
     check_number("seed", seed, 0, 2**63 - 1, integer=True)
     if layer is not None:
         check_number("layer", layer, 0, integer=True)
