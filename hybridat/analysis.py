@@ -435,8 +435,9 @@ def write_ns_gap(ckpt: Checkpoint, x, y, out, *, eps: float, layer: int | None =
     eps=eps, **settings)` (fix_ap, branch, steps, step, start, noise, seed, mode, reference, noise_clip,
     batch_size, on_batch), the AP gap where the model has two AP sets (recorded with the protocol, so that
     `report` sets it beside the NS gap), every row with the checkpoint's ids and training columns, as `report`
-    reads them; then FILE.csv, FILE-channels.csv and the plots FILE-depth.png and FILE-channels.png (the channels of `layer`, default the last), all four atomically,
-    none over the checkpoint. Every output is checked before any work."""
+    reads them; then FILE.csv, FILE-channels.csv and the plots FILE-depth.png and FILE-channels.png (the channels
+    of `layer`, default the last), all four atomically, none over the checkpoint. Every output is checked before any
+    work."""
     if not isinstance(ckpt, Checkpoint):
         raise HybridatError(f"ckpt must be a hybridat Checkpoint (hybridat.load_checkpoint(path)), got "
                             f"{type(ckpt).__name__}")

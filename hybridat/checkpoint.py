@@ -27,6 +27,12 @@ from .runtime import resolve_device
 __all__ = ["atomic_path", "write_csv", "save_checkpoint", "load_checkpoint", "checkpoint_hash", "Checkpoint"]
 
 FORMAT = "hybridat-model-v1"
+RESUME_FORMAT = "hybridat-resume"  # a training run's resume state (run.STATE_FORMAT: this and a version)
+
+
+def is_resume_state(metadata: dict[str, str]) -> bool:
+    """Whether a safetensors file's metadata is a training run's resume state, which is no model checkpoint."""
+    return str(metadata.get("format", "")).startswith(RESUME_FORMAT)
 
 
 def write_csv(rows: list[dict] | pd.DataFrame, path: str | Path) -> None:
@@ -111,7 +117,7 @@ def read_header(path: str | Path) -> dict[str, str]:
                                 "train`, `swap-bn` or `import`)") from None
         what = f"is {kind}, not a hybridat checkpoint" if kind else f"is not a readable safetensors file ({e})"
         raise HybridatError(f"{path} {what}; {TO_IMPORT}") from None
-    if metadata.get("format", "").startswith("hybridat-resume"):  # run.STATE_FORMAT
+    if is_resume_state(metadata):
         raise HybridatError(f"{path} is a training run's resume state (weights, optimizer, generators), not a model "
                             f"checkpoint; the run's latest model is {path.parent / 'last.safetensors'}")
     if metadata.get("hybridat.format") != FORMAT:

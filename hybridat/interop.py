@@ -25,7 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .checkpoint import Checkpoint, atomic_path, check_checkpoint_name, file_hash, load_checkpoint, save_checkpoint
+from .checkpoint import (Checkpoint, atomic_path, check_checkpoint_name, file_hash, is_resume_state,
+                         load_checkpoint, save_checkpoint)
 from .data import DATASETS, check_classes
 from .errors import HybridatError, check_choice, check_number
 from .files import check_outputs
@@ -400,9 +401,10 @@ def import_checkpoint(src: str | Path, out: str | Path | None = None, *, arch: s
     state, meta = read_state_dict(src)
     if "hybridat.format" in meta:
         raise HybridatError(f"{src} is already a hybridat checkpoint: every stage reads it as it is")
-    if str(meta.get("format", "")).startswith("hybridat-resume"):  # run.STATE_FORMAT
+    if is_resume_state(meta):
         raise HybridatError(f"{src} is a hybridat training run's resume state, not a checkpoint of other code; the "
-                            f"run's latest model is {src.parent / 'last.safetensors'}, which every stage reads as it is")
+                            f"run's latest model is {src.parent / 'last.safetensors'}, which every stage reads as it "
+                            "is")
     bad = [k for k, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
            and not torch.isfinite(t).all()]
     if bad:  # every stage would refuse the model: refused here, before a checkpoint is written

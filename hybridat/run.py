@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .checkpoint import save_checkpoint, training_columns, write_csv
+from .checkpoint import RESUME_FORMAT, save_checkpoint, training_columns, write_csv
 from .data import DATASETS, load_split, num_classes, split_files
 from .errors import HybridatError, check_choice
 from .files import atomic_path, check_outputs
@@ -39,7 +39,7 @@ from .train import TrainConfig, check_config, make_optimizer, train
 
 MODEL, LAST, STATE, CSV, LOCK = "model.safetensors", "last.safetensors", "resume.safetensors", "train.csv", ".lock"
 RUN_FILES = (MODEL, LAST, STATE, CSV)
-STATE_FORMAT = "hybridat-resume-v1"
+STATE_FORMAT = f"{RESUME_FORMAT}-v1"
 
 
 @dataclass
