@@ -23,13 +23,19 @@ from scipy import stats
 CONSISTENT, NOT_CONSISTENT, UNRESOLVED = "consistent", "not consistent", "not resolved at this n"
 CLAIMS = {
     1: "Cross-BN (adv branch on clean-domain NS) is as robust as Self-BN (dual-bn)",
-    2: "Two AP sets (dual-ap) match Dual BN; two NS sets with one AP (dual-ns) fall short of it",
+    2: "Two AP sets (dual-ap) match Dual BN; two NS sets with one AP (dual-ns) match it at ε 8 but fall short at ε 16",
     3: "With one AP, the adv-clean NS gap is comparable to the noise-clean gap; through each branch's own AP it "
        "looks larger",
     4: "Swapping the AP moves robustness with it (the clean branch with the adv AP gains, the adv branch loses)",
     5: "Two-task variants (two heads, adapters, two BNs, TRADES) improve on single BN",
 }
 PGD = ("adv", "PGD-10")  # (branch, attack column): the robustness every accuracy claim is read on
+
+
+def dual_ns_expectation(eps: float) -> str:
+    """What claim (2) says of dual-ns against dual-bn at a training ε (1/255): comparable at the paper's small ε
+    (8 and below), short of it above, where the paper saw its robustness drop (16)."""
+    return "same" if eps <= 8 else "less"
 
 
 def depth_thirds(n_layers: int) -> list[tuple[str, range]]:
@@ -120,7 +126,8 @@ def _accuracy_rows(ev: pd.DataFrame, training: str, margin: float) -> list[dict]
                         eps)
     for eps in sorted(set(all_eps) | {16.0}):
         compare(2, {"norm": "dual-ap", **hybrid}, {"norm": "dual-bn", **hybrid}, "same", "dual-ap − dual-bn", eps)
-        compare(2, {"norm": "dual-ns", **hybrid}, {"norm": "dual-bn", **hybrid}, "less", "dual-ns − dual-bn", eps)
+        compare(2, {"norm": "dual-ns", **hybrid}, {"norm": "dual-bn", **hybrid}, dual_ns_expectation(eps),
+                "dual-ns − dual-bn", eps)
     swap = ev[(ev.norm == "dual-bn") & (ev.loss_name == "hybrid")]
     for eps in all_eps:
         for branch, expect in (("clean", "more"), ("adv", "less")):

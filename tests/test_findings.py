@@ -64,11 +64,24 @@ def test_paired_over_common_seeds_only_and_within_one_training():
     assert ap.n == 3 and ap.difference == pytest.approx((0.5 - 0.2 + 0.5) / 3)  # points: +0.5, -0.2, +0.5
     assert ap.verdict == CONSISTENT  # the interval lies within ±2 points
     ns = row(mine, "dual-ns − dual-bn, ε=8")
-    assert ns.difference == pytest.approx(-29.5 / 3) and ns.verdict == CONSISTENT  # -10, -9, -10.5: a drop
+    assert ns.difference == pytest.approx(-29.5 / 3)  # -10, -9, -10.5: a drop, where the paper saw none at ε 8
+    assert (ns.expected, ns.verdict) == ("same", NOT_CONSISTENT)
     assert row(found[found.training == "lr=0.05"], "dual-ap − dual-bn, ε=8").n == 0  # no dual-bn in that training
     # a claim with no data still has its comparison, unresolved, with n = 0
     cross = row(mine, "cross-bn − dual-bn, ε=8")
     assert cross.n == 0 and cross.verdict == UNRESOLVED
+
+
+def test_dual_ns_is_expected_to_match_dual_bn_at_eps_8_and_to_fall_short_above():
+    rows = []
+    for eps in (8, 16):
+        ns = {0: 0.395, 1: 0.425, 2: 0.435} if eps == 8 else {0: 0.36, 1: 0.37, 2: 0.40}
+        for r in eval_rows("dual-bn", {0: 0.40, 1: 0.42, 2: 0.44}, eps=eps) + eval_rows("dual-ns", ns, eps=eps):
+            rows.append(r | {"checkpoint_hash": f"{r['checkpoint_hash']}e{eps}"})  # one checkpoint per training
+    found = findings(frames_of(rows))
+    at8, at16 = row(found, "dual-ns − dual-bn, ε=8"), row(found, "dual-ns − dual-bn, ε=16")
+    assert (at8.expected, at8.verdict) == ("same", CONSISTENT)  # -0.5, +0.5, -0.5 points
+    assert (at16.expected, at16.verdict) == ("less", CONSISTENT)  # -4, -5, -4 points
 
 
 def test_swap_ap_compares_the_derived_checkpoint_with_its_parent_seed_by_seed():
