@@ -295,7 +295,8 @@ def attack_cmd(
     attack: Annotated[list[str], typer.Option(help=f"repeatable: {_names(ATTACKS)}")] = ["clean", "pgd"],
     steps: Annotated[Optional[list[int]], typer.Option(help="PGD steps, repeatable (10 and 20 = two rows); FGSM "
                                                             "is one step of eps", show_default="10")] = None,
-    eps: Eps = 8.0,
+    eps: Annotated[Optional[float], typer.Option(help="L-inf radius in pixel units (8 = 8/255) of FGSM, PGD and "
+                                                     "AutoAttack", show_default="8")] = None,
     step: Annotated[Optional[float], typer.Option(help="PGD step in pixel units (report's PGD-k cells are eps/4 "
                                                        "only)", show_default="eps/4")] = None,
     branch: Annotated[Optional[list[str]], typer.Option(help="adv or clean, repeatable (a one-branch model is "

@@ -59,16 +59,19 @@ def attack_plan(attacks: list[str], steps: list[int]) -> list[tuple[str, int | N
 
 
 PGD_STEPS = (10,)  # PGD's steps when none are given
+EVAL_EPS = 8.0  # ε (1/255) when none is given; clean rows record it too
 
 
-def check_evaluation(attacks: list[str], branches: list[str], *, eps: float, step: float | None = None,
+def check_evaluation(attacks: list[str], branches: list[str], *, eps: float | None = None, step: float | None = None,
                      steps: list[int] | None = None, batch_size: int = 500, seed: int = 0,
                      aa_version: str | None = None, aa_attacks: str | list[str] | None = None,
                      aa_restarts: int | None = None, amp: bool = False) -> list[tuple[str, int | None]]:
-    """Every setting of `evaluate` checked (one line for the first bad one); returns the attack plan. `steps` and
-    `step` are PGD's (None: PGD_STEPS, eps/4); given without pgd among the attacks, they are refused, not ignored."""
-    check_number("eps", eps, 0, 255)
-    check_pixel_eps(eps)
+    """Every setting of `evaluate` checked (one line for the first bad one); returns the attack plan. `eps` (None:
+    EVAL_EPS), and PGD's `steps` and `step` (None: PGD_STEPS, eps/4), given where no attack uses them, are refused,
+    not ignored."""
+    if eps is not None:
+        check_number("eps", eps, 0, 255)
+        check_pixel_eps(eps)
     if step is not None:
         check_number("step", step, 0, 255, low_open=True)
         check_pixel_eps(step, "step")
@@ -82,6 +85,8 @@ def check_evaluation(attacks: list[str], branches: list[str], *, eps: float, ste
     check_number("seed", seed, 0, 2**63 - 1, integer=True)
     for b in branches:
         check_choice(b, BRANCHES, "branch")
+    if eps is not None and set(attacks) == {"clean"}:
+        raise HybridatError("eps was given, but clean accuracy takes none (give an attack too, e.g. pgd)")
     if "pgd" not in attacks and (steps is not None or step is not None):
         raise HybridatError("PGD steps and step size were given, but pgd is not among the attacks (FGSM takes one "
                             "step of eps)")
@@ -96,13 +101,13 @@ def check_evaluation(attacks: list[str], branches: list[str], *, eps: float, ste
     return plan
 
 
-def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[str], *, eps: float,
+def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[str], *, eps: float | None = None,
              step: float | None = None, steps: list[int] | None = None, batch_size: int = 500, seed: int = 0,
              aa_version: str | None = None, aa_attacks: str | list[str] | None = None,
              aa_restarts: int | None = None, on_row: Callable[[dict], None] | None = None,
              graphs: bool = True, amp: bool = False,
              on_batch: Callable[[str, int, int], None] | None = None) -> list[dict]:
-    """Accuracy under each attack through each branch. eps/step in pixel units; step defaults to eps/4.
+    """Accuracy under each attack through each branch. eps/step in pixel units (eps defaults to 8, step to eps/4).
     AutoAttack runs `aa_settings(aa_version, aa_attacks, aa_restarts)` (default: the standard version), and its
     rows record what ran (`aa_attacks`, `aa_restarts`, `aa_eot_iter`; `attack` is "autoattack" for the
     standard version only). amp: FGSM and PGD craft their examples in bf16 (`attacks.crafting`); every row
@@ -124,6 +129,7 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
     plan = check_evaluation(attacks, branches, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed,
                             aa_version=aa_version, aa_attacks=aa_attacks, aa_restarts=aa_restarts, amp=amp)
     aa = aa_settings(aa_version, aa_attacks, aa_restarts)
+    eps = EVAL_EPS if eps is None else eps
     if int(split.labels.max()) >= ckpt.config.num_classes:
         raise HybridatError(f"{ckpt.path} has {ckpt.config.num_classes} classes, but the data has labels up to "
                             f"{int(split.labels.max())}; evaluate it on the dataset it was trained on")

@@ -231,6 +231,8 @@ CASES = [
                              "--out", "o.csv"], "PGD steps and step size were given, but pgd is not among", 1),
     ("--step without pgd", ["attack", "m.safetensors", "--attack", "autoattack", "--step", "1", "--out", "o.csv"],
      "PGD steps and step size were given, but pgd is not among", 1),
+    ("--eps with clean accuracy only", ["attack", "m.safetensors", "--attack", "clean", "--eps", "4", "--out",
+                                        "o.csv"], "eps was given, but clean accuracy takes none", 1),
     ("attack --out not a .csv", ["attack", "m.safetensors", "--out", "eval.png"], "--out must end in .csv", 1),
     ("ns-gap --out not a .csv", ["ns-gap", "m.safetensors", "--out", "gap"], "--out must end in .csv", 1),
     ("bench --out not a .csv", ["bench", "--out", "bench.txt", "--device", "cpu"], "--out must end in .csv", 1),

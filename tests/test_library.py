@@ -99,8 +99,8 @@ def test_evaluate_names_wrong_arguments(ckpt):
               "the model is on cpu, the split on meta")]
     for args, message in cases:
         with pytest.raises(HybridatError, match=message):
-            evaluate(*args, eps=8)
-    assert [r["branch"] for r in evaluate(ckpt, s, ["clean"], ["adv", "clean"], eps=8)] == ["adv", "clean"]
+            evaluate(*args)
+    assert [r["branch"] for r in evaluate(ckpt, s, ["clean"], ["adv", "clean"])] == ["adv", "clean"]
 
 
 def test_recombine_names_bad_layers_and_mappings(model):
@@ -194,17 +194,17 @@ def test_report_refuses_rows_of_a_checkpoint_changed_after_it_was_evaluated(mode
     meta = dict(train={"eps": 8, "loss": "hybrid", "dataset": "cifar10", "epochs": 1}, seed=0, run="run")
     save_checkpoint(model, path, **meta)
     first = load_checkpoint(path)
-    write_csv(evaluate(first, split(), ["clean"], ["adv"], eps=8), tmp_path / "run" / "eval.csv")
-    write_csv(evaluate(first, split(), ["clean"], ["adv"], eps=8), tmp_path / "run" / "again.csv")  # same model
+    write_csv(evaluate(first, split(), ["clean"], ["adv"]), tmp_path / "run" / "eval.csv")
+    write_csv(evaluate(first, split(), ["clean"], ["adv"]), tmp_path / "run" / "again.csv")  # same model
     swap_bn(first, tmp_path / "run" / "cross.safetensors", cross=True)  # same seed, another operation
-    write_csv(evaluate(load_checkpoint(tmp_path / "run" / "cross.safetensors"), split(), ["clean"], ["adv"], eps=8),
+    write_csv(evaluate(load_checkpoint(tmp_path / "run" / "cross.safetensors"), split(), ["clean"], ["adv"]),
               tmp_path / "run" / "cross.csv")
     before = load_runs([tmp_path])["eval"]  # one model in two CSVs, and a derived one: no clash
     assert before.checkpoint_hash.nunique() == 2 and len(before) == 3
     save_checkpoint(perturb(tiny(), seed=5).eval(), path, **meta)  # changed on disk
     changed = load_checkpoint(path)
     assert changed.hash != first.hash
-    write_csv(evaluate(changed, split(), ["clean"], ["adv"], eps=8), tmp_path / "run" / "eval2.csv")
+    write_csv(evaluate(changed, split(), ["clean"], ["adv"]), tmp_path / "run" / "eval2.csv")
     with pytest.raises(HybridatError, match=f"hold rows of two checkpoints \\({first.hash}, {changed.hash}\\).*"
                                             "seed 0.*average two models as one seed"):
         load_runs([tmp_path])
@@ -237,7 +237,7 @@ def test_loading_training_and_reporting_name_wrong_arguments(ckpt, tmp_path, mon
         with pytest.raises(HybridatError, match=message):
             run_training(tmp_path / "run", *args, data_dir=data_dir, **kwargs)
         assert not (tmp_path / "run").exists()
-    write_csv(evaluate(ckpt, split(), ["clean"], ["adv"], eps=8), tmp_path / "runs" / "eval.csv")
+    write_csv(evaluate(ckpt, split(), ["clean"], ["adv"]), tmp_path / "runs" / "eval.csv")
     monkeypatch.chdir(tmp_path)
     assert len(load_runs("runs")["eval"]) == 1  # one path, not the paths "r", "u", "n", "s"
     with pytest.raises(HybridatError, match="no rows to report"):  # wrote a report of empty tables

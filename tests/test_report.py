@@ -173,7 +173,7 @@ def test_two_checkpoints_differing_only_in_a_training_setting_give_two_rows(tmp_
         path = tmp_path / f"lr{lr}" / "model.safetensors"
         train = TrainConfig(lr=lr, epochs=5).to_dict() | {"dataset": "cifar10"}
         save_checkpoint(tiny("dual-bn", seed=seed), path, run=f"lr{lr}", seed="0", train=train)
-        rows = evaluate(load_checkpoint(path), split, ["clean"], ["adv", "clean"], eps=8)
+        rows = evaluate(load_checkpoint(path), split, ["clean"], ["adv", "clean"])
         assert rows[0]["train_lr"] == lr and rows[0]["train_epochs"] == 5 and rows[0]["dataset"] == "cifar10"
         write_csv(rows, path.parent / "eval.csv")
         accs[lr] = rows[0]["accuracy"]
