@@ -156,20 +156,23 @@ def train_pass(model):
             m.training = training
 
 
-def _record(stats: dict, index: int, module, inputs) -> None:
+def _record(stats: dict, index: int, correction: int, module, inputs) -> None:
     x = inputs[0]  # (N, C, H, W): the norm layer's input
-    var, mean = torch.var_mean(x.detach().float(), dim=[0] + list(range(2, x.dim())), correction=0)
+    var, mean = torch.var_mean(x.detach().float(), dim=[0] + list(range(2, x.dim())), correction=correction)
     stats[index] = (mean, var.sqrt())
 
 
-def batch_ns(model, x: torch.Tensor, branch: str = "adv",
-             mode: str = "train") -> list[tuple[int, str, torch.Tensor, torch.Tensor]]:
+def batch_ns(model, x: torch.Tensor, branch: str = "adv", mode: str = "train",
+             unbiased: bool = False) -> list[tuple[int, str, torch.Tensor, torch.Tensor]]:
     """(layer index, layer name, mean (C,), std (C,)) of every norm layer's input (see `measured_layers`) when x
     goes through `branch` (ignored for a module that is not a hybridat model). mode "train": batch statistics
     upstream, as in training (see `train_pass`); "eval": running NS upstream (forward hooks in eval mode). std is
-    the biased one BN divides by. Batch-independent norms report the same per-channel input statistics. The model
-    is not changed (a deep copy runs). Nothing is kept for a backward pass: memory is the forward's alone."""
+    the biased one BN divides by, or with `unbiased` the unbiased one (Bessel's correction over the N*H*W values of
+    a channel) that BN's running_var keeps, for comparisons with running NS. Batch-independent norms report the
+    same per-channel input statistics. The model is not changed (a deep copy runs). Nothing is kept for a backward
+    pass: memory is the forward's alone."""
     check_choice(mode, MODES, "mode")
+    check_flag(unbiased, "unbiased")
     model = module_of(model)
     if branched(model):
         check_choice(branch, BRANCHES, "branch")
@@ -182,7 +185,7 @@ def batch_ns(model, x: torch.Tensor, branch: str = "adv",
         raise HybridatError(f"{type(model).__name__} has no norm layer (BatchNorm) whose statistics could be read")
     stats: dict[int, tuple] = {}
     for i, (_, m) in enumerate(layers):
-        m.register_forward_pre_hook(partial(_record, stats, i))
+        m.register_forward_pre_hook(partial(_record, stats, i, int(unbiased)))
     with (train_pass if mode == "train" else frozen)(work), torch.no_grad():  # frozen: eval mode
         _through(work, branch)(x)
     return [(i, name, *stats[i]) for i, (name, _) in enumerate(layers)]
@@ -250,9 +253,10 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv"
     noise-clean carries the same AP difference as adv-clean and the two curves compare (SPEC.md). A module that is
     not a hybridat model has one branch: every domain passes through it (fix_ap holds trivially; branch "model").
     mode: the model's mode while NS are read (`batch_ns`). reference "batch": pairs adv-clean, noise-clean against
-    the clean batch's NS; "running": adv-, noise- and clean-running against the running NS the clean domain is
-    normalized with in eval mode (with fix_ap: `branch`'s, e.g. for dual-bn through adv the running NS of
-    adversarial training data, as the authors' notebooks compared). noise_clip: see `perturb`. batch_size: PGD
+    the clean batch's NS (biased stds, as BN divides by); "running": adv-, noise- and clean-running against the
+    running NS the clean domain is normalized with in eval mode (with fix_ap: `branch`'s, e.g. for dual-bn through
+    adv the running NS of adversarial training data, as the authors' notebooks compared), every batch std then the
+    unbiased one, as running_var keeps it (also in the channel rows). noise_clip: see `perturb`. batch_size: PGD
     crafts the adversarial domain that many images at a time (memory; the NS are read over all of x at once), and
     calls on_batch(images crafted so far) after each batch. start: PGD's random start, "uniform" in the ε-ball
     (evaluation protocol) or "normal", x + 0.001·N(0, 1) (the authors' NS figures and the training attack).
@@ -274,7 +278,9 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv"
         check_choice(branch, BRANCHES, "branch")
     data = domain_batches(model, x, y, branch, eps, step, steps, noise, seed, noise_clip, batch_size, on_batch, start)
     route = {d: branch if fix_ap else ("clean" if d == "clean" else "adv") for d in DOMAINS}
-    ns = {d: batch_ns(model, data[d], route[d], mode) for d in DOMAINS}
+    # against running NS, the unbiased batch std: running_var holds unbiased variances (the authors' momentum-1 copy
+    # reads exactly these), and a biased batch std lay sqrt(n/(n-1)) - 1 of the std away from NS set by that batch
+    ns = {d: batch_ns(model, data[d], route[d], mode, unbiased=reference == "running") for d in DOMAINS}
     if reference == "running":
         ns["running"] = running_ns(model, route["clean"])
     setting = {"fix_ap": bool(fix_ap), "branch": branch if fix_ap else "own", "eps": eps, "mode": mode,

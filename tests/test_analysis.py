@@ -262,7 +262,7 @@ def test_reference_running_compares_each_domain_with_the_stored_ns():
     layer = norm_layers(model)[7][1]
     stored = [r["mean"] for r in channels if r["layer"] == 7 and r["domain"] == "running"]
     assert stored == layer.running_mean_clean.tolist()
-    clean_ns = batch_ns(model, x, "clean", mode="eval")[7]
+    clean_ns = batch_ns(model, x, "clean", mode="eval", unbiased=True)[7]  # like running_var: unbiased
     row = next(r for r in rows if (r["layer"], r["pair"], r["statistic"], r["measure"]) ==
                (7, "clean-running", "std", "wasserstein"))
     assert row["distance"] == wasserstein_1d(clean_ns[3], layer.running_var_clean.sqrt())
@@ -386,3 +386,22 @@ def test_ns_gap_pgd_starts_where_asked():
     assert not torch.equal(adv["normal"], adv["uniform"])
     with pytest.raises(HybridatError, match="start"):
         ns_gap(model, x, y, eps=8, steps=1, start="none ")
+
+
+@pytest.mark.parametrize("kind", ["dual-bn", "torchvision"])
+def test_running_reference_compares_like_with_like(kind):
+    """Running NS set from the very batch that is measured (the authors' momentum-1 copy, one train-mode pass) lie at
+    distance 0 from it: the stored running_var is the batch's unbiased variance, so the batch side of a comparison with
+    running NS is the unbiased std too (a biased one put every clean-running std distance at (sqrt(n/(n-1)) - 1) * std,
+    3 % of the std at the last layer of a one-image batch)."""
+    model = make(kind) if kind != "torchvision" else torchvision_resnet18()
+    x, y = batch(2)
+    stored = copy.deepcopy(model).train()
+    for _, m in measured_layers(stored):
+        m.momentum = 1.0
+    with torch.no_grad():
+        stored(x, "adv") if kind != "torchvision" else stored(x)
+    rows, channels = ns_gap(stored.eval(), x, y, eps=8, fix_ap=True, branch="adv", steps=1, reference="running")
+    clean = [r for r in rows if r["pair"] == "clean-running"]
+    assert len(clean) == 4 * len(measured_layers(model))  # mean and std, two measures each
+    assert max(r["distance"] for r in clean) < 1e-5, max(clean, key=lambda r: r["distance"])
