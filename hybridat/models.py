@@ -170,11 +170,17 @@ class BranchView(nn.Module):
         return self.model(x, self.branch)
 
 
+ONEDNN_BLOCK = 16  # channels per block of oneDNN's widest CPU kernels (AVX-512; AVX2's block is 8)
+
+
 def onednn_unsafe(conv: nn.Module, x: torch.Tensor) -> bool:
-    """True where oneDNN's NHWC kernel is wrong: on AVX2 CPUs its 1x1 strided convolution's weight-gradient kernel
-    hangs or returns wrong gradients when the input has fewer channels than its block of 8 (uxlfoundation/oneDNN#6035;
-    the stride-2 shortcuts of models at width <= 1/16). The NCHW kernel is right."""
-    return x.device.type == "cpu" and conv.kernel_size == (1, 1) and max(conv.stride) > 1 and x.shape[1] < 8
+    """True where oneDNN's NHWC kernel is wrong: its 1x1 strided convolution's weight-gradient kernel fails when the
+    input has fewer channels than the ISA's block: on AVX2 (block 8) it hangs or returns wrong gradients
+    (uxlfoundation/oneDNN#6035), on AVX-512 (block 16) it corrupts the heap on odd batches (SIGSEGV; e.g. an epoch's
+    last partial batch under --loss madry). Hit by the stride-2 shortcuts of models at width < 1/4. The NCHW kernel
+    is right."""
+    return (x.device.type == "cpu" and conv.kernel_size == (1, 1) and max(conv.stride) > 1
+            and x.shape[1] < ONEDNN_BLOCK)
 
 
 def nchw_conv(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

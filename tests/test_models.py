@@ -129,11 +129,49 @@ def test_strided_shortcuts_get_right_gradients_on_onednn_avx2(arch):
     assert int(count) == 9 and float(error) < 1e-5  # 3 strided shortcuts x 3 steps, fp32 round-off only
 
 
+# One branch (--loss madry or clean) at width 1/8 on odd batches, such as an epoch's last partial batch: on oneDNN's
+# AVX-512 kernels (blocks of 16 channels) the 1x1 stride-2 shortcut's weight gradient with 8 input channels corrupts
+# the heap (SIGSEGV or "double free or corruption" within a few steps) whenever the batch is odd; 16 channels are safe.
+_ODD_BATCHES = """
+import torch, torch.nn.functional as F
+from hybridat.models import Conv1x1, ModelConfig, build_model
+torch.manual_seed(0)
+model = build_model(ModelConfig("{arch}", "bn", width=0.125)).train()
+seen = {{}}
+for name, m in model.named_modules():
+    if isinstance(m, Conv1x1):
+        m.register_forward_hook(lambda m, i, o, name=name: seen.update({{name: [i[0].detach()]}}))
+        m.register_full_backward_hook(lambda m, gi, go, name=name: seen[name].append(go[0].detach()))
+errors = []
+for n in (3, 5, 7, 9):
+    x = torch.rand(n, 3, 32, 32); y = torch.randint(0, 10, (n,))
+    model.zero_grad()
+    F.cross_entropy(model(x, "adv"), y).backward()
+    for name, (inp, grad_out) in seen.items():
+        s = model.get_submodule(name).stride[0]
+        exact = torch.einsum("nohw,nihw->oi", grad_out.double(), inp[:, :, ::s, ::s].double())  # (C_out, C_in)
+        got = model.get_submodule(name).weight.grad.double()[:, :, 0, 0]
+        errors.append(((got - exact).norm() / exact.norm()).item())
+print(len(errors), max(errors))
+"""
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "preact18"])
+def test_narrow_strided_shortcuts_train_on_odd_batches(arch):
+    env = os.environ | {"OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", _ODD_BATCHES.format(arch=arch)], env=env, timeout=120,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, f"the training step died (status {out.returncode}): {out.stderr[-500:]}"
+    count, error = out.stdout.split()
+    assert int(count) == 12 and float(error) < 1e-5  # 3 strided shortcuts x 4 batches, fp32 round-off only
+
+
 def test_only_narrow_strided_1x1_convolutions_are_guarded():
     model = tiny("dual-bn")
-    x4, x8 = (torch.rand(2, c, 8, 8).contiguous(memory_format=torch.channels_last) for c in (4, 8))
+    x4, x8, x16 = (torch.rand(2, c, 8, 8).contiguous(memory_format=torch.channels_last) for c in (4, 8, 16))
     assert onednn_unsafe(model.layer2[0].shortcut[0], x4)  # 4 channels, 1x1, stride 2
+    assert onednn_unsafe(model.layer2[0].shortcut[0], x8)  # 8 channels: a full AVX2 block, half an AVX-512 one
     assert not onednn_unsafe(model.layer1[0].conv1, x4)  # 3x3
-    assert not onednn_unsafe(model.layer2[0].shortcut[0], x8)  # 8 channels: a full AVX2 block
+    assert not onednn_unsafe(model.layer2[0].shortcut[0], x16)  # 16 channels: a full AVX-512 block
     with bn_folded(model, "adv"):
         assert onednn_unsafe(model.layer2[0].shortcut[0], x4)  # the attack's folded convolutions too
