@@ -159,11 +159,13 @@ def train_step(net, model: BranchModel, x, y, cfg: TrainConfig) -> tuple[torch.T
         return spec.objective(logits, y, cfg), logits
 
 
-def fit_step(net, model: BranchModel, optimizer, x, y, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
-    """One full training step, as `train` runs it: attack, fused forward, backward, optimizer step."""
+def fit_step(net, model: BranchModel, optimizer, x, y, cfg: TrainConfig,
+             weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """One full training step, as `train` runs it: attack, fused forward, backward, optimizer step. The gradient is
+    that of `weight` * loss (a rank's share of a global batch, see `rank_weight`); the loss returned is unweighted."""
     loss, logits = train_step(net, model, x, y, cfg)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if weight == 1.0 else loss * weight).backward()
     optimizer.step()
     return loss, logits
 
@@ -207,16 +209,17 @@ class Stepper:
         self.graph = Graphed(self._static_step, graphs and graphs_supported(device), warmup) if graphs else None
         self.lr = None  # the lr the graph holds
 
-    def _eager(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        loss, logits = fit_step(self.net, self.model, self.optimizer, x, y, self.cfg)
+    def _eager(self, x: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> None:
+        loss, logits = fit_step(self.net, self.model, self.optimizer, x, y, self.cfg, weight)
         self.sums += step_sums(loss, logits, y)
 
     def _static_step(self) -> None:
         self._eager(self.graph.static["x"], self.graph.static["y"])
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if self.graph is None or ("x" in self.graph.static and x.shape != self.graph.static["x"].shape):
-            return self._eager(x, y)
+    def step(self, x: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> None:
+        if (self.graph is None or weight != 1.0
+                or ("x" in self.graph.static and x.shape != self.graph.static["x"].shape)):
+            return self._eager(x, y, weight)
         lr = self.optimizer.param_groups[0]["lr"]
         if lr != self.lr:
             self.graph.invalidate()
@@ -250,7 +253,7 @@ def train(model: BranchModel, split: Split, cfg: TrainConfig, generator: torch.G
         stepper.sums.zero_()
         n_steps = math.ceil(len(split) / cfg.batch_size)
         for i, (x, y) in enumerate(train_batches(split, cfg.batch_size, generator, rank=rank, world_size=world)):
-            stepper.step(x, y)
+            stepper.step(x, y, rank_weight(len(y), min(cfg.batch_size, len(split) - i * cfg.batch_size), world))
             if on_step is not None:
                 on_step(epoch + 1, i + 1, n_steps, stepper.sums)
         if world > 1:  # rank 0's running statistics on every rank, as a resumed run starts from (rank 0 saves them)
@@ -261,6 +264,13 @@ def train(model: BranchModel, split: Split, cfg: TrainConfig, generator: torch.G
         row["images_per_s"] = row["images"] / row["seconds"]  # training images, each counted once
         schedule.step()
         yield row
+
+
+def rank_weight(rows: int, global_rows: int, world: int) -> float:
+    """The factor on a rank's mean loss that makes DDP's average of the ranks' gradients the gradient of the mean over
+    the global batch: rows * world / global_rows, 1 when the batch splits evenly (always in one process). A global
+    batch of 5 over 2 ranks is sharded 3 + 2; the ranks' means counted alike weighed a row 1/6 or 1/4, not 1/5."""
+    return rows * world / global_rows
 
 
 SUMS = ("loss*n", "n", "loss_adv*n", "correct_adv", "loss_clean*n", "correct_clean")

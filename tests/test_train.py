@@ -1,6 +1,7 @@
 """The Hybrid-AT step: the training attack leaves no trace, losses are what SPEC.md says, runs repeat."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -133,3 +134,39 @@ def test_training_is_deterministic_for_a_seed_and_learns():
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert all(r["images"] == 32 for r in rows)
     assert {"loss", "loss_adv", "acc_adv", "loss_clean", "acc_clean", "seconds", "lr"} <= set(rows[0])
+
+
+def _ddp_rank(rank: int, world: int, init: str, split: Split, cfg: TrainConfig, out: str) -> None:
+    """One gloo rank of `test_ranks_with_unequal_shards_take_the_global_mean_step`: train, then save the weights."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    model = tiny("gn", seed=0)
+    list(train(model, split, cfg, torch.Generator().manual_seed(0), rank=rank, world=world, graphs=False))
+    if rank == 0:
+        torch.save(model.state_dict(), out)
+    dist.barrier()
+    os._exit(0)  # no interpreter finalization after gloo (see runtime.exit_process: it may abort the process)
+
+
+def test_ranks_with_unequal_shards_take_the_global_mean_step(tmp_path):
+    """A global batch of 5 over 2 ranks is sharded 3 + 2 (and any last partial batch may be): DDP averages the ranks'
+    gradients, so each rank's mean loss must count with its share of the rows, and the step is the one a single
+    process takes on all 5 (a norm without batch statistics, so that the shards see the same function). Weighting
+    the ranks' means alike weighed each of rank 0's 3 rows 1/6 and each of rank 1's 2 rows 1/4, not 1/5."""
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(3)
+    split = Split(torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=g),
+                  torch.randint(0, 10, (5,), generator=g))
+    cfg = TrainConfig(loss="clean", steps=0, epochs=1, batch_size=5, lr=0.5, momentum=0.0, weight_decay=0.0)
+    single = tiny("gn", seed=0)
+    list(train(single, split, cfg, torch.Generator().manual_seed(0), graphs=False))
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_rank, args=(2, f"file://{tmp_path / 'init'}", split, cfg, str(out)), nprocs=2, join=True)
+    ddp, start = torch.load(out), tiny("gn", seed=0).state_dict()
+    moved = max((single.state_dict()[k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-3  # the step is large enough to tell the two weightings apart
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=k)
