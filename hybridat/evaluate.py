@@ -14,6 +14,8 @@ from .inputs import check_pixel_eps, check_same_device
 from .models import BranchView
 from .norms import BRANCHES, NORMS
 
+# every `attack` an eval row holds: AutoAttack's is "autoattack" for the standard version only (AASettings.name)
+ROW_ATTACKS = (*ATTACKS, *(f"autoattack-{v}" for v in [*AA_VERSIONS, "custom"] if v != "standard"))
 AA_COMPONENTS = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square",
                  "apgd-dlr": "APGD-DLR", "fab": "FAB"}  # AutoAttack's attacks as the literature names them
 

@@ -19,11 +19,10 @@ from rich.table import Table
 from rich.text import Text
 
 from .analysis import DOMAIN_SETTINGS, MEASURES, PROTOCOL, PROTOCOL_DEFAULTS, protocol_text
-from .attacks import ATTACKS
 from .checkpoint import TRAINING_COLUMNS
 from .files import atomic_path, check_outputs, same_file
 from .errors import HybridatError
-from .evaluate import aa_columns, attack_label
+from .evaluate import ROW_ATTACKS, aa_columns, attack_label
 from .models import ARCHS
 from .norms import BRANCHES, NORMS
 from .train import LOSSES
@@ -171,7 +170,7 @@ REQUIRED_TEXT = {"eval": ("checkpoint_hash", "norm", "arch", "branch", "attack")
 REQUIRED_NUMBERS = {"eval": ("width", "eps"), "nsgap": ("layer", "distance"), "train": ("eps", "epoch")}  # AP: no ε
 # the names a text cell may hold ("" where a setting may not apply): what the commands write, lower-cased
 CHOICES = {
-    "eval": {"norm": tuple(NORMS), "arch": tuple(ARCHS), "branch": BRANCHES, "attack": tuple(ATTACKS),
+    "eval": {"norm": tuple(NORMS), "arch": tuple(ARCHS), "branch": BRANCHES, "attack": ROW_ATTACKS,
              "loss_name": ("", *LOSSES)},
     "nsgap": {"norm": tuple(NORMS), "arch": tuple(ARCHS), "kind": ("ns", "ap"),
               "statistic": ("mean", "std", "weight", "bias"), "measure": tuple(MEASURES),

@@ -101,6 +101,14 @@ def test_attack_runs_and_records_the_autoattack_asked_for(trained, tmp_path, dat
     clean = invoke("attack", trained / "model.safetensors", "--attack", "clean", *common, "--out", tmp_path / "c.csv")
     assert clean.exit_code == 0 and pd.read_csv(tmp_path / "c.csv").aa_attacks.isna().all()  # no AA: empty
     assert row.accuracy <= pd.read_csv(tmp_path / "c.csv").accuracy.iloc[0]
+    rand = invoke("attack", trained / "model.safetensors", "--attack", "autoattack", "--aa-version", "rand",
+                  "--n", "4", "--branch", "adv", "--data-dir", data_dir, "--device", "cpu", "--out", tmp_path / "r.csv")
+    assert rand.exit_code == 0, rand.output
+    # report reads every attack name the command writes: each run gets its own column
+    result = invoke("report", out, tmp_path / "c.csv", tmp_path / "r.csv", "--out", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    columns = pd.read_csv(tmp_path / "report" / "cross-bn.csv").columns
+    assert {"adv: APGD-CE (2 restarts)", "adv: AA-rand"} <= set(columns)
 
 
 def test_info_prints_config(trained):
