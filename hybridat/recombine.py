@@ -214,13 +214,17 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
 
 
 def save_derived(ckpt: Checkpoint, new_model, out_path, operation: dict) -> str:
-    """Write `new_model` as a new checkpoint recording `operation` (JSON) and `parent` (the parent's hash), with
-    the parent's other metadata (run, seed, train, ...); returns the new file's hash. Never writes over the input."""
+    """Write `new_model` as a new checkpoint recording `operation` (JSON; of a derived parent, with the parent's
+    operation under "after") and `parent` (the parent's hash), with the parent's other metadata (run, seed, train,
+    ...); returns the new file's hash. Never writes over the input."""
     out, = check_outputs([out_path], [ckpt.path])
     if getattr(new_model, "config", None) != ckpt.config:
         raise HybridatError("the derived model's config differs from its parent's")
     meta = {k: v for k, v in ckpt.header.items() if k not in PARENT_ONLY}
-    return save_checkpoint(new_model, out, **meta, operation=dict(operation), parent=ckpt.hash)
+    operation = dict(operation)
+    if ckpt.meta("operation"):  # a derived parent: the chain is recorded (its operation, and so on up), so that
+        operation["after"] = ckpt.meta("operation")  # report never reads a chain as one operation on a trained model
+    return save_checkpoint(new_model, out, **meta, operation=operation, parent=ckpt.hash)
 
 
 _reestimate = reestimate  # swap_bn's argument `reestimate` (the domain) shadows the function

@@ -332,7 +332,7 @@ def _op_key(operation) -> str:
 
 
 def op_label(key: str) -> str:
-    """Readable name of an operation: "cross", "swap-ap", "reestimate adv NS on adv data"."""
+    """Readable name of an operation: "cross", "swap-ap", "reestimate adv NS on adv data", "swap-ap after cross"."""
     try:
         op = json.loads(key) if key else None
     except json.JSONDecodeError:
@@ -340,11 +340,13 @@ def op_label(key: str) -> str:
     if not isinstance(op, dict):
         return "as trained" if op is None else key
     name = str(op.pop("op", "?"))
+    after = op.pop("after", None)  # a swap-bn of a swap-bn output: the parent's operation
     if name == "reestimate":
         who = f" {op.pop('branch')}" if "branch" in op else ""
         name = f"reestimate{who} NS" + (f" on {op.pop('domain')} data" if "domain" in op else "")
     rest = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(op.items())]
-    return " ".join([name, *rest])
+    label = " ".join([name, *rest])
+    return label if after is None else f"{label} after {op_label(json.dumps(after))}"
 
 
 # ---- tables ----------------------------------------------------------------------------------------------

@@ -205,6 +205,11 @@ def test_save_derived_records_its_parent_and_never_overwrites_it(tmp_path):
         with pytest.raises(HybridatError, match="is an input"):
             save_derived(parent, cross(parent.model), same, {"op": "cross"})
     assert path.read_bytes() == before
+    # a swap-bn of a swap-bn output records the chain, never its last operation alone (report would read "cross of
+    # child" as "cross of the trained model")
+    save_derived(child, cross(child.model), tmp_path / "grandchild.safetensors", {"op": "cross"})
+    grandchild = load_checkpoint(tmp_path / "grandchild.safetensors")
+    assert grandchild.meta("operation") == {"op": "cross", "after": op} and grandchild.meta("parent") == child.hash
 
 
 def test_reestimate_from_a_layer_leaves_the_shallower_layers_alone():

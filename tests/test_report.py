@@ -118,6 +118,8 @@ def test_op_label():
     assert op_label('{"branch": "adv", "domain": "noise", "op": "reestimate"}') == "reestimate adv NS on noise data"
     assert op_label('{"ap": "clean", "layers": [1, 2], "op": "recombine"}') == "recombine ap=clean layers=[1, 2]"
     assert op_label("not json") == "not json"
+    chain = '{"after": {"after": {"op": "cross"}, "branch": "clean", "domain": "adv", "op": "reestimate"}, "op": "swap-ap"}'
+    assert op_label(chain) == "swap-ap after reestimate clean NS on adv data after cross"
 
 
 def test_ns_gap_table(tables):
