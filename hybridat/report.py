@@ -354,8 +354,9 @@ def op_label(key: str) -> str:
 def _eval(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Eval rows ready for tables: derived checkpoints inherit training metadata, robust rows at train ε only."""
     ev = _eval_all(frames.get("eval", pd.DataFrame(columns=sorted(SCHEMAS["eval"]))).copy())
-    # a re-run of the same evaluation replaces the earlier one
-    ev = ev[_at_train_eps(ev)].drop_duplicates(["checkpoint_hash", "branch", "column"], keep="last")
+    # a re-run of the same evaluation replaces the earlier one; a derived model with its parent's weights (swap-bn
+    # --cross twice, --ns adv=adv: the same hash) is still its operation's row, never the parent's
+    ev = ev[_at_train_eps(ev)].drop_duplicates(["checkpoint_hash", "op", "branch", "column"], keep="last")
     _check_same_images(ev)
     return ev
 

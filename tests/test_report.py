@@ -106,6 +106,17 @@ def test_test_time_operations_and_inheritance(tables):
     assert eight.loc["as trained", "adv: AA"] == "44.0 (n=1)"
 
 
+def test_a_derived_model_with_its_parents_weights_keeps_its_own_row(frames):
+    """swap-bn --cross twice (or --ns adv=adv) gives back the trained weights, so the same checkpoint_hash: its rows
+    are still its operation's, and the trained model's rows stay the trained model's."""
+    ev = frames["eval"]
+    trained = ev[(ev.run == "run-d0") & (ev.operation == "")]
+    twice = trained.assign(operation='{"op": "cross", "after": {"op": "cross"}}', parent_hash="x0")
+    t = build_tables({"eval": pd.concat([trained, twice], ignore_index=True)})["test-time"].set_index("operation")
+    assert "cross after cross" in t.index and t.loc["cross", "adv: clean"] == "—"
+    assert t.loc["as trained", "adv: clean"] == t.loc["cross after cross", "adv: clean"] == "84.0 (n=1)"
+
+
 def test_test_time_drops_aa_columns_without_aa(frames):
     no_aa = {"eval": frames["eval"][frames["eval"].attack != "autoattack"]}
     t = build_tables(no_aa)["test-time"]
