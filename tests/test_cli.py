@@ -226,6 +226,7 @@ sys.path.insert(0, sys.argv[3])
 from conftest import fake_cifar10
 from hybridat.models import ModelConfig
 from hybridat.run import run_training
+from hybridat.runtime import exit_process
 from hybridat.train import TrainConfig
 
 def download(root, train, download):  # stands in for torchvision's CIFAR10(download=True): slow, as a download is
@@ -237,6 +238,7 @@ def download(root, train, download):  # stands in for torchvision's CIFAR10(down
 torchvision.datasets.CIFAR10 = download
 run_training(Path(sys.argv[2]) / "run", ModelConfig("resnet18", "bn", width=0.0625),
              TrainConfig(epochs=1, steps=1, step=8, batch_size=32), data_dir=sys.argv[1])
+exit_process(0)  # as the CLI leaves: no interpreter finalization after gloo, which may abort a rank
 """
 
 

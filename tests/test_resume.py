@@ -204,7 +204,7 @@ def test_sigterm_removes_the_temp_file(tmp_path):
 
 
 _DDP_DRIVER = """
-import sys
+import os, sys
 from pathlib import Path
 import torch, torch.distributed as dist
 from hybridat import run
@@ -234,7 +234,8 @@ run.train = train
 assert (root / "resumed" / STATE).is_file()
 result = run.run_training(root / "resumed", config, cfg, data_dir=data, resume=True)
 assert [row["epoch"] for row in result.rows] == ([] if dist.get_rank() else [1, 2]), result.rows  # rank 0's rows
-dist.destroy_process_group()
+dist.barrier()
+os._exit(0)  # no interpreter finalization after gloo: it may abort a rank (see runtime.exit_process)
 """.replace("STATE", repr(STATE))
 
 
