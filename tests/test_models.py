@@ -89,25 +89,23 @@ def test_a_folded_model_is_restored_when_the_attack_fails():
     assert not any(isinstance(m, FoldedConv) for m in model.modules())
 
 
-# A tiny model's training step on oneDNN's AVX2 kernels (forced with ONEDNN_MAX_CPU_ISA, so the check runs on any x86
-# CPU): unguarded, the 1x1 stride-2 shortcut with 4 input channels hangs or returns weight gradients 60% off. Each
-# shortcut's weight gradient is checked against the sum it is, over the very input and output gradient it saw.
-_AVX2_GRADIENTS = """
+# A tiny model's training steps, each strided 1x1 shortcut's weight gradient checked against the sum it is, over the
+# very input and output gradient it saw; prints how many were checked and the largest relative error.
+_SHORTCUT_GRADIENTS = """
 import torch, torch.nn.functional as F
 from hybridat.models import Conv1x1, ModelConfig, build_model, fused
 torch.manual_seed(0)
-model = build_model(ModelConfig("{arch}", "dual-bn", width=0.0625)).train()
+model = build_model(ModelConfig("{arch}", "{norm}", width={width})).train()
 seen = {{}}
 for name, m in model.named_modules():
     if isinstance(m, Conv1x1):
         m.register_forward_hook(lambda m, i, o, name=name: seen.update({{name: [i[0].detach()]}}))
         m.register_full_backward_hook(lambda m, gi, go, name=name: seen[name].append(go[0].detach()))
 errors = []
-for step in range(3):  # the fault does not strike every call
-    x = torch.rand(16, 3, 32, 32); y = torch.randint(0, 10, (16,))
+for n in {batches}:
+    x = torch.rand(n, 3, 32, 32); y = torch.randint(0, 10, (n,))
     model.zero_grad()
-    logits_adv, logits_clean = fused(model, x, x.flip(0))
-    (F.cross_entropy(logits_adv, y) + F.cross_entropy(logits_clean, y)).backward()
+    {backward}
     for name, (inp, grad_out) in seen.items():
         s = model.get_submodule(name).stride[0]
         exact = torch.einsum("nohw,nihw->oi", grad_out.double(), inp[:, :, ::s, ::s].double())  # (C_out, C_in)
@@ -117,12 +115,17 @@ print(len(errors), max(errors))
 """
 
 
+# On oneDNN's AVX2 kernels (forced with ONEDNN_MAX_CPU_ISA, so the check runs on any x86 CPU), unguarded, the 1x1
+# stride-2 shortcut with 4 input channels hangs or returns weight gradients 60% off. 3 steps: the fault does not
+# strike every call.
 @pytest.mark.parametrize("arch", ["resnet18", "preact18"])
 def test_strided_shortcuts_get_right_gradients_on_onednn_avx2(arch):
     env = os.environ | {"ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2"}
+    script = _SHORTCUT_GRADIENTS.format(arch=arch, norm="dual-bn", width=0.0625, batches=(16, 16, 16), backward=(
+        "adv, clean = fused(model, x, x.flip(0)); (F.cross_entropy(adv, y) + F.cross_entropy(clean, y)).backward()"))
     try:
-        out = subprocess.run([sys.executable, "-c", _AVX2_GRADIENTS.format(arch=arch)], env=env, timeout=90,
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", script], env=env, timeout=90, capture_output=True, text=True,
+                             check=True)
     except subprocess.TimeoutExpired:
         pytest.fail("the shortcut's backward hung on oneDNN's AVX2 kernel")
     count, error = out.stdout.split()
@@ -132,35 +135,12 @@ def test_strided_shortcuts_get_right_gradients_on_onednn_avx2(arch):
 # One branch (--loss madry or clean) at width 1/8 on odd batches, such as an epoch's last partial batch: on oneDNN's
 # AVX-512 kernels (blocks of 16 channels) the 1x1 stride-2 shortcut's weight gradient with 8 input channels corrupts
 # the heap (SIGSEGV or "double free or corruption" within a few steps) whenever the batch is odd; 16 channels are safe.
-_ODD_BATCHES = """
-import torch, torch.nn.functional as F
-from hybridat.models import Conv1x1, ModelConfig, build_model
-torch.manual_seed(0)
-model = build_model(ModelConfig("{arch}", "bn", width=0.125)).train()
-seen = {{}}
-for name, m in model.named_modules():
-    if isinstance(m, Conv1x1):
-        m.register_forward_hook(lambda m, i, o, name=name: seen.update({{name: [i[0].detach()]}}))
-        m.register_full_backward_hook(lambda m, gi, go, name=name: seen[name].append(go[0].detach()))
-errors = []
-for n in (3, 5, 7, 9):
-    x = torch.rand(n, 3, 32, 32); y = torch.randint(0, 10, (n,))
-    model.zero_grad()
-    F.cross_entropy(model(x, "adv"), y).backward()
-    for name, (inp, grad_out) in seen.items():
-        s = model.get_submodule(name).stride[0]
-        exact = torch.einsum("nohw,nihw->oi", grad_out.double(), inp[:, :, ::s, ::s].double())  # (C_out, C_in)
-        got = model.get_submodule(name).weight.grad.double()[:, :, 0, 0]
-        errors.append(((got - exact).norm() / exact.norm()).item())
-print(len(errors), max(errors))
-"""
-
-
 @pytest.mark.parametrize("arch", ["resnet18", "preact18"])
 def test_narrow_strided_shortcuts_train_on_odd_batches(arch):
     env = os.environ | {"OMP_NUM_THREADS": "2"}
-    out = subprocess.run([sys.executable, "-c", _ODD_BATCHES.format(arch=arch)], env=env, timeout=120,
-                         capture_output=True, text=True)
+    script = _SHORTCUT_GRADIENTS.format(arch=arch, norm="bn", width=0.125, batches=(3, 5, 7, 9),
+                                        backward='F.cross_entropy(model(x, "adv"), y).backward()')
+    out = subprocess.run([sys.executable, "-c", script], env=env, timeout=120, capture_output=True, text=True)
     assert out.returncode == 0, f"the training step died (status {out.returncode}): {out.stderr[-500:]}"
     count, error = out.stdout.split()
     assert int(count) == 12 and float(error) < 1e-5  # 3 strided shortcuts x 4 batches, fp32 round-off only
