@@ -35,7 +35,7 @@ from .attacks import frozen, pgd
 from .checkpoint import Checkpoint, check_csv_name, training_columns, write_csv
 from .files import atomic_path, check_outputs
 from .errors import HybridatError, check_choice, check_number
-from .inputs import check_batch, check_flag, check_pixel_eps, check_same_device, module_of
+from .inputs import check_batch, check_flag, check_pixel_radius, check_same_device, module_of
 from .models import BranchModel, BranchView, norm_layers
 from .norms import BRANCHES, BranchBatchNorm, set_name
 
@@ -233,13 +233,11 @@ def check_ns_gap(*, eps: float, steps: int = 10, step: float | None = None, nois
     check_choice(noise, NOISES, "noise")
     check_choice(reference, REFERENCES, "reference")
     check_choice(start, NS_STARTS, "start")
-    check_number("eps", eps, 0, 255)
-    check_pixel_eps(eps)
+    check_pixel_radius(eps)
     check_number("PGD steps", steps, 1, 100_000, integer=True)
     check_number("batch size", batch_size, 1, 1 << 20, integer=True)
     if step is not None:
-        check_number("step", step, 0, 255, low_open=True)
-        check_pixel_eps(step, "step")
+        check_pixel_radius(step, "step", low_open=True)
 
 
 def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv", steps: int = 10,

@@ -10,7 +10,7 @@ from .attacks import AA_VERSIONS, AMP_ATTACKS, ATTACKS, AASettings, aa_settings,
 from .checkpoint import Checkpoint, training_columns
 from .data import Split, to_float
 from .errors import HybridatError, check_choice, check_number
-from .inputs import check_pixel_eps, check_same_device
+from .inputs import check_pixel_radius, check_same_device
 from .models import BranchView
 from .norms import BRANCHES, NORMS
 
@@ -72,11 +72,9 @@ def check_evaluation(attacks: list[str], branches: list[str], *, eps: float | No
     EVAL_EPS), and PGD's `steps` and `step` (None: PGD_STEPS, eps/4), given where no attack uses them, are refused,
     not ignored."""
     if eps is not None:
-        check_number("eps", eps, 0, 255)
-        check_pixel_eps(eps)
+        check_pixel_radius(eps)
     if step is not None:
-        check_number("step", step, 0, 255, low_open=True)
-        check_pixel_eps(step, "step")
+        check_pixel_radius(step, "step", low_open=True)
     for what, names in (("attacks", attacks), ("branches", branches)):
         if isinstance(names, str) or not isinstance(names, (list, tuple)):
             example = ["clean", "pgd"] if what == "attacks" else ["adv"]

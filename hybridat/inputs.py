@@ -10,7 +10,7 @@ import operator
 import torch
 from torch import nn
 
-from .errors import HybridatError
+from .errors import HybridatError, check_number
 
 
 def module_of(model, what: str = "model") -> nn.Module:
@@ -99,6 +99,13 @@ def check_pixel_eps(eps: float, what: str = "eps") -> float:
             raise HybridatError(f"{what} is in pixel units (8 means 8/255); {eps:.6g} is {k}/255 in [0, 1] units, "
                                 f"which read in pixel units is {k}/255²: give {what}={k}")
     return eps
+
+
+def check_pixel_radius(value: float, what: str = "eps", low_open: bool = False) -> float:
+    """An ε or PGD step on the command line's scale: a finite number in [0, 255] (low_open: above 0), and not the
+    [0, 1] form of a usual radius (`check_pixel_eps`)."""
+    check_number(what, value, 0, 255, low_open=low_open)
+    return check_pixel_eps(value, what)
 
 
 def check_flag(value, what: str) -> bool:

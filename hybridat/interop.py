@@ -30,7 +30,7 @@ from .checkpoint import (Checkpoint, atomic_path, check_checkpoint_name, file_ha
 from .data import DATASETS, check_classes
 from .errors import HybridatError, check_choice, check_number
 from .files import check_outputs
-from .inputs import check_pixel_eps
+from .inputs import check_pixel_radius
 from .models import ARCHS, BranchModel, ModelConfig, build_model, norm_layers
 from .norms import AP_PARAMS, BRANCHES, NORMS, NS_BUFFERS, SHARED, BranchBatchNorm, set_name
 
@@ -444,7 +444,7 @@ def _training(dataset: str, seed: int | None, loss: str | None, eps: float | Non
     if loss is not None:
         training["loss"] = check_choice(loss, LOSSES, "loss")
     if eps is not None:
-        training["eps"] = float(check_pixel_eps(check_number("eps", eps, 0, 255)))
+        training["eps"] = float(check_pixel_radius(eps))
     return training
 
 

@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint, check_checkpoint_name, save_checkpoint
 from .data import Split, train_batches
 from .files import check_outputs
 from .errors import HybridatError, check_number
-from .inputs import check_pixel_eps, check_same_device, layer_indices, module_of
+from .inputs import check_pixel_radius, check_same_device, layer_indices, module_of
 from .models import norm_layers
 from .norms import AP_PARAMS, BRANCHES, NS_BUFFERS, BranchBatchNorm, set_name
 
@@ -137,10 +137,8 @@ def check_reestimate(branch: str, domain: str, *, eps: float = 8.0, step: float 
                "noise": "it reads --eps only (--step and --steps are adv's PGD settings)"}[domain]
         raise HybridatError(f"{', '.join(f'--{name}' for name in unused)} {'does' if len(unused) == 1 else 'do'} "
                             f"not apply to --reestimate {domain}: {why}")
-    check_number("eps", eps, 0, 255)
-    check_pixel_eps(eps)
-    check_number("step", step, 0, 255, low_open=True)  # a step of 0: PGD never leaves its start
-    check_pixel_eps(step, "step")
+    check_pixel_radius(eps)
+    check_pixel_radius(step, "step", low_open=True)  # a step of 0: PGD never leaves its start
     check_number("PGD steps", steps, 1, 100_000, integer=True)
     check_number("batch size", batch_size, 1, 1 << 20, integer=True)
     check_number("seed", seed, 0, 2**63 - 1, integer=True)
