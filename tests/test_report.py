@@ -502,3 +502,162 @@ def test_rows_without_a_seed_are_reported_not_a_crash(tmp_path):
     assert set(loaded) == {"eval", "nsgap"} and loaded["eval"].seed.isna().all()
     written = write_report(loaded, tmp_path / "report")
     assert (tmp_path / "report" / "report.md") in written
+
+
+# ---- figures at every scale: what a reader sees (artists, sizes, texts; never pixels) ----------------------------
+
+def _many(frame: pd.DataFrame, n: int, seeds_of=lambda i: 1) -> pd.DataFrame:
+    """n trainings of the fixture's rows, told apart by a dozen settings, so each has a long training label
+    ("epochs=…, PGD steps=…, lr=…, batch=…, …"); training i keeps the rows of its first seeds_of(i) seeds."""
+    parts = []
+    for i in range(n):
+        part = frame[frame.seed.rank(method="dense") <= seeds_of(i)]
+        settings = {"train_epochs": 10 + i, "train_steps": 3 + i, "train_step": 2, "train_lr": 0.1 + i / 1000,
+                    "train_batch_size": 64 + i, "train_momentum": 0.9, "train_weight_decay": 5e-4 + i / 1e6,
+                    "train_clean_weight": 0.5, "train_trades_beta": 6 + i, "train_subset": 1000 + i,
+                    "dataset": "cifar10", "train_amp": "false", "arch": "resnet18" if i % 2 else "preact18"}
+        parts.append(part.assign(**settings, checkpoint_hash=part.checkpoint_hash.astype(str) + f"-{i}"))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _drawn(fig):
+    """The figure laid out and drawn as savefig draws it; its renderer, for the extents of what it shows."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig).draw()
+    return fig.canvas.get_renderer()
+
+
+def _inside(box, outer, slack=1.0) -> bool:
+    return (box.x0 >= outer.x0 - slack and box.x1 <= outer.x1 + slack and box.y0 >= outer.y0 - slack
+            and box.y1 <= outer.y1 + slack)
+
+
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 - 1 and b.x0 < a.x1 - 1 and a.y0 < b.y1 - 1 and b.y0 < a.y1 - 1
+
+
+def _titles(fig) -> list:
+    """Every title the figure shows: axes titles, row titles of subfigures, the figure's own."""
+    subs = [sub._suptitle for sub in fig.subfigs if sub._suptitle is not None]
+    return [ax.title for ax in fig.axes if ax.get_title()] + subs + [t for t in fig.texts if t.get_text()]
+
+
+def _check_readable(fig) -> None:
+    """No title or legend runs off the figure or into another; no legend lies on a panel; tick labels of one axis
+    do not run into each other."""
+    renderer = _drawn(fig)
+    whole = fig.bbox
+    boxes = [t.get_window_extent(renderer) for t in _titles(fig)]
+    legends = [lg.get_window_extent(renderer) for lg in [*fig.legends, *(l for s in fig.subfigs for l in s.legends),
+                                                          *(ax.get_legend() for ax in fig.axes)] if lg is not None]
+    panels = [ax.get_window_extent(renderer) for ax in fig.axes]
+    for box in boxes + legends:
+        assert _inside(box, whole), f"{box} runs off the figure {whole}"
+    for i, a in enumerate(boxes + legends):
+        assert not any(_overlap(a, b) for b in (boxes + legends)[i + 1:]), "two titles or legends overlap"
+    assert not any(_overlap(lg, p) for lg in legends for p in panels), "a legend lies on a panel"
+    for ax in fig.axes:
+        ticks = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+        assert not any(_overlap(a, b) for i, a in enumerate(ticks) for b in ticks[i + 1:]), "tick labels overlap"
+
+
+def _data_lines(ax) -> list:
+    """The line of each error-bar series (not its caps or bars)."""
+    return [c.lines[0] for c in ax.containers if c.lines[0] is not None]
+
+
+def test_ns_gap_plot_keeps_coinciding_series_visible(frames):
+    """The own-branch adv-clean line (red) was drawn under the noise-clean line (blue) with the same marker, width
+    and style: where the two gaps coincide (they often do: the AP gap dominates both) a reader saw only blue."""
+    ns = frames["nsgap"].copy()
+    noise = ns.pair == "noise-clean"
+    ns.loc[noise, "distance"] = ns.loc[noise].merge(  # the noise gap made equal to the adv gap, row for row
+        ns[ns.pair == "adv-clean"], on=["checkpoint_hash", "statistic", "measure", "fix_ap", "layer"],
+        how="left").distance_y.to_numpy()
+    fig = report.plot_ns_gap({"nsgap": ns})
+    for ax in fig.axes:
+        lines = _data_lines(ax)
+        same = [(a, b) for i, a in enumerate(lines) for b in lines[i + 1:]
+                if len(a.get_xdata()) == len(b.get_xdata()) and (a.get_xydata() == b.get_xydata()).all()]
+        if ax.get_title().startswith("NS"):
+            assert len(same) == 2  # own branch and fix-AP: adv-clean and noise-clean coincide
+        for a, b in same:
+            under, over = sorted((a, b), key=lambda line: line.get_zorder())
+            assert under.get_zorder() < over.get_zorder() and under.get_linewidth() > over.get_linewidth()
+            assert under.get_marker() != over.get_marker() and over.get_markerfacecolor() == "none"
+            assert under.get_color() != over.get_color()
+    _check_readable(fig)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()] if fig.legends else \
+        [t.get_text() for s in fig.subfigs for lg in s.legends for t in lg.get_texts()]
+    assert labels == ["own branch adv-clean", "own branch noise-clean", "fix-AP adv adv-clean",
+                      "fix-AP adv noise-clean", "AP weight", "AP bias"]  # one legend for every panel
+
+
+def test_ns_gap_plot_of_many_groups_draws_the_best_supported_few_and_says_so(frames, tmp_path):
+    """220 (training, norm, ε) groups made one 660-axes figure 800 inches tall that took ~55 s to draw and no one
+    could read. Now: at most MAX_PANELS rows, those with the most seeds; the figure and summary.txt say the rest."""
+    ns = _many(frames["nsgap"], 12, seeds_of=lambda i: 2 if i in (3, 7, 11) else 1)
+    fig = report.plot_ns_gap({"nsgap": ns})
+    limit = report.MAX_PANELS
+    assert len(fig.axes) == 3 * limit and fig.get_figheight() < 4.5 * limit
+    rows = [sub._suptitle.get_text().replace("\n", " ") for sub in fig.subfigs if sub._suptitle is not None]
+    assert len(rows) == limit and sum("epochs=13," in r or "epochs=17," in r or "epochs=21," in r for r in rows) == 3
+    assert all(r.startswith("dual-bn ε=8 [arch=") for r in rows)  # each row names its training
+    assert report.figure_note(fig) == (f"{limit} of 12 (training, norm, ε) groups drawn (those with the most seeds, "
+                                       "then measurements); table 5 (ns-gap.md) has them all")
+    _check_readable(fig)
+    write_report({"nsgap": ns}, tmp_path)
+    summary = (tmp_path / "summary.txt").read_text(encoding="utf-8").replace("\n    ", " ")
+    assert f"ns-gap.png: {limit} of 12 (training, norm, ε) groups drawn" in summary
+    assert len(pd.read_csv(tmp_path / "ns-gap.csv").training.unique()) == 12  # the table keeps every group
+    small = report.plot_ns_gap(frames)  # the fixture: every group drawn, nothing said
+    assert report.figure_note(small) == "" and len(small.axes) == 3
+
+
+def test_ns_gap_plot_says_a_panel_without_rows_is_empty(frames):
+    """A model measured for its AP gap only drew two empty NS panels with axes 0-1, a plot of nothing."""
+    ns = frames["nsgap"]
+    fig = report.plot_ns_gap({"nsgap": ns[ns.kind == "ap"]})
+    mean, std, ap = fig.axes
+    assert [t.get_text() for t in mean.texts] == ["no NS rows for this model"] == [t.get_text() for t in std.texts]
+    assert not mean.lines and ap.lines and not ap.texts
+
+
+def test_accuracy_plot_of_many_trainings_stays_readable(frames):
+    """40 (training, train ε) panels made a figure 104 inches tall, titles wider than the figure, one variant's bar
+    8 inches wide in one panel and 60 variants' names run into each other in another."""
+    ev = frames["eval"]
+    many = _many(ev, 11, seeds_of=lambda i: 3 if i == 5 else 1)
+    wide = ev.assign(norm=[f"{n}-{i}" for i, n in enumerate(ev.norm)], checkpoint_hash=ev.checkpoint_hash + "-w")
+    fig = report.plot_accuracy({"eval": pd.concat([many, wide], ignore_index=True)})
+    limit = report.MAX_PANELS
+    assert len(fig.axes) == limit and fig.get_figheight() < 6 * limit and fig.get_figwidth() <= 24
+    assert report.figure_note(fig).startswith(f"{limit} of 24 (training, train ε) panels drawn")  # 12 trainings, two train ε each
+    assert len({ax.get_xlim() for ax in fig.axes}) == 1  # one bar width in every panel
+    _check_readable(fig)
+    small = report.plot_accuracy(frames)
+    assert report.figure_note(small) == "" and len(small.axes) == 2  # train ε 8 and 16
+    _check_readable(small)
+
+
+def test_training_plot_of_many_curves_stays_readable(frames):
+    """173 curves: colours repeated every 10, and a legend of long training labels wider than the figure that
+    covered the loss panel. Now at most MAX_CURVES curves (one colour each), the legend below the panels."""
+    tr = frames["train"]
+    many = _many(pd.concat([tr, tr.assign(seed=1)], ignore_index=True), 14, seeds_of=lambda i: 2 if i < 3 else 1)
+    fig = report.plot_training({"train": many})
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == report.MAX_CURVES and len({line.get_color() for line in lines}) == report.MAX_CURVES
+    assert sum("(n=2)" in line.get_label() for line in lines) == 3
+    assert report.figure_note(fig).startswith(f"{report.MAX_CURVES} of 14 curves drawn")
+    _check_readable(fig)
+    small = report.plot_training(frames)
+    assert report.figure_note(small) == "" and len(small.axes[0].get_lines()) == 1
+    _check_readable(small)
+
+
+@pytest.mark.parametrize("plot", ["plot_ns_gap", "plot_accuracy", "plot_training"])
+@pytest.mark.parametrize("limit", [0, -1, 2.5, True, "8"])
+def test_a_figure_limit_that_is_not_a_whole_number_of_panels_is_one_clear_error(frames, plot, limit):
+    with pytest.raises(HybridatError, match=f"a whole number, at least 1; got {limit!r}"):
+        getattr(report, plot)(frames, limit=limit)
