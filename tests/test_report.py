@@ -171,6 +171,16 @@ def test_mixed_model_settings_are_split_not_averaged(frames):
     assert t.iloc[0]["ε=8 adv: clean"] == "87.0 ± 1.4 (n=2)"  # the fixture's bn cell, alone
 
 
+def test_a_training_label_names_each_setting_once(frames):
+    """Rows trained on two datasets: the label says dataset=... once (SETTING_COLUMNS held it twice)."""
+    ev = frames["eval"].copy()
+    ev["dataset"] = "cifar10"
+    ev.loc[ev.norm == "bn", "dataset"] = "svhn"
+    t = build_tables({"eval": ev})["ns-vs-ap"]
+    assert sorted(zip(t.training, t.norm)) == [("dataset=cifar10", "dual-ap"), ("dataset=cifar10", "dual-bn"),
+                                               ("dataset=svhn", "bn")]
+
+
 def test_two_checkpoints_differing_only_in_a_training_setting_give_two_rows(tmp_path, data_dir):
     """Same norm, loss, eps and seed; one trained with lr 0.1, the other with lr 0.05: two rows, not one mean."""
     from hybridat.checkpoint import load_checkpoint, save_checkpoint, write_csv
