@@ -349,10 +349,23 @@ PANEL_TITLES = {"mean": "NS: channel means", "std": "NS: channel stds", "weight"
 MEASURE_NAMES = {"wasserstein": "Wasserstein", "mad": "mean absolute"}
 
 
+# How a distance-by-depth series is drawn (here and in `report`'s ns-gap.png). Series that coincide (own-branch
+# adv-clean and noise-clean often do: the branches' AP gap dominates both) stay visible: the first is drawn wide
+# with filled markers, the second narrow with hollow markers on top of it.
+FIRST = {"marker": "o", "ms": 5, "lw": 2.6, "zorder": 2}
+SECOND = {"marker": "s", "ms": 5, "lw": 1.1, "mfc": "none", "zorder": 3}
+
+
 def plot_gap_by_depth(rows, path, measure: str = "wasserstein") -> None:
+    """`gap_by_depth_figure(rows, measure)` saved to path (PNG)."""
+    _save(gap_by_depth_figure(rows, measure), path)
+
+
+def gap_by_depth_figure(rows, measure: str = "wasserstein") -> Figure:
     """Distance vs layer index, one panel per statistic (NS mean/std, AP weight/bias where present); one line per
-    domain pair (adv red, noise blue, clean grey), solid with fixed AP, dashed through each domain's own branch.
-    The protocol (`protocol_text`) is the title, or part of each line's label where the rows hold several."""
+    domain pair (adv red and wide, noise blue and clean grey narrow on top: coinciding lines stay visible), solid
+    with fixed AP, dashed through each domain's own branch. The protocol (`protocol_text`) is the title, or part of
+    each line's label where the rows hold several."""
     check_choice(measure, tuple(MEASURES), "measure")
     records = [r for r in _records(rows) if r["measure"] == measure]
     protocols = _protocols(records)
@@ -373,15 +386,16 @@ def plot_gap_by_depth(rows, path, measure: str = "wasserstein") -> None:
     for ax, stat in zip(fig.subplots(1, len(stats), squeeze=False)[0], stats):
         for (pair, setting), points in sorted(lines[stat].items()):
             layers, dist = zip(*sorted(points))
-            style = "--" if setting.startswith("own branch") else "-"
-            line, = ax.plot(layers, dist, style, marker="o", ms=2.5, color=_pair_color(pair))
+            style = FIRST if pair.startswith("adv") else SECOND
+            line, = ax.plot(layers, dist, "--" if setting.startswith("own branch") else "-", color=_pair_color(pair),
+                            **style)
             labels.setdefault("AP gap: adv vs clean branch" if setting == "AP" else f"{pair} ({setting})", line)
         ax.set(title=PANEL_TITLES[stat], xlabel="norm layer (depth)", ylabel=f"{MEASURE_NAMES[measure]} distance")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if all(d > 0 for points in lines[stat].values() for _, d in points):
             ax.set_yscale("log")  # own-branch and fixed-AP gaps lie orders of magnitude apart
     fig.legend(labels.values(), labels.keys(), loc="outside lower center", ncols=min(len(labels), 3), fontsize=7)
-    _save(fig, path)
+    return fig
 
 
 def check_layer(model, layer: int) -> int:

@@ -18,7 +18,7 @@ from matplotlib.ticker import MaxNLocator
 from rich.table import Table
 from rich.text import Text
 
-from .analysis import DOMAIN_SETTINGS, MEASURES, PROTOCOL, PROTOCOL_DEFAULTS, protocol_text
+from .analysis import DOMAIN_SETTINGS, FIRST, MEASURES, PROTOCOL, PROTOCOL_DEFAULTS, SECOND, protocol_text
 from .checkpoint import TRAINING_COLUMNS
 from .files import atomic_path, check_outputs, same_file
 from .errors import HybridatError
@@ -683,11 +683,7 @@ def _say_empty(ax, text: str) -> None:
 
 
 # How each distance-by-depth series is drawn. Colour: the domain pair (or AP statistic); line style: which AP the
-# domains went through. Series that coincide (own-branch adv-clean and noise-clean often do: the branches' AP gap
-# dominates both) stay visible: the first is drawn wide with filled markers, the second narrow with hollow markers
-# on top of it.
-FIRST = {"marker": "o", "ms": 5, "lw": 2.6, "zorder": 2}
-SECOND = {"marker": "s", "ms": 5, "lw": 1.1, "mfc": "none", "zorder": 3}
+# domains went through; coinciding series stay visible (analysis.FIRST under analysis.SECOND).
 SERIES = ("kind", "statistic", "pair", "fix", "branch", "layer")  # one measurement: a point of a drawn series
 SETTING_LS = {"own branch": "--", "fix-AP adv": "-", "fix-AP clean": "-."}  # any other fixed branch: ":"
 

@@ -13,7 +13,7 @@ import torchvision
 from scipy.stats import wasserstein_distance
 
 from hybridat.analysis import (ap_gap, batch_ns, domain_batches, mad, measured_layers, ns_gap, perturb,
-                               plot_channels, plot_gap_by_depth, protocol_text, wasserstein_1d)
+                               gap_by_depth_figure, plot_channels, plot_gap_by_depth, protocol_text, wasserstein_1d)
 from hybridat.errors import HybridatError
 from hybridat.models import ModelConfig, build_model, norm_layers
 
@@ -161,6 +161,22 @@ def test_plots_write_png_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["channels.png", "depth.png"]  # no temp files left
     with pytest.raises(HybridatError, match="layer 99"):
         plot_channels(channels, 99, tmp_path / "none.png")
+
+
+def test_depth_plot_keeps_coinciding_lines_visible():
+    """FILE-depth.png drew adv-clean (red) and noise-clean (blue) with one marker and width, noise on top: where the
+    own-branch gaps coincide (the branches' AP gap dominates both) the red line was hidden. Now red lies wide with
+    filled markers under a narrow blue line with hollow ones."""
+    model, (x, y) = make("dual-bn"), batch()
+    own, _ = ns_gap(model, x, y, eps=8, fix_ap=False, steps=1)
+    adv = {(r["layer"], r["statistic"], r["measure"]): r["distance"] for r in own if r["pair"] == "adv-clean"}
+    rows = [r | {"distance": adv[r["layer"], r["statistic"], r["measure"]]} if r["pair"] == "noise-clean" else r for r in own]
+    fig = gap_by_depth_figure(rows)
+    for ax in fig.axes:
+        red, blue = sorted(ax.get_lines(), key=lambda line: line.get_zorder())
+        assert (red.get_xydata() == blue.get_xydata()).all() and red.get_color() != blue.get_color()
+        assert red.get_zorder() < blue.get_zorder() and red.get_linewidth() > blue.get_linewidth()
+        assert red.get_marker() != blue.get_marker() and blue.get_markerfacecolor() == "none"
 
 
 # ---- the two protocols (train / eval mode), the running-NS reference, unclipped noise, any nn.Module ----------
