@@ -340,8 +340,11 @@ def _protocols(records: list[dict]) -> list[tuple]:
     return list(dict.fromkeys(_protocol(r) for r in records if r["kind"] == "ns"))
 
 
+DOMAIN_COLORS = {"adv": "C3", "noise": "C0", "clean": "0.5", "running": "k"}  # in both plots of ns-gap
+
+
 def _pair_color(pair: str) -> str:
-    return {"adv": "C3", "noise": "C0"}.get(pair.split("-")[0], "0.5")
+    return DOMAIN_COLORS.get(pair.split("-")[0], "0.5")
 
 
 PANEL_TITLES = {"mean": "NS: channel means", "std": "NS: channel stds", "weight": "AP: weight (γ)",
@@ -408,8 +411,13 @@ def check_layer(model, layer: int) -> int:
 
 
 def plot_channels(channel_rows, layer: int, path) -> None:
-    """Per-channel bars of the mean at one layer for each domain (clean, adv, noise, and the running NS where they
-    are the reference); one panel per setting and protocol."""
+    """`channels_figure(channel_rows, layer)` saved to path (PNG)."""
+    _save(channels_figure(channel_rows, layer), path)
+
+
+def channels_figure(channel_rows, layer: int) -> Figure:
+    """Per-channel bars of the mean at one layer for each domain (clean grey, adv red, noise blue, as in the depth
+    plot, and the running NS black where they are the reference); one panel per setting and protocol."""
     panels: dict[tuple, dict[str, list]] = {}  # (fix_ap, branch, protocol) -> domain -> [(channel, mean)]
     for r in _records(channel_rows):
         if r["layer"] == layer:
@@ -424,12 +432,13 @@ def plot_channels(channel_rows, layer: int, path) -> None:
         width = 0.84 / len(present)
         for k, d in enumerate(present):
             channels, means = zip(*sorted(domains[d]))
-            ax.bar([c + (k - (len(present) - 1) / 2) * width for c in channels], means, width=width, label=d)
+            ax.bar([c + (k - (len(present) - 1) / 2) * width for c in channels], means, width=width, label=d,
+                   color=DOMAIN_COLORS[d])
         ax.set(title=f"layer {layer}, {'fix AP: ' + branch if fixed else 'own branch'}; {protocol_text(*protocol)}",
                xlabel="channel", ylabel="channel mean of the layer's input")
         ax.title.set_fontsize(9)
         ax.legend(fontsize=7)
-    _save(fig, path)
+    return fig
 
 
 def ns_gap_paths(out) -> list[Path]:

@@ -4,6 +4,7 @@ import copy
 import math
 from functools import partial
 
+import matplotlib.colors
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,7 +14,7 @@ import torchvision
 from scipy.stats import wasserstein_distance
 
 from hybridat.analysis import (ap_gap, batch_ns, domain_batches, mad, measured_layers, ns_gap, perturb,
-                               gap_by_depth_figure, plot_channels, plot_gap_by_depth, protocol_text, wasserstein_1d)
+                               channels_figure, gap_by_depth_figure, plot_channels, plot_gap_by_depth, protocol_text, wasserstein_1d)
 from hybridat.errors import HybridatError
 from hybridat.models import ModelConfig, build_model, norm_layers
 
@@ -177,6 +178,19 @@ def test_depth_plot_keeps_coinciding_lines_visible():
         assert (red.get_xydata() == blue.get_xydata()).all() and red.get_color() != blue.get_color()
         assert red.get_zorder() < blue.get_zorder() and red.get_linewidth() > blue.get_linewidth()
         assert red.get_marker() != blue.get_marker() and blue.get_markerfacecolor() == "none"
+
+
+def test_channel_bars_take_each_domains_colour_in_the_depth_plot():
+    """FILE-channels.png drew adv orange and noise green beside a depth plot of adv red and noise blue."""
+    model, (x, y) = make("dual-bn"), batch()
+    rows, channels = ns_gap(model, x, y, eps=8, fix_ap=True, steps=1)
+    legend = gap_by_depth_figure(rows).legends[0]
+    depth = {text.get_text().split("-")[0]: handle.get_color()
+             for text, handle in zip(legend.get_texts(), legend.legend_handles)}
+    bars = {c.get_label(): matplotlib.colors.to_hex(c.patches[0].get_facecolor())
+            for c in channels_figure(channels, 3).axes[0].containers}
+    assert set(bars) == {"clean", "adv", "noise"} and set(depth) == {"adv", "noise"}
+    assert all(bars[d] == matplotlib.colors.to_hex(depth[d]) for d in depth) and bars["clean"] not in depth.values()
 
 
 # ---- the two protocols (train / eval mode), the running-NS reference, unclipped noise, any nn.Module ----------
