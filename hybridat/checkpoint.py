@@ -21,7 +21,7 @@ from . import __version__
 from .data import DATASETS
 from .errors import HybridatError, check_choice, check_number
 from .files import atomic_path
-from .models import BranchModel, ModelConfig, build_model
+from .models import BranchModel, ModelConfig, build_model, model_for_weights
 from .runtime import resolve_device
 
 __all__ = ["atomic_path", "write_csv", "save_checkpoint", "load_checkpoint", "checkpoint_hash", "Checkpoint"]
@@ -299,7 +299,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", allow_
         if bad:
             raise HybridatError(f"{path} has non-finite weights (NaN or inf) in {len(bad)} tensors, e.g. {bad[0]}; "
                                 "a diverged run's model cannot be evaluated")
-    model = build_model(config)
+    model = model_for_weights(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

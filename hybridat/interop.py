@@ -31,7 +31,7 @@ from .data import DATASETS, check_classes
 from .errors import HybridatError, check_choice, check_number
 from .files import check_outputs
 from .inputs import check_pixel_radius
-from .models import ARCHS, BranchModel, ModelConfig, build_model, norm_layers
+from .models import ARCHS, BranchModel, ModelConfig, build_model, model_for_weights, norm_layers
 from .norms import AP_PARAMS, BRANCHES, NORMS, NS_BUFFERS, SHARED, BranchBatchNorm, set_name
 
 ADV_SPLITS = ("aux", "main")  # timm SplitBatchNorm2d: which split is the adversarial one
@@ -341,7 +341,7 @@ def match(state: dict[str, torch.Tensor], *, arch: str | None = None, layout: st
 
 def load_foreign(state: dict[str, torch.Tensor], found: Match, adv_split: str = "aux") -> BranchModel:
     """A hybridat model holding `state`'s values, as `found` (from `match`) maps them."""
-    model = build_model(found.config)
+    model = model_for_weights(found.config)
     mapping = plan(model, found.layout, adv_split)
     values = {h: state[f] if f in state else torch.zeros((), dtype=torch.long) for h, f in mapping.items()}
     model.load_state_dict(values, strict=True)

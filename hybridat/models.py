@@ -360,6 +360,13 @@ def build_model(config: ModelConfig) -> BranchModel:
     return model.to(memory_format=torch.channels_last)
 
 
+def model_for_weights(config: ModelConfig) -> BranchModel:
+    """`build_model(config)` to be filled with a state dict at once: its random init is drawn from a forked RNG, so
+    loading a checkpoint leaves the caller's global random stream (a notebook's next torch.randn) as it was."""
+    with torch.random.fork_rng(devices=[]):  # built on the CPU: only the CPU generator is drawn from
+        return build_model(config)
+
+
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, layer) of every norm layer, in order of construction (depth order)."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, BranchNorm)]

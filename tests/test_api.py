@@ -1,0 +1,62 @@
+"""The library as a researcher in a notebook calls it: the functions the README names leave the caller's state
+(global random streams) as it was, and a mistake a notebook makes (labels or pixels of another dtype, a split that
+is not load_split's, a foreign model where a hybridat one is meant, a single number where a list is meant) gets
+one HybridatError line, never a torch error from deep inside or a silently unchanged model."""
+
+import random
+
+import pytest
+import torch
+import torchvision
+
+from hybridat import attacks
+from hybridat.analysis import ns_gap
+from hybridat.checkpoint import checkpoint_info, load_checkpoint, save_checkpoint, write_csv
+from hybridat.data import Split, load_split, to_float
+from hybridat.errors import HybridatError
+from hybridat.evaluate import evaluate
+from hybridat.interop import export_branch, import_checkpoint
+from hybridat.models import BranchView, ModelConfig
+from hybridat.recombine import cross, recombine, reestimate, swap_ap
+from hybridat.run import run_training
+from hybridat.train import TrainConfig
+
+from conftest import perturb, tiny
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("api") / "run" / "model.safetensors"
+    save_checkpoint(perturb(tiny()).eval(), path, train={"eps": 8, "loss": "hybrid", "dataset": "cifar10",
+                                                        "epochs": 1}, seed=0, run="run")
+    return load_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def test_split(data_dir):
+    return load_split("cifar10", train=False, data_dir=data_dir, n=24)
+
+
+def _streams():
+    return torch.get_rng_state(), random.getstate()
+
+
+def _same_streams(before) -> bool:
+    torch_state, python_state = _streams()
+    return torch.equal(torch_state, before[0]) and python_state == before[1]
+
+
+def test_loading_and_importing_a_checkpoint_leave_the_global_random_streams_alone(ckpt, tmp_path):
+    """A model built only to receive a checkpoint's weights drew its random init from the caller's global RNG: in
+    a notebook, `torch.manual_seed(0); load_checkpoint(p); torch.randn(3)` gave other numbers than without the
+    load."""
+    exported = export_branch(ckpt, tmp_path / "adv.safetensors", branch="adv", layout="kuangliu").path
+    calls = [lambda: load_checkpoint(ckpt.path), lambda: checkpoint_info(ckpt.path),
+             lambda: import_checkpoint(exported), lambda: import_checkpoint(exported, tmp_path / "m.safetensors")]
+    for call in calls:
+        torch.manual_seed(0)
+        before = _streams()
+        call()
+        assert _same_streams(before)
+    assert torch.equal(load_checkpoint(ckpt.path).model.state_dict()["bn1.running_mean_adv"],
+                       ckpt.model.state_dict()["bn1.running_mean_adv"])
