@@ -34,7 +34,7 @@ from .errors import HybridatError, check_choice
 from .files import atomic_path, check_outputs
 from .models import BranchModel, ModelConfig, build_model
 from .norms import NORMS
-from .runtime import distributed, is_main_process, on_rank0, resolve_device, seed_everything
+from .runtime import callers_streams, distributed, is_main_process, on_rank0, resolve_device, seed_everything
 from .train import TrainConfig, check_config, make_optimizer, train
 
 MODEL, LAST, STATE, CSV, LOCK = "model.safetensors", "last.safetensors", "resume.safetensors", "train.csv", ".lock"
@@ -277,8 +277,9 @@ def run_training(out: str | Path, config: ModelConfig, cfg: TrainConfig, *, data
                 state = on_rank0(check_folder, world)
                 if world > 1 and not main and resume and (out / STATE).is_file():  # rank 0 checked it
                     state = read_state(out / STATE)
-                result = _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank, world, main,
-                                     on_step, on_epoch, graphs, overwrite)
+                with callers_streams(device):  # the run seeds the global generators for itself
+                    result = _train_into(out, config, cfg, ident, state, dataset, data_dir, device, rank, world,
+                                         main, on_step, on_epoch, graphs, overwrite)
         except BaseException:  # a bad dataset, an interrupt before the first epoch: no empty run folder is left
             if main:
                 remove_empty(made)

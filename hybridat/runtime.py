@@ -98,6 +98,20 @@ def _malloc_keep_memory() -> None:
         pass
 
 
+@contextmanager
+def callers_streams(device: torch.device) -> Iterator[None]:
+    """The caller's global random streams (torch's CPU and CUDA generators, Python's `random`) as they were on the
+    way out, whatever the block seeds or draws: a run seeds them (`seed_everything`), a notebook's next
+    torch.randn does not come from the run's seed. CUDA's are kept where the block runs on CUDA or it was in use."""
+    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" or torch.cuda.is_initialized() else []
+    python = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(python)
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed torch (all devices) and random; return a CPU generator for data order and augmentation."""
     random.seed(seed)

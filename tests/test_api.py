@@ -60,3 +60,21 @@ def test_loading_and_importing_a_checkpoint_leave_the_global_random_streams_alon
         assert _same_streams(before)
     assert torch.equal(load_checkpoint(ckpt.path).model.state_dict()["bn1.running_mean_adv"],
                        ckpt.model.state_dict()["bn1.running_mean_adv"])
+
+
+def test_training_from_python_leaves_the_callers_random_streams_alone(data_dir, tmp_path):
+    """run_training seeded torch's and Python's global generators with the run's seed and left them there: every
+    random number a notebook drew after a training came from the run's seed, not from the caller's stream. The run
+    itself stays as reproducible as before: the same seed, the same model."""
+    config = ModelConfig("resnet18", "bn", width=0.0625)
+    cfg = TrainConfig(epochs=1, steps=1, batch_size=32, train_subset=64, seed=3)
+    hashes = []
+    for k, caller_seed in enumerate((1, 2)):
+        torch.manual_seed(caller_seed)
+        random.seed(caller_seed)
+        before = _streams()
+        threads = torch.get_num_threads()
+        result = run_training(tmp_path / f"run{k}", config, cfg, data_dir=data_dir)
+        assert _same_streams(before) and torch.get_num_threads() == threads
+        hashes.append(load_checkpoint(result.model_path).hash)
+    assert hashes[0] == hashes[1]
