@@ -17,7 +17,7 @@ from torch import nn
 
 from hybridat.errors import HybridatError, check_choice, check_number
 from hybridat.graphs import Graphed
-from hybridat.inputs import check_batch
+from hybridat.inputs import check_batch, check_label_dtype
 from hybridat.models import BranchView, bn_folded
 from hybridat.runtime import autocast
 
@@ -60,6 +60,7 @@ def _check(x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf") -> 
         raise HybridatError(f"expected x (B, C, H, W) and y (B,), got {tuple(x.shape)} and {tuple(y.shape)}")
     if not x.is_floating_point() or y.is_floating_point() or y.dtype == torch.bool:
         raise HybridatError(f"expected float pixels x in [0, 1] and integer labels y, got {x.dtype} and {y.dtype}")
+    check_label_dtype(y)
 
 
 def _l2(t: torch.Tensor) -> torch.Tensor:

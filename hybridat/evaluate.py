@@ -10,7 +10,7 @@ from .attacks import AA_VERSIONS, AMP_ATTACKS, ATTACKS, AASettings, aa_settings,
 from .checkpoint import Checkpoint, training_columns
 from .data import Split, to_float
 from .errors import HybridatError, check_choice, check_number
-from .inputs import check_pixel_radius, check_same_device
+from .inputs import check_pixel_radius, check_split
 from .models import BranchView
 from .norms import BRANCHES, NORMS
 
@@ -122,10 +122,7 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
     if not isinstance(ckpt, Checkpoint):
         raise HybridatError(f"ckpt must be a hybridat Checkpoint (hybridat.load_checkpoint(path)), got "
                             f"{type(ckpt).__name__}")
-    if not isinstance(split, Split):
-        raise HybridatError(f"split must be a hybridat.data.Split (hybridat.data.load_split(...)), got "
-                            f"{type(split).__name__}")
-    check_same_device(ckpt.model, split.images, "the split")
+    check_split(ckpt.model, split)
     plan = check_evaluation(attacks, branches, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed,
                             aa_version=aa_version, aa_attacks=aa_attacks, aa_restarts=aa_restarts, amp=amp)
     aa = aa_settings(aa_version, aa_attacks, aa_restarts)

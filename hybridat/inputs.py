@@ -70,8 +70,7 @@ def check_labels(y, x: torch.Tensor, num_classes: int | None = None, what: str =
         raise HybridatError(f"{what} must be a torch.Tensor of class labels (B,), got {type(y).__name__}")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise HybridatError(f"{what} must have one label per image, shape ({x.shape[0]},), got {tuple(y.shape)}")
-    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
-        raise HybridatError(f"{what} must hold integer class labels (torch.long), got {y.dtype}")
+    check_label_dtype(y, what)
     if y.device != x.device:
         raise HybridatError(f"{what} is on {y.device}, x on {x.device}: put them on one device")
     lo, hi = int(y.min()), int(y.max())
@@ -82,12 +81,61 @@ def check_labels(y, x: torch.Tensor, num_classes: int | None = None, what: str =
     return y
 
 
+LABEL_DTYPES = (torch.long, torch.uint8)  # what cross_entropy takes as class targets
+
+
+def check_label_dtype(y: torch.Tensor, what: str = "y") -> None:
+    """One line unless y's dtype is one cross_entropy takes (int32 labels failed deep inside it). No host sync."""
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise HybridatError(f"{what} must hold integer class labels (torch.long), got {y.dtype}")
+    if y.dtype not in LABEL_DTYPES:
+        raise HybridatError(f"{what} must hold class labels as torch.long (int64), got {y.dtype} labels: "
+                            f"{what}.long()")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter or buffer (None for a module without one)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+CASTS = {torch.float32: "float", torch.float64: "double", torch.float16: "half", torch.bfloat16: "bfloat16"}
+
+
 def check_batch(model: nn.Module, x, y) -> None:
-    """x and y as `check_pixels` and `check_labels` want them, on the model's device; labels within the classes of a
-    hybridat model."""
+    """x and y as `check_pixels` and `check_labels` want them, on the model's device, x in the dtype of the model's
+    weights (float64 pixels from numpy failed inside a convolution); labels within the classes of a hybridat model."""
     check_pixels(x)
     check_labels(y, x, getattr(getattr(model, "config", None), "num_classes", None))
     check_same_device(model, x)
+    dtype = model_dtype(model)
+    if dtype is not None and x.dtype != dtype:
+        cast = f"x.{CASTS[dtype]}()" if dtype in CASTS else f"x.to({dtype})"
+        raise HybridatError(f"x is {x.dtype}, the model's weights are {dtype}: {cast}")
+
+
+def check_split(model: nn.Module, split, hint: str = "hybridat.data.load_split(...)",
+                num_classes: int | None = None) -> None:
+    """One line unless `split` is a hybridat.data.Split as `load_split` gives it: uint8 images (N, C, H, W), N >= 1,
+    and one integer label each (in [0, num_classes) where given), on the model's device. hint: how the caller's
+    split is made, for the message."""
+    from .data import Split
+
+    if not isinstance(split, Split):
+        raise HybridatError(f"split must be a hybridat.data.Split ({hint}), got {type(split).__name__}")
+    images = split.images
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise HybridatError(f"split.images must have the shape (N, C, H, W), got "
+                            f"{tuple(getattr(images, 'shape', ())) or type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise HybridatError(f"split.images must be uint8 (0-255), as load_split gives them, got {images.dtype} (float "
+                            "pixels x in [0, 1]: Split((x * 255).round().to(torch.uint8), y))")
+    if images.shape[0] == 0:
+        raise HybridatError("the split holds no images")
+    check_same_device(model, images, "the split")
+    check_labels(split.labels, images, num_classes, what="split.labels")
 
 
 def check_pixel_eps(eps: float, what: str = "eps") -> float:

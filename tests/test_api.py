@@ -78,3 +78,47 @@ def test_training_from_python_leaves_the_callers_random_streams_alone(data_dir, 
         assert _same_streams(before) and torch.get_num_threads() == threads
         hashes.append(load_checkpoint(result.model_path).hash)
     assert hashes[0] == hashes[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16])
+def test_labels_of_an_integer_dtype_torch_cannot_take_are_refused(ckpt, test_split, dtype):
+    """check_labels let any integer dtype through; int32 labels (numpy's on some platforms, `torch.tensor(list,
+    dtype=torch.int)`) then failed inside cross_entropy with a RuntimeError."""
+    x, y = to_float(test_split.images), test_split.labels.to(dtype)
+    view = BranchView(ckpt.model, "adv")
+    calls = [lambda: evaluate(ckpt, Split(test_split.images, y), ["pgd"], ["adv"], steps=[1]),
+             lambda: attacks.robust_accuracy(view, x, y, "pgd", 8 / 255, steps=1),
+             lambda: attacks.pgd(view, x, y, 8 / 255, steps=1),
+             lambda: ns_gap(ckpt, x, y, eps=8, steps=1),
+             lambda: reestimate(ckpt, "adv", "adv", Split(test_split.images, y), steps=1, batch_size=8)]
+    for call in calls:
+        with pytest.raises(HybridatError, match=f"labels.*{dtype}.*\\.long\\(\\)"):
+            call()
+    # uint8 labels, which cross_entropy takes, still measure what int64 labels measure
+    assert (attacks.robust_accuracy(view, x, test_split.labels.to(torch.uint8), "pgd", 8 / 255, steps=1)
+            == attacks.robust_accuracy(view, x, test_split.labels, "pgd", 8 / 255, steps=1))
+
+
+def test_pixels_of_another_float_dtype_than_the_model_are_refused(ckpt, test_split):
+    """Images from numpy (`torch.from_numpy(a / 255)`) are float64; the float32 model then failed inside a
+    convolution with a RuntimeError."""
+    x, y = to_float(test_split.images).double(), test_split.labels
+    with pytest.raises(HybridatError, match="x is torch.float64, the model's weights are torch.float32.*x.float()"):
+        attacks.robust_accuracy(BranchView(ckpt.model, "adv"), x, y, "pgd", 8 / 255, steps=1)
+    with pytest.raises(HybridatError, match="x is torch.float64"):
+        ns_gap(ckpt, x, y, eps=8, steps=1)
+
+
+def test_a_split_that_is_not_load_splits_is_named(ckpt, test_split):
+    """evaluate and reestimate read a Split of uint8 images: float pixels got "to_float expects uint8 images", a
+    message about a function the caller never called, and an empty split a RuntimeError from max()."""
+    images, labels = test_split.images, test_split.labels
+    cases = [(Split(to_float(images), labels), r"split.images must be uint8 \(0-255\).*got torch.float32"),
+             (Split(images[:0], labels[:0]), "the split holds no images"),
+             (Split(images[:, 0], labels), r"split.images must have the shape \(N, C, H, W\)"),
+             ((images, labels), "must be a hybridat.data.Split")]
+    for split, message in cases:
+        with pytest.raises(HybridatError, match=message):
+            evaluate(ckpt, split, ["clean"], ["adv"])
+        with pytest.raises(HybridatError, match=message):
+            reestimate(ckpt, "adv", "clean", split)
