@@ -80,6 +80,10 @@ def recombine(model, ns: dict | None = None, ap: dict | None = None, layers: Ite
     (its model is copied; `save_derived` writes the result)."""
     model = module_of(model)
     ns, ap = _mapping(ns, "ns"), _mapping(ap, "ap")
+    if not norm_layers(model):  # a torchvision ResNet came back as an unchanged copy, a "Cross-BN" model that was not
+        raise HybridatError(f"{type(model).__module__}.{type(model).__qualname__} is not a hybridat model (no branch norm layers), so it has no "
+                            "branches to move NS or AP between; `hybridat import` (hybridat.import_checkpoint) "
+                            "turns a foreign checkpoint into one")
     new = copy.deepcopy(model)
     for index, name, layer in _chosen(new, layers):
         if any(s != t for t, s in ns.items()):

@@ -122,3 +122,12 @@ def test_a_split_that_is_not_load_splits_is_named(ckpt, test_split):
             evaluate(ckpt, split, ["clean"], ["adv"])
         with pytest.raises(HybridatError, match=message):
             reestimate(ckpt, "adv", "clean", split)
+
+
+def test_recombining_a_model_without_branch_norms_is_refused():
+    """cross, swap_ap and recombine of a torchvision ResNet returned an unchanged copy without a word: a
+    "Cross-BN" model that was the input model."""
+    foreign = torchvision.models.resnet18(num_classes=10)
+    for call in (lambda m: cross(m), lambda m: swap_ap(m), lambda m: recombine(m, ns={"adv": "clean"})):
+        with pytest.raises(HybridatError, match="not a hybridat model.*hybridat import"):
+            call(foreign)
