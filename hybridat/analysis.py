@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .attacks import frozen, pgd
-from .checkpoint import Checkpoint, check_csv_name, training_columns, write_csv
+from .checkpoint import Checkpoint, check_csv_name, rows_frame, training_columns
 from .files import atomic_path, check_outputs
 from .errors import HybridatError, check_choice, check_number
 from .inputs import check_batch, check_flag, check_pixel_radius, check_same_device, module_of
@@ -319,6 +319,11 @@ def _records(rows) -> list[dict]:
     return rows.to_dict("records") if isinstance(rows, pd.DataFrame) else list(rows)
 
 
+def _write_rows(rows: list[dict], tmp: Path) -> None:
+    """Rows to a temp file of `write_ns_gap`'s (renamed onto FILE.csv or FILE-channels.csv with the rest)."""
+    rows_frame(rows).to_csv(tmp, index=False)
+
+
 def _save(fig: Figure, path) -> None:
     FigureCanvasAgg(fig)
     with atomic_path(path) as tmp:
@@ -487,6 +492,6 @@ def write_ns_gap(ckpt: Checkpoint, x, y, out, *, eps: float, layer: int | None =
         plot_gap_by_depth(rows, tmp[2])
         plot_channels(channels, layer, tmp[3])
         rows, channels = [ids | r for r in rows], [ids | r for r in channels]
-        write_csv(channels, tmp[1])
-        write_csv(rows, tmp[0])
+        _write_rows(channels, tmp[1])
+        _write_rows(rows, tmp[0])
     return NSGapFiles(rows, channels, paths, note)

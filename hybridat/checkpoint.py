@@ -36,9 +36,23 @@ def is_resume_state(metadata: dict[str, str]) -> bool:
 
 
 def write_csv(rows: list[dict] | pd.DataFrame, path: str | Path) -> None:
-    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows).convert_dtypes()
-    with atomic_path(path) as tmp:
+    """Write tidy rows (a list of dicts, one per row, as `evaluate` returns them, or a DataFrame) to `path`, a .csv
+    name (what `report` finds in folders; never a checkpoint's), atomically: what `attack --out` writes."""
+    frame = rows_frame(rows)
+    with atomic_path(check_csv_name(path)) as tmp:
         frame.to_csv(tmp, index=False)
+
+
+def rows_frame(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
+    """The rows as a DataFrame; one line for no rows (a CSV of a bare newline, which `report` cannot read) or for
+    anything but a list of dicts or a DataFrame."""
+    if rows is None or (isinstance(rows, (list, tuple, pd.DataFrame)) and len(rows) == 0):
+        raise HybridatError("no rows to write")
+    if isinstance(rows, pd.DataFrame):
+        return rows
+    if not isinstance(rows, (list, tuple)) or not all(isinstance(r, dict) for r in rows):
+        raise HybridatError(f"rows must be a list of dicts (one per row) or a DataFrame, got {type(rows).__name__}")
+    return pd.DataFrame(rows).convert_dtypes()
 
 
 def file_hash(path: str | Path) -> str:

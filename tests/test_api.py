@@ -131,3 +131,22 @@ def test_recombining_a_model_without_branch_norms_is_refused():
     for call in (lambda m: cross(m), lambda m: swap_ap(m), lambda m: recombine(m, ns={"adv": "clean"})):
         with pytest.raises(HybridatError, match="not a hybridat model.*hybridat import"):
             call(foreign)
+
+
+def test_write_csv_writes_rows_to_a_csv_name_only(ckpt, test_split, tmp_path):
+    """write_csv (what `attack --out` is from Python) wrote anything anywhere: no rows as a one-line file that
+    load_runs then called unreadable, and rows over the checkpoint they measured (`write_csv(rows, path)` with the
+    notebook's `path` still naming the model)."""
+    rows = evaluate(ckpt, test_split, ["clean"], ["adv"])
+    before = ckpt.path.read_bytes()
+    with pytest.raises(HybridatError, match="must end in .csv"):
+        write_csv(rows, ckpt.path)
+    assert ckpt.path.read_bytes() == before
+    for empty in ([], None):
+        with pytest.raises(HybridatError, match="no rows to write"):
+            write_csv(empty, tmp_path / "empty.csv")
+    with pytest.raises(HybridatError, match="rows must be a list of dicts"):
+        write_csv(rows[0], tmp_path / "one.csv")
+    assert not list(tmp_path.iterdir())
+    write_csv(rows, str(tmp_path / "eval.csv"))
+    assert (tmp_path / "eval.csv").read_text().count("\n") == 2

@@ -279,14 +279,14 @@ def test_write_ns_gap_failing_halfway_leaves_the_earlier_files_whole(ckpt, tmp_p
     x, y = data()
     analysis.write_ns_gap(ckpt, x, y, tmp_path / "g.csv", eps=8, steps=1, fix_ap=True)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    real = analysis.write_csv
+    real = analysis._write_rows
 
     def full(rows, path):
         if "g.csv" in Path(path).name and "channels" not in Path(path).name:
             raise OSError(28, "No space left on device", str(path))
         real(rows, path)
 
-    monkeypatch.setattr(analysis, "write_csv", full)
+    monkeypatch.setattr(analysis, "_write_rows", full)
     with pytest.raises(OSError):
         analysis.write_ns_gap(ckpt, x, y, tmp_path / "g.csv", eps=16, steps=1, fix_ap=True)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
