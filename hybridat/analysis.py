@@ -269,6 +269,7 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv"
     check_choice(mode, MODES, "mode")
     check_ns_gap(eps=eps, steps=steps, step=step, noise=noise, reference=reference, start=start,
                  batch_size=batch_size)
+    check_number("seed", seed, 0, 2**63 - 1, integer=True)  # torch's manual_seed failed on 1.5 with a RuntimeError
     single = not branched(model)
     if single:
         fix_ap, branch = True, SINGLE

@@ -17,7 +17,7 @@ from torch import nn
 
 from hybridat.errors import HybridatError, check_choice, check_number
 from hybridat.graphs import Graphed
-from hybridat.inputs import check_batch, check_label_dtype
+from hybridat.inputs import attacked_module, check_batch, check_label_dtype
 from hybridat.models import BranchView, bn_folded
 from hybridat.runtime import autocast
 
@@ -108,7 +108,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
     at once), so memory grows with it, not with len(x); the random start is drawn for all of x first, so the
     examples are one call's up to that round-off (`loss_fn` then sees one batch at a time). on_batch(images done so
     far) is called after each batch, for a progress bar."""
+    attacked_module(model)
     _check(x, y, eps, norm)
+    check_number("PGD steps", steps, 1, integer=True)
     step = default_step(eps) if step is None else step
     if steps < 1 or step < 0:
         raise HybridatError(f"PGD needs steps >= 1 and step >= 0, got steps={steps}, step={step}")
@@ -320,10 +322,11 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
     the end)."""
     if attack not in ATTACKS:
         raise HybridatError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}")
+    attacked_module(model)
     check_batch(model, x, y)  # pixels in [0, 1], one integer label per image, all on the model's device
     _check(x, y, eps)
-    if batch_size < 1:
-        raise HybridatError(f"need batch_size >= 1, got {batch_size}")
+    check_number("PGD steps", steps, 1, integer=True)
+    check_number("batch size", batch_size, 1, integer=True)
     amp = amp and attack in AMP_ATTACKS
     if attack == "pgd" and graphs and x.device.type == "cuda":
         step = default_step(eps) if step is None else step

@@ -90,6 +90,8 @@ def check_evaluation(attacks: list[str], branches: list[str], *, eps: float | No
     if "pgd" not in attacks and (steps is not None or step is not None):
         raise HybridatError("PGD steps and step size were given, but pgd is not among the attacks (FGSM takes one "
                             "step of eps)")
+    if steps is not None and not isinstance(steps, (list, tuple)):
+        raise HybridatError(f"steps must be a list of PGD step counts, e.g. [{steps}], got {steps!r}")
     plan = attack_plan(attacks, list(PGD_STEPS if steps is None else steps))
     aa_settings(aa_version, aa_attacks, aa_restarts)
     if (aa_version, aa_attacks, aa_restarts) != (None, None, None) and "autoattack" not in attacks:

@@ -28,6 +28,19 @@ def module_of(model, what: str = "model") -> nn.Module:
                         f"{type(model).__name__}{hint}")
 
 
+def attacked_module(model) -> nn.Module:
+    """`model` if it is a torch.nn.Module an attack can call as model(x) -> logits; a loaded Checkpoint (no branch
+    chosen) or anything else gets one line."""
+    from .checkpoint import Checkpoint
+
+    if isinstance(model, Checkpoint):
+        raise HybridatError("an attack goes through one branch of the checkpoint's model: "
+                            "hybridat.models.BranchView(ckpt.model, 'adv') (or 'clean')")
+    if not isinstance(model, nn.Module):
+        raise HybridatError(f"model must be a torch.nn.Module mapping pixels to logits, got {type(model).__name__}")
+    return model
+
+
 def model_device(model: nn.Module) -> torch.device | None:
     """The device of the model's first parameter or buffer (None for a module without tensors)."""
     for t in (*model.parameters(), *model.buffers()):

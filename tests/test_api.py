@@ -150,3 +150,20 @@ def test_write_csv_writes_rows_to_a_csv_name_only(ckpt, test_split, tmp_path):
     assert not list(tmp_path.iterdir())
     write_csv(rows, str(tmp_path / "eval.csv"))
     assert (tmp_path / "eval.csv").read_text().count("\n") == 2
+
+
+def test_single_values_and_wrong_types_in_the_attack_settings_are_named(ckpt, test_split):
+    x, y = to_float(test_split.images), test_split.labels
+    view = BranchView(ckpt.model, "adv")
+    cases = [(lambda: evaluate(ckpt, test_split, ["pgd"], ["adv"], steps=10), r"steps must be a list.*\[10\]"),
+             (lambda: attacks.robust_accuracy(view, x, y, "pgd", 8 / 255, steps=2.5), "PGD steps must be an integer"),
+             (lambda: attacks.pgd(view, x, y, 8 / 255, steps=2.5), "PGD steps must be an integer"),
+             (lambda: attacks.robust_accuracy(view, x, y, "pgd", 8 / 255, steps=1, batch_size=8.0),
+              "batch size must be an integer"),
+             (lambda: ns_gap(ckpt, x, y, eps=8, steps=1, seed=1.5), "seed must be an integer"),
+             (lambda: attacks.robust_accuracy(ckpt, x, y, "pgd", 8 / 255, steps=1),
+              r"BranchView\(ckpt.model, 'adv'\)"),
+             (lambda: attacks.pgd(ckpt, x, y, 8 / 255, steps=1), r"BranchView\(ckpt.model, 'adv'\)")]
+    for call, message in cases:
+        with pytest.raises(HybridatError, match=message):
+            call()
