@@ -18,7 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import HybridatError
+from .errors import HybridatError, check_number
+from .inputs import check_flag
+from .runtime import resolve_device
 
 PAD = 4  # pixels of zero padding on each side before the random crop back to the image size
 Arrays = tuple[np.ndarray, np.ndarray]  # images (N, 3, 32, 32) uint8, labels (N,) int64
@@ -51,6 +53,7 @@ class Split:
 def _check_n(n: int | None, total: int, what: str) -> int:
     if n is None:
         return total
+    check_number("n", n, integer=True)  # n=10.5 ended in a TypeError from slicing
     if not 1 <= n <= total:
         raise HybridatError(f"n={n} must be between 1 and {total}, the size of the {what}")
     return n
@@ -188,8 +191,11 @@ def _read_arrays(name: str, train: bool, root: Path, download: bool) -> Arrays:
 
 def load_split(name: str, train: bool, data_dir: str | Path | None = None, device: str | torch.device = "cpu",
                n: int | None = None, download: bool = True) -> Split:
-    """The whole train or test split (or its first n examples) as uint8 tensors on device."""
+    """The whole train or test split (or its first n examples) as uint8 tensors on device (cpu, cuda, cuda:N, mps
+    or auto)."""
     _info(name)
+    check_flag(train, "train")  # train="no" is true in Python: it loaded the training split
+    device = resolve_device(str(device))
     root = resolve_data_dir(data_dir)
     if data_dir is not None and not root.is_dir():  # a typo: neither created nor downloaded into
         raise HybridatError(f"data folder {root} does not exist; fix the path, or create the folder to download "

@@ -167,3 +167,13 @@ def test_single_values_and_wrong_types_in_the_attack_settings_are_named(ckpt, te
     for call, message in cases:
         with pytest.raises(HybridatError, match=message):
             call()
+
+
+def test_load_split_names_wrong_arguments(data_dir):
+    """n=10.5 and n="10" ended in TypeErrors, device="gpu" in torch's RuntimeError, and train="no" (true in
+    Python) loaded the training split."""
+    cases = [(dict(n=10.5), "n must be an integer"), (dict(n="10"), "n must be an integer"),
+             (dict(device="gpu"), "unknown device 'gpu'"), (dict(train="no"), "train must be True or False")]
+    for kwargs, message in cases:
+        with pytest.raises(HybridatError, match=message):
+            load_split("cifar10", **{"train": False, "n": 10, "data_dir": data_dir, **kwargs})
