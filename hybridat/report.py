@@ -855,13 +855,35 @@ def check_report_out(out_dir: Path, inputs=()) -> None:
     check_outputs(report_files(out_dir), inputs)
 
 
+def check_no_measurements(out_dir: Path) -> None:
+    """Raise one line if a file the report would write in out_dir holds measurements (eval, train or ns-gap rows),
+    read or not: from Python, `write_report` knows what `load_runs` read only where `inputs` says so."""
+    for path in report_files(out_dir):
+        kind = _measured(path) if path.suffix == ".csv" and path.is_file() else None
+        if kind is not None:
+            raise HybridatError(f"{path} holds {KIND_NAMES[kind]} rows, not a report's table: the report would write "
+                                "over them; choose another folder")
+
+
+KIND_NAMES = {"eval": "eval", "train": "train", "nsgap": "ns-gap"}
+
+
+def _measured(file: Path) -> str | None:
+    """The kind of rows a CSV holds by its header (None: no known schema, or no readable CSV)."""
+    try:
+        columns = set(pd.read_csv(file, nrows=0).columns)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return None
+    return next((kind for kind, cols in SCHEMAS.items() if cols <= columns), None)
+
+
 def write_report(frames: dict[str, pd.DataFrame], out_dir: Path, margin: float = 2.0,
                  ratio_margin: float = 1.5, inputs=()) -> list[Path]:
     """Write findings.md/.tex/.csv, <key>.md, <key>.tex and <key>.csv per table, report.md (findings, then every
     table), the figures that have data (accuracy.png, training.png, ns-gap.png), and summary.txt: what `report`
     prints, the findings in short and where the rest is. Everything is rendered before the first file is written;
     all files are written to temp files, then renamed (a failure leaves an earlier report whole); none over a file of
-    `inputs` (the CSVs read: `load_runs(..., sources=inputs)`).
+    `inputs` (the CSVs read: `load_runs(..., sources=inputs)`) or over any CSV of measurements.
     A figure an earlier report left in out_dir that this one has no rows for is removed (other files stay).
     margin, ratio_margin: see `findings.findings`. Returns the paths written."""
     from .findings import WIDTH, findings, findings_latex, findings_markdown, summary_lines
@@ -870,6 +892,7 @@ def write_report(frames: dict[str, pd.DataFrame], out_dir: Path, margin: float =
     if not isinstance(frames, dict) or not any(len(f) for f in frames.values()):
         raise HybridatError("no rows to report: give write_report the frames of load_runs(paths)")
     check_report_out(out_dir, inputs)
+    check_no_measurements(out_dir)  # an ns-gap.csv of rows beside the report was replaced by its ns-gap table
     found = findings(frames, margin, ratio_margin)
     tables = build_tables(frames)
     files: dict[str, str | pd.DataFrame | Figure] = {

@@ -177,3 +177,23 @@ def test_load_split_names_wrong_arguments(data_dir):
     for kwargs, message in cases:
         with pytest.raises(HybridatError, match=message):
             load_split("cifar10", **{"train": False, "n": 10, "data_dir": data_dir, **kwargs})
+
+
+def test_a_report_from_python_never_writes_over_the_csvs_it_read(ckpt, test_split, tmp_path):
+    """`hybridat report` refuses an --out whose tables would replace a CSV it read; from Python, write_report knew
+    its inputs only if passed `inputs=`, so ns-gap rows saved as results/ns-gap.csv were overwritten by the report's
+    ns-gap table when the report went into results/. A CSV of measurements is now never a report's to replace."""
+    from hybridat.analysis import write_ns_gap
+    from hybridat.report import load_runs, write_report
+
+    x, y = to_float(test_split.images), test_split.labels
+    rows = tmp_path / "ns-gap.csv"
+    write_ns_gap(ckpt, x, y, rows, eps=8, steps=1)
+    before = rows.read_bytes()
+    frames = load_runs([tmp_path])
+    with pytest.raises(HybridatError, match="ns-gap.csv holds ns-gap rows, not a report's table"):
+        write_report(frames, tmp_path)
+    assert rows.read_bytes() == before and not (tmp_path / "report.md").exists()
+    written = write_report(frames, tmp_path / "report")
+    assert tmp_path / "report" / "ns-gap.csv" in written
+    assert write_report(frames, tmp_path / "report") == written  # an earlier report's tables are no measurements
