@@ -109,7 +109,8 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
              aa_restarts: int | None = None, on_row: Callable[[dict], None] | None = None,
              graphs: bool = True, amp: bool = False,
              on_batch: Callable[[str, int, int], None] | None = None) -> list[dict]:
-    """Accuracy under each attack through each branch. eps/step in pixel units (eps defaults to 8, step to eps/4).
+    """Accuracy under each attack through each branch: one row per (branch, attack, steps), its `accuracy` a
+    fraction in [0, 1] of the split's images. eps/step in pixel units (eps defaults to 8, step to eps/4).
     AutoAttack runs `aa_settings(aa_version, aa_attacks, aa_restarts)` (default: the standard version), and its
     rows record what ran (`aa_attacks`, `aa_restarts`, `aa_eot_iter`; `attack` is "autoattack" for the
     standard version only). amp: FGSM and PGD craft their examples in bf16 (`attacks.crafting`); every row

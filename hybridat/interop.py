@@ -389,6 +389,8 @@ def import_checkpoint(src: str | Path, out: str | Path | None = None, *, arch: s
     was trained, where known, recorded as `train` records them, so that `report` sets its rows in the tables and
     Findings (without them: among the rows no table shows).
     The checkpoint's metadata records the source's name and hash, the layout and `imported`.
+    Returns an Imported: `.model` (eval mode, on the CPU), `.layout` (the one found), and where `out` was written
+    `.path` and `.hash` (the new checkpoint's `checkpoint_hash`).
     """
     check_choice(dataset, DATASETS, "dataset")
     training = _training(dataset, seed, loss, eps)
@@ -500,7 +502,8 @@ class Exported:
 def export_branch(checkpoint: str | Path | Checkpoint, out: str | Path, *, branch: str, layout: str) -> Exported:
     """Write `branch` of a hybridat checkpoint (its path, or a loaded Checkpoint) as a plain single-BN state dict in
     a foreign layout: safetensors (with the input mean/std, if any, in its metadata), or a torch `.pt`/`.pth` state
-    dict by the suffix of `out`. Never writes over the checkpoint."""
+    dict by the suffix of `out`. Never writes over the checkpoint. Returns an Exported: the path written and the
+    config of the checkpoint it came from."""
     out = Path(out)
     loaded = checkpoint if isinstance(checkpoint, Checkpoint) else None
     checkpoint = loaded.path if loaded is not None else checkpoint

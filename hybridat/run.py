@@ -239,7 +239,9 @@ def run_training(out: str | Path, config: ModelConfig, cfg: TrainConfig, *, data
                  data_dir: str | Path | None = None, device: str | torch.device = "cpu", resume: bool = False,
                  overwrite: bool = False, on_step: Callable | None = None,
                  on_epoch: Callable[[dict], None] | None = None, graphs: bool = True) -> RunResult:
-    """Train `config` under `cfg` into the run folder `out` (see the module docstring); returns its model path.
+    """Train `config` under `cfg` into the run folder `out` (see the module docstring). Returns a RunResult: the
+    path of model.safetensors, the epoch rows as in train.csv, and the epochs done before this call. The caller's
+    global random streams are as they were afterwards (the run seeds its own from cfg.seed).
 
     resume: go on from the folder's resume state (a folder without one starts afresh, so `make` may always
     pass it). overwrite: replace a finished run, another run's files or a run of other settings. A loss or a
