@@ -476,6 +476,7 @@ def write_ns_gap(ckpt: Checkpoint, x, y, out, *, eps: float, layer: int | None =
                             f"{type(ckpt).__name__}")
     paths = check_outputs(ns_gap_paths(out), [ckpt.path])
     check_csv_name(paths[0])
+    ckpt.check_unchanged()  # the rows name it by its file's hash
     if layer is not None:
         check_layer(ckpt.model, layer)
     rows, channels = ns_gap(ckpt.model, x, y, eps=eps, **settings)

@@ -213,6 +213,17 @@ class Checkpoint:
                 "width": self.config.width, "seed": self.meta("seed", ""), "train_eps": train.get("eps", ""),
                 "loss_name": train.get("loss", "")}
 
+    def check_unchanged(self) -> None:
+        """One line if the model's weights or buffers differ from the file's (a forward pass in train mode moves BN's
+        running NS; an edited weight): every row and derived file names the model by the file's hash, which would
+        then stand for a model that was not measured. Costs one hash of the weights (0.15 s for ResNet-18, 0.37 s for
+        WRN-34-10 on this 2-core CPU)."""
+        if checkpoint_hash(self.model.state_dict(), self.config) != self.hash:
+            raise HybridatError(f"the model of {self.path} has changed since it was loaded (its weights or BN running "
+                                "NS; a forward pass in train mode moves them), so rows would carry the file's hash for "
+                                "another model: save it as a checkpoint of its own (hybridat.checkpoint."
+                                "save_checkpoint) and load that, or load the file again")
+
     @property
     def unfinished(self) -> bool:
         """Whether this is a run's checkpoint of an epoch before its last (`last.safetensors` of a run that did not

@@ -126,6 +126,7 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
         raise HybridatError(f"ckpt must be a hybridat Checkpoint (hybridat.load_checkpoint(path)), got "
                             f"{type(ckpt).__name__}")
     check_split(ckpt.model, split)
+    ckpt.check_unchanged()  # the rows name it by its file's hash
     plan = check_evaluation(attacks, branches, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed,
                             aa_version=aa_version, aa_attacks=aa_attacks, aa_restarts=aa_restarts, amp=amp)
     aa = aa_settings(aa_version, aa_attacks, aa_restarts)

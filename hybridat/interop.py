@@ -509,6 +509,7 @@ def export_branch(checkpoint: str | Path | Checkpoint, out: str | Path, *, branc
     checkpoint = loaded.path if loaded is not None else checkpoint
     check_outputs([out], [checkpoint])  # never over the checkpoint (path, link, hardlink); writable; before any work
     ckpt = loaded or load_checkpoint(checkpoint)
+    ckpt.check_unchanged()  # the export records its source's hash
     if out.suffix not in (".safetensors", ".pt", ".pth"):
         raise HybridatError(f"--out must end in .safetensors, .pt or .pth, got {out.name}")
     state = export_state_dict(ckpt.model, branch, layout)

@@ -218,6 +218,7 @@ def save_derived(ckpt: Checkpoint, new_model, out_path, operation: dict) -> str:
     operation under "after") and `parent` (the parent's hash), with the parent's other metadata (run, seed, train,
     ...); returns the new file's hash. Never writes over the input."""
     out, = check_outputs([out_path], [ckpt.path])
+    ckpt.check_unchanged()  # the new file records the parent's hash as its parent
     if getattr(new_model, "config", None) != ckpt.config:
         raise HybridatError("the derived model's config differs from its parent's")
     meta = {k: v for k, v in ckpt.header.items() if k not in PARENT_ONLY}
@@ -256,6 +257,7 @@ def swap_bn(ckpt: Checkpoint, out, *, cross: bool = False, swap_ap: bool = False
                                 "train=True, device=...))")
     out, = check_outputs([out], [ckpt.path])
     check_checkpoint_name(out)
+    ckpt.check_unchanged()  # the new file records the parent's hash
     layers = None if from_layer is None else deeper_than(ckpt.model, from_layer)
     op = {"op": {"swap_ap": "swap-ap", "ns/ap": "recombine"}.get(chosen[0], chosen[0]), "layers": layers}
     if cross:

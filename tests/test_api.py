@@ -197,3 +197,30 @@ def test_a_report_from_python_never_writes_over_the_csvs_it_read(ckpt, test_spli
     written = write_report(frames, tmp_path / "report")
     assert tmp_path / "report" / "ns-gap.csv" in written
     assert write_report(frames, tmp_path / "report") == written  # an earlier report's tables are no measurements
+
+
+def test_a_checkpoint_changed_in_the_notebook_is_not_measured_under_its_files_hash(ckpt, test_split, tmp_path):
+    """Every row and derived file names the checkpoint by the hash of the file it was loaded from. A forward pass in
+    train mode in the notebook (which moves BN's running NS) or an edited weight changed ckpt.model, and evaluate,
+    write_ns_gap, swap_bn (save_derived) and export_branch then recorded the other model's numbers under the file's hash, which
+    `report` takes for the same model."""
+    changed = load_checkpoint(ckpt.path)
+    x, y = to_float(test_split.images), test_split.labels
+    changed.model.eval()
+    assert evaluate(changed, test_split, ["clean"], ["adv"])[0]["checkpoint_hash"] == ckpt.hash  # mode: no change
+    changed.model.train()
+    with torch.no_grad():
+        changed.model(x, "adv")  # running NS of the adv branch move
+    changed.model.eval()
+    from hybridat.analysis import write_ns_gap
+    from hybridat.recombine import save_derived, swap_bn
+
+    calls = [lambda: evaluate(changed, test_split, ["clean"], ["adv"]),
+             lambda: write_ns_gap(changed, x, y, tmp_path / "g.csv", eps=8, steps=1),
+             lambda: swap_bn(changed, tmp_path / "cross.safetensors", cross=True),
+             lambda: save_derived(changed, cross(changed), tmp_path / "cross.safetensors", {"op": "cross"}),
+             lambda: export_branch(changed, tmp_path / "adv.pt", branch="adv", layout="kuangliu")]
+    for call in calls:
+        with pytest.raises(HybridatError, match="has changed since it was loaded.*save_checkpoint"):
+            call()
+    assert not list(tmp_path.iterdir())
