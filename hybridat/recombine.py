@@ -42,6 +42,17 @@ def _mapping(mapping: dict | None, what: str) -> dict[str, str]:
     return {b: mapping.get(b, b) for b in BRANCHES}
 
 
+def _branched(model, what: str):
+    """The hybridat model behind `model` (`module_of`); one line for any other module, which has no branch norm
+    layers (a torchvision ResNet came back from `cross` as an unchanged copy)."""
+    model = module_of(model)
+    if not norm_layers(model):
+        raise HybridatError(f"{type(model).__module__}.{type(model).__qualname__} is not a hybridat model (no branch "
+                            f"norm layers), so it has no branches to {what}; `hybridat import` "
+                            "(hybridat.import_checkpoint) turns a foreign checkpoint into one")
+    return model
+
+
 def deeper_than(model, k: int) -> list[int]:
     """Indices of the norm layers at depth >= k (k counts in `norm_layers` order, from 0)."""
     check_number("layer index", k, integer=True)
@@ -78,12 +89,8 @@ def recombine(model, ns: dict | None = None, ap: dict | None = None, layers: Ite
     keep their own), in the norm layers `layers` (indices; None = all, see `deeper_than`). Needs two NS sets per
     chosen layer when ns moves anything and two AP sets when ap does. A loaded Checkpoint may stand for the model
     (its model is copied; `save_derived` writes the result)."""
-    model = module_of(model)
+    model = _branched(model, "move NS or AP between")
     ns, ap = _mapping(ns, "ns"), _mapping(ap, "ap")
-    if not norm_layers(model):  # a torchvision ResNet came back as an unchanged copy, a "Cross-BN" model that was not
-        raise HybridatError(f"{type(model).__module__}.{type(model).__qualname__} is not a hybridat model (no branch norm layers), so it has no "
-                            "branches to move NS or AP between; `hybridat import` (hybridat.import_checkpoint) "
-                            "turns a foreign checkpoint into one")
     new = copy.deepcopy(model)
     for index, name, layer in _chosen(new, layers):
         if any(s != t for t, s in ns.items()):
@@ -168,7 +175,7 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
     statistics everywhere, as training does). on_batch(images done so far) follows the pass: 0, then after each batch.
     """
     check_reestimate(branch, domain, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed)
-    model = module_of(model)
+    model = _branched(model, "re-estimate the running NS of")
     check_split(model, split, "hybridat.data.load_split(..., train=True)",
                 getattr(getattr(model, "config", None), "num_classes", None))
     attack_branch = check_choice(attack_branch or branch, BRANCHES, "attack branch")

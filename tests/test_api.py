@@ -128,7 +128,9 @@ def test_recombining_a_model_without_branch_norms_is_refused():
     """cross, swap_ap and recombine of a torchvision ResNet returned an unchanged copy without a word: a
     "Cross-BN" model that was the input model."""
     foreign = torchvision.models.resnet18(num_classes=10)
-    for call in (lambda m: cross(m), lambda m: swap_ap(m), lambda m: recombine(m, ns={"adv": "clean"})):
+    train = Split(torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
+    for call in (lambda m: cross(m), lambda m: swap_ap(m), lambda m: recombine(m, ns={"adv": "clean"}),
+                 lambda m: reestimate(m, "adv", "clean", train)):  # this one said "has no running NS"
         with pytest.raises(HybridatError, match="not a hybridat model.*hybridat import"):
             call(foreign)
 
