@@ -21,7 +21,7 @@ from rich.text import Text
 from .analysis import DOMAIN_SETTINGS, FIRST, MEASURES, PROTOCOL, PROTOCOL_DEFAULTS, SECOND, protocol_text
 from .checkpoint import TRAINING_COLUMNS
 from .files import atomic_path, check_outputs, same_file
-from .errors import HybridatError
+from .errors import HybridatError, check_number
 from .evaluate import ROW_ATTACKS, aa_columns, attack_label
 from .models import ARCHS
 from .norms import BRANCHES, NORMS
@@ -848,6 +848,22 @@ def report_files(out_dir: Path) -> list[Path]:
     return [Path(out_dir) / name for name in names]
 
 
+def check_frames(frames) -> None:
+    """One line unless `frames` is what `load_runs` gives: {kind: DataFrame} with kinds of SCHEMAS, each frame
+    holding its kind's columns, some rows in all (a typo of a kind left its rows out of a report of empty tables)."""
+    if not isinstance(frames, dict) or not any(len(f) for f in frames.values()):
+        raise HybridatError("no rows to report: give write_report the frames of load_runs(paths)")
+    for kind, frame in frames.items():
+        if kind not in SCHEMAS:
+            raise HybridatError(f"unknown kind of rows {kind!r}; load_runs gives {', '.join(SCHEMAS)}")
+        if not isinstance(frame, pd.DataFrame):
+            raise HybridatError(f"{kind} rows must be a pandas DataFrame (load_runs gives them), got "
+                                f"{type(frame).__name__}")
+        missing = sorted(SCHEMAS[kind] - set(frame.columns))
+        if missing:
+            raise HybridatError(f"{kind} rows lack the column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+
+
 def check_report_out(out_dir: Path, inputs=()) -> None:
     """Raise one line unless out_dir can take the report without writing over any input (e.g. a CSV it reads)."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
@@ -889,8 +905,9 @@ def write_report(frames: dict[str, pd.DataFrame], out_dir: Path, margin: float =
     from .findings import WIDTH, findings, findings_latex, findings_markdown, summary_lines
 
     out_dir = Path(out_dir)
-    if not isinstance(frames, dict) or not any(len(f) for f in frames.values()):
-        raise HybridatError("no rows to report: give write_report the frames of load_runs(paths)")
+    check_frames(frames)
+    check_number("margin", margin, 0)  # as the command checks --margin and --ratio-margin
+    check_number("ratio margin", ratio_margin, 1)
     check_report_out(out_dir, inputs)
     check_no_measurements(out_dir)  # an ns-gap.csv of rows beside the report was replaced by its ns-gap table
     found = findings(frames, margin, ratio_margin)

@@ -226,3 +226,24 @@ def test_a_checkpoint_changed_in_the_notebook_is_not_measured_under_its_files_ha
         with pytest.raises(HybridatError, match="has changed since it was loaded.*save_checkpoint"):
             call()
     assert not list(tmp_path.iterdir())
+
+
+def test_write_report_names_frames_and_margins_it_cannot_use(ckpt, test_split, tmp_path):
+    """write_report of {"evals": rows} (a typo of a kind) wrote a report of empty tables, the rows unread; a margin
+    of "2" or NaN, which the command refuses, went into the Findings' verdicts; a frame without its accuracy column
+    ended in an AttributeError from a groupby."""
+    from hybridat.report import load_runs, write_report
+
+    write_csv(evaluate(ckpt, test_split, ["clean"], ["adv"]), tmp_path / "runs" / "eval.csv")
+    frames = load_runs([tmp_path / "runs"])
+    cases = [(({"evals": frames["eval"]},), {}, "unknown kind of rows 'evals'; load_runs gives eval, train, nsgap"),
+             (({"eval": frames["eval"].drop(columns=["accuracy"])},), {}, "eval rows lack the column accuracy"),
+             (({"eval": frames["eval"].to_dict("records")},), {}, "eval rows must be a pandas DataFrame"),
+             ((frames,), {"margin": "2"}, "margin must be a number"),
+             ((frames,), {"margin": float("nan")}, "margin must be a finite number"),
+             ((frames,), {"ratio_margin": 0.5}, r"ratio margin must be in \[1, inf\]")]
+    for args, kwargs, message in cases:
+        with pytest.raises(HybridatError, match=message):
+            write_report(*args, tmp_path / "report", **kwargs)
+    assert not (tmp_path / "report").exists()
+    assert (tmp_path / "report" / "report.md") in write_report(frames, tmp_path / "report")
