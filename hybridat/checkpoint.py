@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .data import DATASETS
 from .errors import HybridatError, check_choice, check_number
-from .files import atomic_path
+from .files import as_path, atomic_path
 from .models import BranchModel, ModelConfig, build_model, model_for_weights
 from .runtime import resolve_device
 
@@ -97,7 +97,7 @@ TO_IMPORT = "a checkpoint of other code (.pt, .pth, .safetensors) becomes one wi
 def check_checkpoint_name(path: str | Path) -> Path:
     """`path` if its name says what a checkpoint is (.safetensors); a safetensors file named .pt would be taken
     for a torch.save file by every other tool."""
-    path = Path(path)
+    path = as_path(path, "an output path")
     if path.suffix != ".safetensors":
         raise HybridatError(f"--out must end in .safetensors (a hybridat checkpoint is a safetensors file), got "
                             f"{path.name}")
@@ -106,7 +106,7 @@ def check_checkpoint_name(path: str | Path) -> Path:
 
 def check_csv_name(path: str | Path) -> Path:
     """`path` if its name ends in .csv: what a tidy CSV is called, and what `report` looks for in folders."""
-    path = Path(path)
+    path = as_path(path, "an output path")
     if path.suffix.lower() != ".csv":
         raise HybridatError(f"--out must end in .csv (a tidy CSV; `report` finds CSVs in folders by that name), "
                             f"got {path.name}")

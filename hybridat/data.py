@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import HybridatError, check_number
+from .files import as_path
 from .inputs import check_flag
 from .runtime import resolve_device
 
@@ -171,7 +172,7 @@ def check_classes(name: str, classes: int) -> str:
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     """The folder holding `cifar-10-batches-py/` etc.: data_dir, else $HYBRIDAT_DATA_DIR, else ./data."""
-    chosen = data_dir if data_dir is not None else os.environ.get("HYBRIDAT_DATA_DIR") or "data"
+    chosen = as_path(data_dir, "data_dir") if data_dir is not None else os.environ.get("HYBRIDAT_DATA_DIR") or "data"
     return Path(chosen).expanduser().resolve()
 
 

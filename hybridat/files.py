@@ -38,6 +38,14 @@ def _existing_ancestor(path: Path) -> Path:
     return Path(".")
 
 
+def as_path(value, what: str = "a path") -> Path:
+    """`value` as a Path if it is a str or os.PathLike; one line naming what was given otherwise (a loaded
+    Checkpoint or a model where a file is meant)."""
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value)
+    raise HybridatError(f"{what} must be a str or Path, got {type(value).__name__}")
+
+
 def same_file(a: str | Path, b: str | Path) -> bool:
     """Whether a and b name one file: the same path, relative or absolute, through a symlink, or a hardlink."""
     a, b = Path(a), Path(b)
@@ -53,12 +61,12 @@ def check_outputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path] = 
     """Raise one clear HybridatError unless every output can be written: a non-empty name, not an existing folder,
     in a folder that exists or can be made and is writable, short enough for its temp name, and not the same file
     as any input. Call it before any work; returns the outputs as Paths."""
-    inputs = [Path(i) for i in inputs]
+    inputs = [as_path(i, "an input path") for i in inputs]
     checked = []
     for out in outputs:
+        out = as_path(out, "an output path")
         if str(out) in ("", "."):
             raise HybridatError("an output path is empty")
-        out = Path(out)
         if out.is_dir():
             raise HybridatError(f"{out} is a folder; give a file name")
         for i in inputs:

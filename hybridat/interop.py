@@ -29,7 +29,7 @@ from .checkpoint import (Checkpoint, atomic_path, check_checkpoint_name, file_ha
                          load_checkpoint, save_checkpoint)
 from .data import DATASETS, check_classes
 from .errors import HybridatError, check_choice, check_number
-from .files import check_outputs
+from .files import as_path, check_outputs
 from .inputs import check_pixel_radius
 from .models import ARCHS, BranchModel, ModelConfig, build_model, model_for_weights, norm_layers
 from .norms import AP_PARAMS, BRANCHES, NORMS, NS_BUFFERS, SHARED, BranchBatchNorm, set_name
@@ -396,7 +396,7 @@ def import_checkpoint(src: str | Path, out: str | Path | None = None, *, arch: s
     training = _training(dataset, seed, loss, eps)
     if adv_split is not None:
         check_choice(adv_split, ADV_SPLITS, "--adv-split")
-    src = Path(src)
+    src = as_path(src, "the checkpoint to import")
     if out is not None:
         check_outputs([out], [src])  # never over the source (path, link, hardlink); writable; before any work
         check_checkpoint_name(out)
@@ -504,9 +504,9 @@ def export_branch(checkpoint: str | Path | Checkpoint, out: str | Path, *, branc
     a foreign layout: safetensors (with the input mean/std, if any, in its metadata), or a torch `.pt`/`.pth` state
     dict by the suffix of `out`. Never writes over the checkpoint. Returns an Exported: the path written and the
     config of the checkpoint it came from."""
-    out = Path(out)
+    out = as_path(out, "out")
     loaded = checkpoint if isinstance(checkpoint, Checkpoint) else None
-    checkpoint = loaded.path if loaded is not None else checkpoint
+    checkpoint = loaded.path if loaded is not None else as_path(checkpoint, "checkpoint (a path or a Checkpoint)")
     check_outputs([out], [checkpoint])  # never over the checkpoint (path, link, hardlink); writable; before any work
     ckpt = loaded or load_checkpoint(checkpoint)
     ckpt.check_unchanged()  # the export records its source's hash

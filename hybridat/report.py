@@ -20,7 +20,7 @@ from rich.text import Text
 
 from .analysis import DOMAIN_SETTINGS, FIRST, MEASURES, PROTOCOL, PROTOCOL_DEFAULTS, SECOND, protocol_text
 from .checkpoint import TRAINING_COLUMNS
-from .files import atomic_path, check_outputs, same_file
+from .files import as_path, atomic_path, check_outputs, same_file
 from .errors import HybridatError, check_number
 from .evaluate import ROW_ATTACKS, aa_columns, attack_label
 from .models import ARCHS
@@ -72,7 +72,7 @@ def load_runs(paths: list[Path], sources: list[Path] | None = None) -> dict[str,
         paths = [paths]
     found: dict[str, list[pd.DataFrame]] = {kind: [] for kind in SCHEMAS}
     seen: set[Path] = set()
-    for path in map(Path, paths):
+    for path in (as_path(p, "each path of load_runs") for p in paths):
         if not path.exists():
             raise HybridatError(f"no such file or folder: {path}")
         for file in sorted(path.rglob("*.csv")) if path.is_dir() else [path]:

@@ -247,3 +247,19 @@ def test_write_report_names_frames_and_margins_it_cannot_use(ckpt, test_split, t
             write_report(*args, tmp_path / "report", **kwargs)
     assert not (tmp_path / "report").exists()
     assert (tmp_path / "report" / "report.md") in write_report(frames, tmp_path / "report")
+
+
+def test_a_checkpoint_or_a_model_where_a_path_is_meant_is_named(ckpt, tmp_path):
+    """import_checkpoint(ckpt), export_branch(ckpt.model, ...), load_runs([ckpt]), run_training(..., data_dir=5)
+    and an output given as a model ended in Python's TypeError from Path()."""
+    from hybridat.report import load_runs
+
+    cases = [(lambda: import_checkpoint(ckpt), "the checkpoint to import must be a str or Path, got Checkpoint"),
+             (lambda: export_branch(ckpt.model, tmp_path / "a.pt", branch="adv", layout="kuangliu"),
+              "checkpoint .a path or a Checkpoint. must be a str or Path, got ResNet"),
+             (lambda: load_runs([ckpt]), "each path of load_runs must be a str or Path, got Checkpoint"),
+             (lambda: load_split("cifar10", train=False, data_dir=5), "data_dir must be a str or Path, got int"),
+             (lambda: write_csv([{"a": 1}], ckpt), "an output path must be a str or Path, got Checkpoint")]
+    for call, message in cases:
+        with pytest.raises(HybridatError, match=message):
+            call()
