@@ -100,10 +100,11 @@ def _malloc_keep_memory() -> None:
 
 @contextmanager
 def callers_streams(device: torch.device) -> Iterator[None]:
-    """The caller's global random streams (torch's CPU and CUDA generators, Python's `random`) as they were on the
-    way out, whatever the block seeds or draws: a run seeds them (`seed_everything`), a notebook's next
-    torch.randn does not come from the run's seed. CUDA's are kept where the block runs on CUDA or it was in use."""
-    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" or torch.cuda.is_initialized() else []
+    """The caller's global random streams (torch's CPU generator and that of the CUDA device the block runs on,
+    Python's `random`) as they were on the way out, whatever the block seeds or draws: a run seeds them
+    (`seed_everything`), a notebook's next torch.randn does not come from the run's seed. Only the block's own GPU:
+    reading every GPU's state would open a context on each (under torchrun, in every process)."""
+    cuda = [device] if device.type == "cuda" else []
     python = random.getstate()
     try:
         with torch.random.fork_rng(devices=cuda):
