@@ -1,6 +1,6 @@
 """The paper's claims, each checked against the rows present: paired differences over seeds, a 95 % interval, n.
 
-`report` only reads rows. A comparison pairs two cells of the same training (see `report.label_trainings`) seed by
+`report` only reads rows. A comparison pairs two cells of the same training (see `tables.label_trainings`) seed by
 seed: the difference per seed, its mean, and the t-interval of that mean. The verdict never says more than the
 interval allows:
   - a claim that two settings are comparable ("same") is consistent if the whole interval lies within ±margin,
@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 from scipy import stats
+
+from .tables import SWAP_AP, _eval, _ns, label_trainings, ns_pairs, render_latex, render_markdown
 
 CONSISTENT, NOT_CONSISTENT, UNRESOLVED = "consistent", "not consistent", "not resolved at this n"
 CLAIMS = {
@@ -104,8 +106,6 @@ def _paired(a: pd.Series, b: pd.Series) -> pd.Series:
 
 def _accuracy_rows(ev: pd.DataFrame, training: str, margin: float) -> list[dict]:
     """Claims 1, 2, 4, 5: accuracy differences between trained variants (or operations) of one training."""
-    from .report import SWAP_AP
-
     trained = ev[ev.op == ""]
     out = []
 
@@ -160,8 +160,6 @@ def _log2_ratio(a: pd.Series, b: pd.Series) -> pd.Series:
 
 def _ns_rows(ns: pd.DataFrame, training: str, ratio_margin: float) -> list[dict]:
     """Claim 3: fixed-AP adv-clean vs noise-clean by depth; own-branch vs fixed-AP adv-clean over all layers."""
-    from .report import ns_pairs
-
     margin = math.log2(ratio_margin)
     out = []
     norms = sorted(set(ns.norm.dropna())) or ["dual-bn"]
@@ -191,8 +189,6 @@ def _ns_rows(ns: pd.DataFrame, training: str, ratio_margin: float) -> list[dict]
 def findings(frames: dict[str, pd.DataFrame], margin: float = 2.0, ratio_margin: float = 1.5) -> pd.DataFrame:
     """One row per comparison of every claim (CLAIMS), per training found. margin: percentage points within which
     two accuracies count as comparable; ratio_margin: the factor within which two NS gaps count as comparable."""
-    from .report import _eval, _ns, label_trainings
-
     frames = label_trainings(frames)
     ev, ns = _eval(frames), _ns(frames)
     rows = []  # accuracy claims per training of the eval rows, NS claims per training (and protocol) of the NS rows
@@ -285,8 +281,6 @@ HEADER = ("Each comparison pairs the two settings seed by seed within one traini
 
 def findings_markdown(frame: pd.DataFrame) -> str:
     """The Findings section: the claims, one table row per comparison with data, one line for those without."""
-    from .report import render_markdown
-
     claims = "\n".join(f"- ({k}) {text}" for k, text in CLAIMS.items())
     data = frame[frame.n > 0]
     body = (render_markdown(findings_table(data), "Findings").split("\n", 2)[2] if len(data)
@@ -297,7 +291,5 @@ def findings_markdown(frame: pd.DataFrame) -> str:
 
 
 def findings_latex(frame: pd.DataFrame) -> str:
-    from .report import render_latex
-
     data = frame[frame.n > 0]
     return render_latex(findings_table(data), "Findings: " + HEADER)

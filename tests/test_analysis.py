@@ -357,7 +357,8 @@ def test_rows_record_the_noise_and_attack_and_report_never_averages_them(tmp_pat
     Gaussian noise-clean gap was averaged with the uniform one of the same checkpoint as one seed's value)."""
     from hybridat.analysis import write_ns_gap
     from hybridat.checkpoint import load_checkpoint, save_checkpoint
-    from hybridat.report import build_tables, distance_cell, load_runs
+    from hybridat.report import build_tables, load_runs
+    from hybridat.tables import distance_cell
 
     save_checkpoint(make("dual-bn"), tmp_path / "m.safetensors", seed=0,
                     train={"eps": 8, "loss": "hybrid", "dataset": "cifar10", "epochs": 1})

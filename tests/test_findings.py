@@ -7,7 +7,7 @@ import pytest
 
 from hybridat.findings import (CONSISTENT, NOT_CONSISTENT, UNRESOLVED, Interval, findings, findings_markdown,
                                summary_lines, verdict)
-from hybridat.report import _numeric
+from hybridat.records import _numeric
 
 
 def test_interval_is_the_t_interval_of_the_paired_differences():

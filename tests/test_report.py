@@ -13,8 +13,9 @@ from rich.console import Console
 
 from hybridat import report
 from hybridat.errors import HybridatError
-from hybridat.report import (TABLES, TITLES, build_tables, cell, load_runs, op_label, print_tables, render_latex,
-                             render_markdown, write_report)
+from hybridat.figures import MAX_CURVES, MAX_PANELS
+from hybridat.report import TITLES, build_tables, load_runs, print_tables, render_latex, render_markdown, write_report
+from hybridat.tables import TABLES, _eval, cell, distance_cell, op_label
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 
@@ -340,7 +341,7 @@ def test_autoattack_runs_other_than_standard_get_their_own_columns(frames):
          "AA-plus": "42.0 (n=1)"}
     assert t.loc["cross-bn", "adv: APGD-CE"] == "—"
     assert "ε=8 adv: APGD-CE" in build_tables(both)["ns-vs-ap"].columns
-    old = report._eval(frames)
+    old = _eval(frames)
     aa = old[old.attack == "autoattack"]
     assert len(aa) and (aa.aa_attacks == "apgd-ce,apgd-t,fab-t,square").all() and (aa.aa_restarts == 1).all()
     assert (old[old.attack == "clean"].aa_attacks == "").all()
@@ -355,9 +356,9 @@ def test_examples_crafted_in_bf16_get_their_own_column(frames):
     assert "attack_precision" not in ev  # the fixture is an old CSV
     pgd = ev[(ev.attack == "pgd") & (ev.run == "run-d0") & (ev.branch == "adv")]
     bf16 = pgd.assign(attack_precision="bf16", accuracy=0.99)
-    rows = report._eval({"eval": pd.concat([ev, bf16], ignore_index=True)})
+    rows = _eval({"eval": pd.concat([ev, bf16], ignore_index=True)})
     assert set(rows[rows.attack_precision == "bf16"].column) == {"PGD-10 (bf16)"}
-    assert len(rows[rows.attack_precision == "fp32"]) == len(report._eval(frames))  # the old rows, as they were
+    assert len(rows[rows.attack_precision == "fp32"]) == len(_eval(frames))  # the old rows, as they were
     before, after = (build_tables(f)["cross-bn"] for f in (frames, {"eval": pd.concat([ev, bf16], ignore_index=True)}))
     pd.testing.assert_frame_equal(before, after[before.columns])  # the PGD-10 cells are the fp32 rows' alone
     assert list(after.columns) == list(before.columns) + ["adv: PGD-10 (bf16)", "clean: PGD-10 (bf16)"]
@@ -462,10 +463,10 @@ def test_rows_no_table_shows_are_named_in_the_summary_and_report(frames, tmp_pat
 
 def test_ns_gap_cells_keep_three_significant_digits():
     """Distances of 0.0001-0.01 (deep layers, small ε) printed as 0.000 ± 0.000 with three decimals."""
-    assert report.distance_cell(pd.Series([0.00102, 0.00146])) == "0.00124 ± 0.00031 (n=2)"
-    assert report.distance_cell(pd.Series([0.11, 0.13])) == "0.120 ± 0.014 (n=2)"
-    assert report.distance_cell(pd.Series([0.0994])) == "0.0994 (n=1)"
-    assert report.distance_cell(pd.Series([], dtype=float)) == "—"
+    assert distance_cell(pd.Series([0.00102, 0.00146])) == "0.00124 ± 0.00031 (n=2)"
+    assert distance_cell(pd.Series([0.11, 0.13])) == "0.120 ± 0.014 (n=2)"
+    assert distance_cell(pd.Series([0.0994])) == "0.0994 (n=1)"
+    assert distance_cell(pd.Series([], dtype=float)) == "—"
 
 
 def test_pgd_with_a_step_other_than_eps_over_4_never_fills_the_pgd_cells(frames):
@@ -474,7 +475,7 @@ def test_pgd_with_a_step_other_than_eps_over_4_never_fills_the_pgd_cells(frames)
     ev = frames["eval"]
     pgd = ev[(ev.attack == "pgd") & (ev.run == "run-d0") & (ev.branch == "adv")]
     other = {"eval": pd.concat([ev, pgd.assign(step=1.0, accuracy=0.99)], ignore_index=True)}
-    labels = set(report._eval(other).column[report._eval(other).step == 1.0])
+    labels = set(_eval(other).column[_eval(other).step == 1.0])
     assert labels and all(c.startswith("PGD-") and c.endswith(" (step 1)") for c in labels)
     for key in ("cross-bn", "ns-vs-ap", "test-time"):
         pd.testing.assert_frame_equal(build_tables(frames)[key], build_tables(other)[key])
@@ -608,7 +609,7 @@ def test_ns_gap_plot_of_many_groups_draws_the_best_supported_few_and_says_so(fra
     could read. Now: at most MAX_PANELS rows, those with the most seeds; the figure and summary.txt say the rest."""
     ns = _many(frames["nsgap"], 12, seeds_of=lambda i: 2 if i in (3, 7, 11) else 1)
     fig = report.plot_ns_gap({"nsgap": ns})
-    limit = report.MAX_PANELS
+    limit = MAX_PANELS
     assert len(fig.axes) == 3 * limit and fig.get_figheight() < 4.5 * limit
     rows = [sub._suptitle.get_text().replace("\n", " ") for sub in fig.subfigs if sub._suptitle is not None]
     assert len(rows) == limit and sum("epochs=13," in r or "epochs=17," in r or "epochs=21," in r for r in rows) == 3
@@ -640,7 +641,7 @@ def test_accuracy_plot_of_many_trainings_stays_readable(frames):
     many = _many(ev, 11, seeds_of=lambda i: 3 if i == 5 else 1)
     wide = ev.assign(norm=[f"{n}-{i}" for i, n in enumerate(ev.norm)], checkpoint_hash=ev.checkpoint_hash + "-w")
     fig = report.plot_accuracy({"eval": pd.concat([many, wide], ignore_index=True)})
-    limit = report.MAX_PANELS
+    limit = MAX_PANELS
     assert len(fig.axes) == limit and fig.get_figheight() < 6 * limit and fig.get_figwidth() <= 24
     assert report.figure_note(fig).startswith(f"{limit} of 24 (training, train ε) panels drawn")  # 12 trainings, two train ε each
     assert len({ax.get_xlim() for ax in fig.axes}) == 1  # one bar width in every panel
@@ -657,9 +658,9 @@ def test_training_plot_of_many_curves_stays_readable(frames):
     many = _many(pd.concat([tr, tr.assign(seed=1)], ignore_index=True), 14, seeds_of=lambda i: 2 if i < 3 else 1)
     fig = report.plot_training({"train": many})
     lines = fig.axes[0].get_lines()
-    assert len(lines) == report.MAX_CURVES and len({line.get_color() for line in lines}) == report.MAX_CURVES
+    assert len(lines) == MAX_CURVES and len({line.get_color() for line in lines}) == MAX_CURVES
     assert sum("(n=2)" in line.get_label() for line in lines) == 3
-    assert report.figure_note(fig).startswith(f"{report.MAX_CURVES} of 14 curves drawn")
+    assert report.figure_note(fig).startswith(f"{MAX_CURVES} of 14 curves drawn")
     _check_readable(fig)
     small = report.plot_training(frames)
     assert report.figure_note(small) == "" and len(small.axes[0].get_lines()) == 1
