@@ -71,7 +71,7 @@ def test_weights_that_do_not_match_the_config(tmp_path):
 def test_a_failed_write_leaves_nothing_behind(tmp_path):
     target = tmp_path / "out.csv"
     write_csv([{"a": 1}], target)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="interrupted"):
         with atomic_path(target) as tmp:
             tmp.write_text("half")
             raise RuntimeError("interrupted")

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from hybridat.checkpoint import load_checkpoint, save_checkpoint
 from hybridat.cli import app
+from hybridat.errors import HybridatError
 from hybridat.interop import export_branch
 from hybridat.models import ModelConfig, build_model
 from hybridat.run import identity, save_state
@@ -539,7 +540,7 @@ def test_hostile_checkpoint_never_builds_the_big_model(base, monkeypatch):
     real = checkpoint.build_model
     monkeypatch.setattr(checkpoint, "build_model", lambda config: built.append(
         torch.empty(0).device.type) or real(config))
-    with pytest.raises(Exception, match="do not match"):
+    with pytest.raises(HybridatError, match="do not match"):
         load_checkpoint(base / "huge.safetensors")
     assert built == ["meta"]  # built once, on the meta device, and refused before the real build
 

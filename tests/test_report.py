@@ -261,7 +261,7 @@ def test_write_report_renders_everything_before_writing(frames, tmp_path, monkey
     def broken(frames):
         raise RuntimeError("plot failed")
     monkeypatch.setattr(report, "plot_ns_gap", broken)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="plot failed"):
         write_report(frames, tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -280,7 +280,7 @@ def test_write_report_failure_leaves_the_earlier_report_whole(frames, tmp_path, 
         return real(frame, path, *args, **kwargs)
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device"):
         write_report({"eval": frames["eval"]}, tmp_path)  # other findings: every table file would change
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
