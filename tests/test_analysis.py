@@ -436,3 +436,19 @@ def test_running_reference_compares_like_with_like(kind):
     clean = [r for r in rows if r["pair"] == "clean-running"]
     assert len(clean) == 4 * len(measured_layers(model))  # mean and std, two measures each
     assert max(r["distance"] for r in clean) < 1e-5, max(clean, key=lambda r: r["distance"])
+
+
+def test_fix_ap_routes_every_domain_through_the_chosen_branch():
+    """--fix-ap --branch clean: the adversarial examples are crafted through the clean branch and all three domains
+    pass through the clean branch's AP; the adv branch would give other NS from layer 1 on."""
+    model, (x, y) = make("dual-bn"), batch()
+    _, channel_rows = ns_gap(model, x, y, eps=8, fix_ap=True, branch="clean", steps=2, seed=4)
+    data = domain_batches(model, x, y, "clean", eps=8, steps=2, seed=4)
+    assert not torch.equal(data["adv"], domain_batches(model, x, y, "adv", eps=8, steps=2, seed=4)["adv"])
+    for domain in ("clean", "adv", "noise"):
+        rows = [r for r in channel_rows if r["domain"] == domain]
+        assert all(r["branch"] == "clean" and r["attack_branch"] == "clean" for r in rows)
+        means = [torch.tensor([r["mean"] for r in rows if r["layer"] == i]) for i in range(20)]
+        for through in ("clean", "adv"):
+            same = all(torch.equal(means[i], mean) for i, _, mean, _ in batch_ns(model, data[domain], through))
+            assert same == (through == "clean"), (domain, through)

@@ -192,7 +192,7 @@ def test_frozen_restores_on_exception():
     model = tiny_net()
     model.train()
     model[5].eval()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom"):
         with frozen(model):
             assert not any(m.training for m in model.modules())
             assert not any(p.requires_grad for p in model.parameters())
@@ -305,17 +305,20 @@ def test_bad_input_raises():
     model, (x, y) = tiny_net(), data(4)
     with pytest.raises(HybridatError, match="clean, fgsm, pgd, autoattack"):
         robust_accuracy(model, x, y, "cw", EPS)
-    for kwargs in [dict(eps=-0.1), dict(eps=EPS, steps=0), dict(eps=EPS, step=-1.0),
-                   dict(eps=EPS, start="zeros"), dict(eps=EPS, norm="l1")]:
-        with pytest.raises(HybridatError):
+    for kwargs, fragment in [(dict(eps=-0.1), r"eps must be in \[0, inf\], got -0.1"),
+                             (dict(eps=EPS, steps=0), r"PGD steps must be in \[1, inf\], got 0"),
+                             (dict(eps=EPS, step=-1.0), "step >= 0, got steps=10, step=-1.0"),
+                             (dict(eps=EPS, start="zeros"), "unknown start 'zeros'"),
+                             (dict(eps=EPS, norm="l1"), "norm 'l1'")]:
+        with pytest.raises(HybridatError, match=fragment):
             pgd(model, x, y, **kwargs)
-    with pytest.raises(HybridatError):
+    with pytest.raises(HybridatError, match=r"got \(4, 3, 8, 8\) and \(3,\)"):
         pgd(model, x, y[:3], EPS)
     with pytest.raises(HybridatError, match="not both"):
         autoattack(model, x, y, EPS, version="standard", attacks=["apgd-ce"])
     with pytest.raises(HybridatError, match="unknown AutoAttack attack 'cw'"):
         autoattack(model, x, y, EPS, attacks=["cw"])
-    with pytest.raises(HybridatError):
+    with pytest.raises(HybridatError, match=r"eps must be in \[0, inf\], got -0.031"):
         autoattack(model, x, y, -EPS)
 
 
@@ -508,3 +511,20 @@ def test_pgd_refuses_wrong_dtypes_and_linf_eps_above_1_without_a_sync():
         pgd(model, x, y, 8.0)
     x_adv = pgd(model, x, y, 2.0, 0.1, 1, norm="l2", start="none")  # an L2 radius may exceed 1
     assert_in_ball(x_adv, x, 2.0, norm="l2")
+
+
+def test_robust_accuracy_pgd_is_the_evaluation_protocol_batch_by_batch(trained):
+    """"pgd" is PGD with step ε/4 (SPEC: evaluation protocol) from a uniform start in the ε-ball, batch i drawn from a
+    generator seeded seed + i; the accuracy counts its examples on the model."""
+    model, x, y = trained
+    eps, steps, seed, size = 0.08, 3, 3, 50
+    assert default_step(eps) == eps / 4
+    correct = 0
+    for i, lo in enumerate(range(0, len(x), size)):
+        xb, yb = x[lo:lo + size], y[lo:lo + size]
+        generator = torch.Generator().manual_seed(seed + i)
+        x_adv = pgd(model, xb, yb, eps, eps / 4, steps, start="uniform", generator=generator)
+        assert torch.equal(ATTACKS["pgd"](model, xb, yb, eps, None, steps, seed + i), x_adv)
+        with torch.no_grad():
+            correct += (model(x_adv).argmax(1) == yb).sum().item()
+    assert robust_accuracy(model, x, y, "pgd", eps, steps=steps, batch_size=size, seed=seed) == correct / len(x)

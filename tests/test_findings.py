@@ -25,6 +25,10 @@ def test_interval_is_the_t_interval_of_the_paired_differences():
     ("same", -3, 1, UNRESOLVED), ("same", 1, 3, UNRESOLVED),
     ("more", 0.5, 3, CONSISTENT), ("more", -3, -0.1, NOT_CONSISTENT), ("more", -1, 1, UNRESOLVED),
     ("less", -3, -0.5, CONSISTENT), ("less", 0.2, 3, NOT_CONSISTENT), ("less", -1, 1, UNRESOLVED),
+    # on the edges: an interval that reaches 0 from the wrong side excludes the claim; one that touches ±margin from
+    # inside is still within it
+    ("more", -3, 0.0, NOT_CONSISTENT), ("less", 0.0, 3, NOT_CONSISTENT), ("more", 0.0, 3, UNRESOLVED),
+    ("same", -2, 2, CONSISTENT),
 ])
 def test_verdict_rules(expect, low, high, want):
     assert verdict(expect, Interval((low + high) / 2, low, high, 3), margin=2.0) == want
@@ -198,3 +202,13 @@ def test_ns_gap_depth_thirds_follow_the_measured_layers():
     assert list(depth.metric) == ["NS gap, layers 0-10", "NS gap, layers 11-20", "NS gap, layers 21-30"]
     assert list(depth.verdict) == [CONSISTENT, CONSISTENT, NOT_CONSISTENT]
     assert 2 ** depth.difference.iloc[2] == pytest.approx(4.1, rel=0.01)
+
+
+def test_pairs_are_matched_by_seed_not_by_row_order():
+    """A seed missing in the middle and rows in another order: each difference is still of one seed's two models."""
+    rows = (eval_rows("dual-bn", {3: 0.50, 2: 0.44, 1: 0.42, 0: 0.40})  # rows of seeds 3, 2, 1, 0
+            + eval_rows("dual-ap", {0: 0.41, 2: 0.45, 3: 0.53}))  # seed 1 never ran
+    ap = row(findings(frames_of(rows)), "dual-ap − dual-bn, ε=8")
+    want = Interval.of(pd.Series([1.0, 1.0, 3.0]))  # seeds 0, 2, 3: +1, +1, +3 points
+    assert ap.n == 3 and ap.difference == pytest.approx(want.mean)
+    assert (ap.ci_low, ap.ci_high) == (pytest.approx(want.low), pytest.approx(want.high))

@@ -287,6 +287,25 @@ def test_write_ns_gap_failing_halfway_leaves_the_earlier_files_whole(ckpt, tmp_p
         real(rows, path)
 
     monkeypatch.setattr(analysis, "_write_rows", full)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device"):
         analysis.write_ns_gap(ckpt, x, y, tmp_path / "g.csv", eps=16, steps=1, fix_ap=True)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_evaluate_measures_each_branch_through_that_branch(tmp_path):
+    """A row of branch b counts the images that the model's branch b classifies correctly. (`perturb`'s models answer
+    one class for every image through both branches, so a model whose clean AP alone was moved.)"""
+    model = tiny().eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_clean"):
+                p.add_(torch.randn(p.shape, generator=g))
+    save_checkpoint(model, tmp_path / "m.safetensors", run="r")
+    s = split(32)
+    x = s.images.float() / 255
+    with torch.no_grad():
+        want = {b: (model(x, b).argmax(1) == s.labels).float().mean().item() for b in ("adv", "clean")}
+    assert want["adv"] != want["clean"]
+    rows = evaluate(load_checkpoint(tmp_path / "m.safetensors"), s, ["clean"], ["adv", "clean"])
+    assert {r["branch"]: r["accuracy"] for r in rows} == want

@@ -87,6 +87,7 @@ def test_derived_checkpoint_evaluates_like_a_hand_exchange(tmp_path, norm, op, n
     child = load_checkpoint(tmp_path / "child.safetensors").model
     by_hand = build_model(parent.config)
     by_hand.load_state_dict(exchanged(parent.model.state_dict(), names))
+    assert same_state(child, by_hand)  # every exchanged tensor, the NS counters (num_batches_tracked) too
     x = inputs()
     got, want, old = outputs(child, x), outputs(by_hand.eval(), x), outputs(parent.model, x)
     for b in BRANCHES:

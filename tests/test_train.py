@@ -106,16 +106,22 @@ def test_lr_milestones_never_round_past_the_end(epochs):
         assert m2 <= epochs - 1 and factors[-1] == pytest.approx(0.01)
 
 
-@pytest.mark.parametrize("norm,loss", [("cross-bn", "madry"), ("dual-ap", "clean"), ("bn", "nope")])
-def test_impossible_combinations_are_rejected(norm, loss):
-    with pytest.raises(HybridatError):
+@pytest.mark.parametrize("norm,loss,fragment", [("cross-bn", "madry", "norm cross-bn mixes both branches"),
+                                               ("dual-ap", "clean", "norm dual-ap mixes both branches"),
+                                               ("bn", "nope", "unknown loss 'nope'")])
+def test_impossible_combinations_are_rejected(norm, loss, fragment):
+    with pytest.raises(HybridatError, match=fragment):
         check_config(TrainConfig(loss=loss), norm)
+    check_config(TrainConfig(loss="hybrid"), norm)  # the norm itself is fine
 
 
 def test_bad_numbers_are_rejected():
-    for cfg in (TrainConfig(eps=-1), TrainConfig(epochs=0), TrainConfig(clean_weight=2)):
-        with pytest.raises(HybridatError):
+    for cfg, fragment in ((TrainConfig(eps=-1), r"eps must be in \[0, 255\], got -1"),
+                          (TrainConfig(epochs=0), r"epochs must be in \[1, 100000\], got 0"),
+                          (TrainConfig(clean_weight=2), r"clean weight must be in \[0, 1\], got 2")):
+        with pytest.raises(HybridatError, match=fragment):
             check_config(cfg, "bn")
+    check_config(TrainConfig(), "bn")  # the defaults pass
 
 
 def test_training_is_deterministic_for_a_seed_and_learns():
@@ -170,3 +176,30 @@ def test_ranks_with_unequal_shards_take_the_global_mean_step(tmp_path):
     assert moved > 1e-3  # the step is large enough to tell the two weightings apart
     for k, v in single.state_dict().items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_trades_training_attack_maximizes_the_kl_to_the_clean_branch():
+    """--loss trades crafts x_adv by maximizing KL(clean branch on x || adv branch on x_adv) (SPEC: "the attack
+    maximizes the KL"), not the cross-entropy the other losses' attack maximizes, nor the KL the other way round.
+    An unperturbed tiny model with the clean AP moved: `perturb`'s logits (~1e23 in eval) saturate both softmaxes."""
+    model = tiny("dual-bn").train()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_clean"):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    x, y = batch()
+    torch.manual_seed(5)
+    got = craft(model, x, y, TrainConfig(loss="trades", steps=2))
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        p_clean = F.softmax(reference(x, "clean"), dim=1)
+    kls = {"clean || adv": lambda logits, _: (p_clean * (p_clean.log() - F.log_softmax(logits, 1))).sum(),
+           "adv || clean": lambda logits, _: (F.softmax(logits, 1) * (F.log_softmax(logits, 1) - p_clean.log())).sum()}
+    crafted = {}
+    for direction, kl in kls.items():
+        torch.manual_seed(5)
+        crafted[direction] = pgd(BranchView(reference, "adv"), x, y, 8 / 255, 2 / 255, 2, start="normal", loss_fn=kl)
+    assert torch.equal(got, crafted["clean || adv"]) and not torch.equal(got, crafted["adv || clean"])
+    torch.manual_seed(5)
+    assert not torch.equal(got, craft(model, x, y, TrainConfig(loss="hybrid", steps=2)))  # cross-entropy's
