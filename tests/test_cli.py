@@ -387,3 +387,30 @@ def test_train_progress_shows_the_first_step_and_the_time_left(monkeypatch, tmp_
     assert result.exit_code == 1
     assert "epoch 1/3" in result.output and "step 1/50" in result.output, result.output
     assert re.search(r"ETA \d+:\d\d:\d\d", result.output), result.output
+
+
+_TORCH_LOADS_WITH = """
+import os, sys
+seen = []
+class Watch:  # notes the policy at the moment torch (and with it libgomp, which reads it once) is first imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+sys.meta_path.insert(0, Watch())
+import hybridat.cli
+print(seen[0])
+"""
+
+
+@pytest.mark.parametrize("makeflags, given, policy", [
+    (" -j2 --jobserver-auth=3,4", None, "PASSIVE"), ("k -j", None, "PASSIVE"), (" -j2", "ACTIVE", "ACTIVE"),
+    (None, None, None), (" -j1", None, None)])
+def test_under_parallel_make_torch_loads_with_waiting_openmp_threads_asleep(makeflags, given, policy):
+    """Two runs sharing the cores under `make -j2` ran 10x slower with OpenMP's spinning waits (README, Speed): the
+    command sets OMP_WAIT_POLICY=PASSIVE before torch loads when make runs jobs in parallel, keeps a policy the user
+    set, and leaves a run alone (where spinning is a third faster) as it was."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "MAKEFLAGS")}
+    env |= ({"MAKEFLAGS": makeflags} if makeflags else {}) | ({"OMP_WAIT_POLICY": given} if given else {})
+    done = subprocess.run([sys.executable, "-c", _TORCH_LOADS_WITH], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(policy)
