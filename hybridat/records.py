@@ -200,12 +200,20 @@ def _check_cells(file: Path, kind: str, frame: pd.DataFrame) -> None:
                 raise HybridatError(where(col, i).format(f"must be {what}, got {frame[col][i]!r}"))
 
 
+CSV_ERRORS = (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError)  # an unreadable CSV
+
+
+def kind_of(columns) -> str | None:
+    """The kind of rows (a key of SCHEMAS) a CSV with these columns holds; None for no known schema."""
+    return next((kind for kind, cols in SCHEMAS.items() if cols <= set(columns)), None)
+
+
 def _read(file: Path) -> tuple[str | None, pd.DataFrame]:
     try:
         frame = pd.read_csv(file, dtype=str, keep_default_na=False)  # empty stays "", numbers converted later
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+    except CSV_ERRORS as e:
         raise HybridatError(f"{file} is not a readable CSV ({type(e).__name__}: {e})".strip()) from None
-    return next((kind for kind, cols in SCHEMAS.items() if cols <= set(frame.columns)), None), frame
+    return kind_of(frame.columns), frame
 
 
 def _numeric(frame: pd.DataFrame) -> pd.DataFrame:

@@ -22,7 +22,7 @@ from .figures import figure_note, plot_accuracy, plot_ns_gap, plot_training
 from .files import atomic_path, check_outputs, same_file
 from .findings import WIDTH, findings, findings_latex, findings_markdown, summary_lines
 # load_runs is not used here: `hybridat.report.load_runs`, then `write_report` is how the README and cli.py report
-from .records import SCHEMAS, load_runs  # noqa: F401
+from .records import CSV_ERRORS, SCHEMAS, kind_of, load_runs  # noqa: F401
 from .tables import LABELS, LEFT_OUT_HEADER, TITLES, build_tables, left_out, render_latex, render_markdown
 
 
@@ -75,10 +75,9 @@ KIND_NAMES = {"eval": "eval", "train": "train", "nsgap": "ns-gap"}
 def _measured(file: Path) -> str | None:
     """The kind of rows a CSV holds by its header (None: no known schema, or no readable CSV)."""
     try:
-        columns = set(pd.read_csv(file, nrows=0).columns)
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return kind_of(pd.read_csv(file, nrows=0).columns)
+    except CSV_ERRORS:
         return None
-    return next((kind for kind, cols in SCHEMAS.items() if cols <= columns), None)
 
 
 def write_report(frames: dict[str, pd.DataFrame], out_dir: Path, margin: float = 2.0,
