@@ -250,17 +250,28 @@ def summary_lines(frame: pd.DataFrame) -> list[str]:
         tally = [f"{counts[v]} {v}" for v in (CONSISTENT, NOT_CONSISTENT, UNRESOLVED) if v in counts]
         if empty := int((rows.n == 0).sum()):
             tally.append(f"{empty} without data" if tally else "no data")
-        lines.append(f"({claim}) {text}: {', '.join(tally) or 'no comparison'}")
+        lines += _wrap(f"({claim}) {text}:", ', '.join(tally) or 'no comparison')
         for _, r in rows[rows.n > 0].iterrows():
             where = f"[{r.training}] " if r.training else ""
-            lines.append(f"    {where}{r.comparison}, {r.metric}: {describe(r)} -> {r.verdict}")
+            lines += _wrap(f"    {where}{r.comparison}, {r.metric}:", f"{describe(r)} -> {r.verdict}")
         if missing := _missing(rows):
-            lines.append(f"    no data for: {'; '.join(missing)}")
-    return [part for line in lines
-            for part in textwrap.wrap(line, WIDTH, subsequent_indent="        ", break_on_hyphens=False)]
+            lines += _wrap(f"    no data for: {'; '.join(missing)}")
+    return lines
+
+
+def _wrap(text: str, tail: str = "") -> list[str]:
+    """text wrapped to WIDTH, continued 8 spaces in, with tail (a result and its verdict) kept on one line: after the
+    text if it fits there, else on a line of its own."""
+    lines = textwrap.wrap(text, WIDTH, subsequent_indent=INDENT, break_on_hyphens=False)
+    if tail and len(lines[-1]) + 1 + len(tail) <= WIDTH:
+        lines[-1] += f" {tail}"
+    elif tail:
+        lines += textwrap.wrap(tail, WIDTH, initial_indent=INDENT, subsequent_indent=INDENT, break_on_hyphens=False)
+    return lines
 
 
 WIDTH = 118  # a terminal line
+INDENT = " " * 8  # a wrapped line's continuation
 
 
 def _missing(rows: pd.DataFrame) -> list[str]:

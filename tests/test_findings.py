@@ -1,12 +1,13 @@
 """Findings: paired differences over seeds, their 95 % interval, and verdicts that never say more than it allows."""
 
+import itertools
 import math
 
 import pandas as pd
 import pytest
 
-from hybridat.findings import (CONSISTENT, NOT_CONSISTENT, UNRESOLVED, Interval, findings, findings_markdown,
-                               summary_lines, verdict)
+from hybridat.findings import (CLAIMS, CONSISTENT, NOT_CONSISTENT, UNRESOLVED, Interval, describe, findings,
+                               findings_markdown, summary_lines, verdict)
 from hybridat.records import _numeric
 
 
@@ -136,6 +137,24 @@ def test_rendering_shows_data_rows_and_lists_the_rest():
     assert lines[0].startswith("(1) ") and "no comparison" not in lines[0]
     assert any("dual-bn − bn, ε=8, adv branch PGD-10: +9.5 pts [" in line for line in lines)
     assert all(len(line) <= 118 for line in lines)
+
+
+def test_summary_keeps_each_verdict_on_one_line_with_its_result():
+    """A terminal line never breaks a verdict ("-> not" / "resolved at this n"): a result and its verdict, and a
+    claim's tally, are read whole, after the text when they fit there, else on a line of their own."""
+    found = findings({"nsgap": _numeric(pd.DataFrame(ns_rows(0, 0.1, 0.1, 0.4) + ns_rows(1, 0.1, 0.2, 0.5))
+                                        .astype(str))})
+    lines = summary_lines(found)
+    assert all(len(line) <= 118 for line in lines)
+    measured = found[found.n > 0]
+    assert sum(" -> " in line for line in lines) == len(measured) > 0
+    for _, r in measured.iterrows():
+        assert any(line.endswith(f"{describe(r)} -> {r.verdict}") for line in lines)
+    for claim, text in CLAIMS.items():
+        start = next(i for i, line in enumerate(lines) if line.startswith(f"({claim}) "))
+        head = [lines[start], *itertools.takewhile(lambda line: line.startswith(" " * 8), lines[start + 1:])]
+        tally = " ".join(line.strip() for line in head).removeprefix(f"({claim}) {text}: ")
+        assert tally and ": " not in tally and head[-1].endswith(tally), head
 
 
 def test_ns_gap_without_fixed_ap_rows_leaves_those_comparisons_empty():
