@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 import time
@@ -77,6 +78,15 @@ app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=
                        "ns-gap on its checkpoint, then report on their CSVs (README: Stages). Pixels are in [0, 1]; "
                        "eps and PGD step sizes are in 1/255 (--eps 8 = 8/255) on every command and in every CSV.")
 console = Console(stderr=True)
+
+
+def command(name: str):
+    """app.command, with the docstring's first paragraph on one line as the command's help in `hybridat --help`:
+    typer's listing keeps a docstring's line breaks, which broke lines there mid-sentence."""
+    def register(function):
+        first = inspect.cleandoc(function.__doc__ or "").split("\n\n")[0]
+        return app.command(name, short_help=" ".join(first.split()))(function)
+    return register
 
 
 def _names(keys) -> str:
@@ -222,7 +232,7 @@ def _progress(quiet: bool) -> Progress:
                     "{task.total}  {task.fields[stats]}"), console=console, disable=quiet)
 
 
-@app.command("train")
+@command("train")
 @cli_errors
 def train_cmd(
     out: Annotated[Path, typer.Option(help="run folder: model.safetensors when done (last.safetensors and a resume "
@@ -302,7 +312,7 @@ def train_cmd(
             f"{_acc(last['acc_clean'])}  {last['images_per_s']:.0f} img/s{resumed}")
 
 
-@app.command("attack")
+@command("attack")
 @cli_errors
 def attack_cmd(
     checkpoint: Ckpt,
@@ -377,7 +387,7 @@ def _mapping(pairs: list[str] | None, flag: str) -> dict[str, str]:
     return mapping
 
 
-@app.command("swap-bn")
+@command("swap-bn")
 @cli_errors
 def swap_bn_cmd(
     checkpoint: Ckpt,
@@ -454,7 +464,7 @@ def swap_bn_cmd(
     say(f"{out}  {op}  parent {ckpt.hash} -> {digest}")
 
 
-@app.command("ns-gap")
+@command("ns-gap")
 @cli_errors
 def ns_gap_cmd(
     checkpoint: Ckpt,
@@ -520,7 +530,7 @@ def ns_gap_cmd(
     say(f"{out}: {len(done.rows)} rows; plots {outputs[2]}, {outputs[3]}")
 
 
-@app.command("report")
+@command("report")
 @cli_errors
 def report_cmd(
     runs: Annotated[list[Path], typer.Argument(help="eval, train and ns-gap CSVs, or folders searched for them "
@@ -545,7 +555,7 @@ def report_cmd(
     say(f"{len(written)} files in {out}")
 
 
-@app.command("bench")
+@command("bench")
 @cli_errors
 def bench_cmd(
     out: Annotated[Optional[Path], typer.Option(help="CSV: comparison, ours, theirs, unit, ratio, device")] = None,
@@ -562,7 +572,7 @@ def bench_cmd(
     run_bench(device, quick=quick, out=out, console=Console(), amp=amp, rounds=rounds, ablate=ablate)
 
 
-@app.command("import")
+@command("import")
 @cli_errors
 def import_cmd(
     src: Annotated[Path, typer.Argument(help="a foreign .pt/.pth (read with weights_only=True) or .safetensors file")],
@@ -601,7 +611,7 @@ def import_cmd(
         f"{c.num_classes} classes, norm {c.norm}  -> {done.hash}")
 
 
-@app.command("export")
+@command("export")
 @cli_errors
 def export_cmd(
     checkpoint: Ckpt,
@@ -619,7 +629,7 @@ def export_cmd(
             f"{list(config.input_std)}")
 
 
-@app.command("info")
+@command("info")
 @cli_errors
 def info_cmd(checkpoint: Ckpt):
     """Print a checkpoint's config, branches and metadata."""

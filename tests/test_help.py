@@ -31,3 +31,12 @@ def test_no_help_text_points_at_a_file_outside_the_repository():
     texts = [group.help or ""] + [c.help or "" for c in group.commands.values()]
     texts += [getattr(p, "help", None) or "" for _, p in _params()]
     assert not [t for t in texts if "SPEC" in t]
+
+
+def test_the_command_list_shows_each_command_s_help_as_one_paragraph():
+    """`hybridat --help` lists each command with its docstring's first paragraph, its source line breaks gone (the
+    listing kept them, and broke lines mid-sentence)."""
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        first = command.help.split("\n\n")[0]
+        assert command.short_help == " ".join(first.split()) and "\n" not in command.short_help, name
