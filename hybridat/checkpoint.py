@@ -56,7 +56,8 @@ def rows_frame(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
 
 
 def file_hash(path: str | Path) -> str:
-    """First 16 hex digits of the file's sha256: the id every CSV row carries."""
+    """First 16 hex digits of the file's sha256: the `source_hash` an imported checkpoint records (the id CSV rows
+    carry is `checkpoint_hash`, of the config and tensors only)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

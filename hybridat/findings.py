@@ -209,7 +209,7 @@ def _number(row, x: float) -> str:
 
 
 def describe(row) -> str:
-    """ "+1.2 pts [−0.8, +3.2], n=3" / "×1.10 [0.95, 1.28], n=3" / "no paired seeds (n=0)"."""
+    """ "+1.2 pts [-0.8, +3.2], n=3" / "×1.10 [×0.95, ×1.28], n=3" / "+1.2 pts, n=1" / "no paired seeds (n=0)"."""
     if row["n"] == 0:
         return "no paired seeds (n=0)"
     unit = " pts" if row["unit"] == "pts" else ""

@@ -1,8 +1,8 @@
 """Test-time recombination of a two-branch model's norm layers (SPEC.md "Test-time recombination", `swap-bn`).
 
-A branch's NS is the running set it reads in eval (`eval_key`): its own domain's set, or for cross-bn the other
-domain's. So "adv takes clean's NS" always means: afterwards the adv branch reads the statistics the clean branch
-read before, whatever the variant. Every function returns a new model (a deep copy); the input is never changed.
+A branch's NS is the running set it reads in eval (`eval_key`): its own domain's set, or for cross-bn-swap the
+other domain's. So "adv takes clean's NS" always means: afterwards the adv branch reads the statistics the clean
+branch read before, whatever the variant. Every function returns a new model (a deep copy); the input is never changed.
 Layer indices are positions in `norm_layers(model)` (depth order).
 """
 
@@ -164,15 +164,16 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
     """A copy whose `branch` reads running NS recomputed from one pass over `domain` data of `split`.
 
     The pass draws training batches (seed: order, augmentation and attack noise; the first n_images, at most
-    n_batches batches) and moves each into the domain (adv: PGD as in training, start x + 0.001·N(0,1),
-    through `attack_branch` (default `branch`) of the INPUT model in eval mode; noise: x + U(-ε, ε); eps, step
-    in pixel units). The result then goes through `branch` in train mode, and the branch's running set becomes
-    the cumulative average of the batch statistics (momentum None). Only that set changes, AP and every other
-    buffer stay bit-identical. In a shared-NS model (bn, bn-mix, dual-ap, ...) that set is the one both branches
-    read. In cross-bn the set the branch reads (the other domain's) is the one refilled, from rows normalized by
-    their own batch statistics (see `train_pass`). `layers` (indices, see `deeper_than`; None = all): only those
-    layers' sets are re-estimated, every other layer keeps its running NS bit-identical (the pass still uses batch
-    statistics everywhere, as training does). on_batch(images done so far) follows the pass: 0, then after each batch.
+    n_batches batches) and moves each into the domain (adv: PGD as in training, start x + 0.001·N(0,1), through
+    `attack_branch` (default `branch`) of the INPUT model in eval mode; noise: x + U(-ε, ε) clipped to [0, 1]; eps,
+    step in pixel units). The result then goes through `branch` in train mode, and the branch's running set becomes
+    the cumulative average of the batch statistics (momentum None). Only that set changes, AP and every other buffer
+    stay bit-identical. In a shared-NS model (bn, bn-mix, dual-ap, ...) that set is the one both branches read
+    (cross-bn and cross-bn-adv too). In cross-bn-swap the set the branch reads (the other domain's) is the one
+    refilled, from rows normalized by their own batch statistics (see `train_pass`). `layers` (indices, see
+    `deeper_than`; None = all): only those layers' sets are re-estimated, every other layer keeps its running NS
+    bit-identical (the pass still uses batch statistics everywhere, as training does). on_batch(images done so far)
+    follows the pass: 0, then after each batch.
     """
     check_reestimate(branch, domain, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed)
     model = _branched(model, "re-estimate the running NS of")
@@ -214,7 +215,7 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
     for (m, original), momentum in zip(pairs, momenta):
         m.momentum = momentum
         source, target = m.ns_key(branch), m.eval_key(branch)
-        if source != target:  # cross-bn: the rows updated their own domain's set; the branch reads the other one
+        if source != target:  # cross-bn-swap: the rows updated their own domain's set; the branch reads the other
             _copy_set(m, target, m, source)
             _copy_set(m, source, original, source)
     return new

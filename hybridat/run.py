@@ -3,9 +3,10 @@
 The folder holds, while training, `last.safetensors` (the model after the latest epoch, a checkpoint like any
 other, marked unfinished), `train.csv` (one row per epoch) and `resume.safetensors`: everything needed to go on
 exactly where the run stopped (weights, optimizer state, epoch, every RNG state, the rows so far) as tensors and
-JSON metadata, no pickle. All three are rewritten atomically after each epoch, the resume state first. When the
-last epoch is done, `last.safetensors` becomes `model.safetensors` and the resume state is removed, so a run
-folder holds a model only when training is complete. A lock file keeps a second process out of the folder.
+JSON metadata, no pickle. All three are rewritten atomically after each epoch: last.safetensors, then the resume
+state, then train.csv (a kill between two redoes at most that epoch). When the last epoch is done,
+`last.safetensors` becomes `model.safetensors` and the resume state is removed, so a run folder holds a model only
+when training is complete. A lock file keeps a second process out of the folder.
 
 On CPU a run killed at any point and resumed ends with the same weights, bit for bit, as one never interrupted
 (tests/test_resume.py); on CUDA as far as its kernels are deterministic.
