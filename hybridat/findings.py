@@ -286,8 +286,9 @@ def _missing(rows: pd.DataFrame) -> list[str]:
 
 HEADER = ("Each comparison pairs the two settings seed by seed within one training; Δ is the mean difference with "
           "its 95 % t-interval over n paired seeds (accuracy in percentage points; NS gaps as ratios). A claim of "
-          "comparability is consistent when the whole interval lies within the margin, a claim of direction when the "
-          "interval excludes 0 on that side; otherwise, or with n < 2, it is not resolved at this n.")
+          "comparability is consistent when the whole interval lies within the margin, not consistent when it lies "
+          "wholly outside; a claim of direction is consistent when the interval excludes 0 on that side, not "
+          "consistent when it lies on the other side; anything else, or n < 2, is not resolved at this n.")
 
 
 def findings_markdown(frame: pd.DataFrame) -> str:
