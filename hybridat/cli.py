@@ -265,8 +265,9 @@ def train_cmd(
     graphs: Graphs = True,
     resume: Annotated[bool, typer.Option(help="go on with the unfinished run in --out (same settings); a folder "
                                               "without one starts afresh")] = False,
-    overwrite: Annotated[bool, typer.Option(help="replace a finished run, or a run of other settings, in --out")]
-    = False,
+    overwrite: Annotated[bool, typer.Option(help="start over in --out: replace a finished or unfinished run, or one "
+                                                 "of other settings (its own files, once the first epoch is done); "
+                                                 "other files there stay")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ):
     """Train a model under Hybrid-AT with any normalization variant; --resume goes on after an interruption."""
