@@ -1,7 +1,8 @@
 """Hybrid adversarial training: the losses, the step and the epoch loop (SPEC.md "Training").
 
 One step: craft x_adv through the adv branch in eval mode (parameters frozen, so the attack computes input
-gradients only), then one fused train-mode forward over cat[x_adv, x] and one backward.
+gradients only), then one fused train-mode forward over cat[x_adv, x] and one backward (`--loss madry` and `clean`
+train one branch: one forward of x_adv or x alone, and `clean` crafts nothing).
 """
 
 from __future__ import annotations
