@@ -422,7 +422,8 @@ def swap_bn_cmd(
                                                      "noise", show_default="0")] = None,
     device: DeviceOpt = "auto",
 ):
-    """Recombine a two-branch checkpoint's NS and AP at test time; writes a new checkpoint."""
+    """Recombine a two-branch checkpoint's NS and AP at test time, or re-estimate a branch's running NS (any batch-norm
+    checkpoint); writes a new checkpoint."""
     from .analysis import DOMAINS
     from .recombine import check_reestimate, swap_bn
 

@@ -244,12 +244,12 @@ def swap_bn(ckpt: Checkpoint, out, *, cross: bool = False, swap_ap: bool = False
             split: Split | None = None, branch: str = "adv", n_images: int = 10000, eps: float = 8.0,
             step: float = 2.0, steps: int = 10, batch_size: int = 128, seed: int = 0,
             on_batch: Callable[[int], None] | None = None) -> str:
-    """What `hybridat swap-bn` does with a loaded two-branch checkpoint: exactly one of `cross`, `swap_ap`, `ns`/`ap`
-    (target branch -> source branch, e.g. {"adv": "clean"}) or `reestimate` (a domain: `branch`'s running NS
-    recomputed on `split`, a training split on the checkpoint's device; see `reestimate` for the rest), in the norm
-    layers from `from_layer` on (None: all); writes the NEW checkpoint `out` recording the operation as `report`
-    reads it and the parent's hash (`save_derived`), never over its input. Returns the new file's hash.
-    on_batch: see `reestimate`."""
+    """What `hybridat swap-bn` does with a loaded checkpoint (two-branch but for `reestimate`, which takes any with
+    batch norms): exactly one of `cross`, `swap_ap`, `ns`/`ap` (target branch -> source branch,
+    e.g. {"adv": "clean"}) or `reestimate` (a domain: `branch`'s running NS recomputed on `split`, a training split on
+    the checkpoint's device; see `reestimate` for the rest), in the norm layers from `from_layer` on (None: all);
+    writes the NEW checkpoint `out` recording the operation as `report` reads it and the parent's hash
+    (`save_derived`), never over its input. Returns the new file's hash. on_batch: see `reestimate`."""
     chosen = [name for name, on in [("cross", cross), ("swap_ap", swap_ap), ("ns/ap", ns or ap),
                                     ("reestimate", reestimate is not None)] if on]
     if len(chosen) != 1:
