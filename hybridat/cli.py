@@ -326,7 +326,8 @@ def attack_cmd(
     step: Annotated[Optional[float], typer.Option(help="PGD step in pixel units (report's PGD-k cells are eps/4 "
                                                        "only)", show_default="eps/4")] = None,
     branch: Annotated[Optional[list[str]], typer.Option(help="adv or clean, repeatable (a one-branch model is "
-                                                             "measured once, under both)", show_default="both")] = None,
+                                                             "measured once, its rows under each branch asked)",
+                                                        show_default="both")] = None,
     n: Annotated[Optional[int], typer.Option(help="evaluate the first N test images", show_default="all")] = None,
     batch_size: Annotated[int, typer.Option(help="images per attack batch (memory)")] = 500,
     aa_version: Annotated[Optional[str], typer.Option(help=f"AutoAttack version: {_names(AA_VERSIONS)}",
