@@ -538,7 +538,8 @@ def ns_gap_cmd(
 def report_cmd(
     runs: Annotated[list[Path], typer.Argument(help="eval, train and ns-gap CSVs, or folders searched for them "
                                                     "recursively (other CSVs there are skipped)")],
-    out: Annotated[Path, typer.Option(help="folder for the tables (.md, .tex, .csv), report.md and plots")],
+    out: Annotated[Path, typer.Option(help="folder for report.md, the findings and the five tables (.md, .tex, "
+                                           ".csv each), summary.txt and the figures")],
     margin: Annotated[float, typer.Option(help="Findings: accuracies within this many percentage points "
                                                        "count as comparable")] = 2.0,
     ratio_margin: Annotated[float, typer.Option(help="Findings: NS gaps within this factor count as "
