@@ -522,8 +522,9 @@ def export_branch(checkpoint: str | Path | Checkpoint, out: str | Path, *, branc
                 meta |= {key: json.dumps(list(getattr(config, key))) for key in ("input_mean", "input_std")}
             save_file(state, tmp, metadata=meta)
         else:  # torch.save reports a failed write (a full disk) as a RuntimeError without errno or path; a
-            # plain write of its bytes raises the OSError that names both
+            # plain write of its bytes raises the OSError that names both. Bytes, not a view of the buffer: with
+            # getbuffer() a failed write ended, after its error line, in a segfault at exit under torch 2.11
             buffer = io.BytesIO()
             torch.save(state, buffer)
-            tmp.write_bytes(buffer.getbuffer())
+            tmp.write_bytes(buffer.getvalue())
     return Exported(out, config)
