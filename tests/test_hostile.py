@@ -256,9 +256,9 @@ CASES = [
                                       "--out", "o.csv"], "layer 100 is out of range: the model has 20 norm layers", 1),
     # -- flags that would be ignored: swap-bn's pass settings without --reestimate (--cross acts on both branches)
     ("swap-bn --cross --branch", ["swap-bn", "m.safetensors", "--cross", "--branch", "clean", "--out",
-                                  "o.safetensors"], "--branch only apply to --reestimate; --cross uses none", 1),
+                                  "o.safetensors"], "--branch only applies to --reestimate; --cross does not use it", 1),
     ("swap-bn --swap-ap --n --eps", ["swap-bn", "m.safetensors", "--swap-ap", "--n", "5", "--eps", "4", "--out",
-                                     "o.safetensors"], "--n, --eps only apply to --reestimate", 1),
+                                     "o.safetensors"], "--n, --eps only apply to --reestimate; --swap-ap does not use them", 1),
     ("unknown --reestimate domain", ["swap-bn", "m.safetensors", "--reestimate", "fog", "--out", "o.safetensors"],
      "unknown --reestimate domain 'fog'", 1),
     ("unknown --ns source", ["swap-bn", "m.safetensors", "--ns", "adv=both", "--out", "o.safetensors"],
