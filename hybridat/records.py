@@ -110,7 +110,8 @@ def _check_one_model_per_seed(kind: str, frame: pd.DataFrame) -> None:
     if clash.empty:
         return
     first = clash.iloc[0]
-    other = clash[(same[clash.index] == same[clash.index[0]]) & (clash.checkpoint_hash != first.checkpoint_hash)].iloc[0]
+    twin = (same[clash.index] == same[clash.index[0]]) & (clash.checkpoint_hash != first.checkpoint_hash)
+    other = clash[twin].iloc[0]
     unfinished = [f"{r.checkpoint_hash} is an unfinished run's" for r in (first, other)
                   if str(r.get("unfinished", "")).lower() == "true"]
     raise HybridatError(

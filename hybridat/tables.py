@@ -24,7 +24,8 @@ LABELS = {"training", "norm", "loss", "train ε", "operation", "ε", "layer", "n
 # What identifies a training besides the tables' own keys (norm, loss, train ε) and the seed: rows that differ in
 # any of these are never averaged into one cell. ns-gap tables have no loss / train ε key, so there they count too,
 # and so does how the NS were measured (analysis.PROTOCOL): rows measured differently never share a cell or a line.
-SETTING_COLUMNS = tuple(dict.fromkeys(("dataset", "arch", "width", *TRAINING_COLUMNS)))  # dataset is a training column too
+# dataset is a training column too: each column once
+SETTING_COLUMNS = tuple(dict.fromkeys(("dataset", "arch", "width", *TRAINING_COLUMNS)))
 NS_SETTING_COLUMNS = ("loss_name", "train_eps", *PROTOCOL, *DOMAIN_SETTINGS)
 SHORT = {"train_epochs": "epochs", "train_steps": "PGD steps", "train_step": "PGD step", "train_lr": "lr",
          "train_batch_size": "batch", "train_momentum": "momentum", "train_weight_decay": "wd",
