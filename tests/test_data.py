@@ -59,6 +59,19 @@ def test_cifar10_subsets_and_cache(data_dir):
         full.subset(10001)
 
 
+def test_the_first_n_keep_each_image_with_its_label(tmp_path):
+    """subset(n) and load_split(n=...) take the first n images and their own labels, and n may be the whole split."""
+    split = Split(_images(10), torch.arange(10))
+    for n in (4, 10):
+        part = split.subset(n)
+        assert torch.equal(part.images, split.images[:n]) and torch.equal(part.labels, split.labels[:n])
+    _fake_cifar10(tmp_path, rows=4)  # 20 training images
+    full = load_split("cifar10", train=True, data_dir=tmp_path)
+    for n in (7, 20):
+        part = load_split("cifar10", train=True, data_dir=tmp_path, n=n)
+        assert torch.equal(part.images, full.images[:n]) and torch.equal(part.labels, full.labels[:n])
+
+
 # ---------------------------------------------------------------- names and folders
 
 def test_num_classes_and_unknown_name(tmp_path):
@@ -309,6 +322,9 @@ def test_train_batches_drops_a_last_batch_too_small_to_shard():
     steps = [len(list(train_batches(split, 16, torch.Generator().manual_seed(0), rank=r, world_size=2)))
              for r in range(2)]
     assert steps == [1, 1]
+    lasts = [list(train_batches(_id_split(18), 16, torch.Generator().manual_seed(0), rank=r, world_size=2))[-1][1]
+             for r in range(2)]
+    assert [len(y) for y in lasts] == [1, 1]  # a last batch of world_size rows is kept: one row per rank
     with pytest.raises(HybridatError, match="rank < world_size <= batch_size, got 2, 2, 16"):
         next(train_batches(split, 16, torch.Generator(), rank=2, world_size=2))
     with pytest.raises(HybridatError, match="rank < world_size <= batch_size, got 0, 4, 2"):
