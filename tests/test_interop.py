@@ -124,6 +124,23 @@ def test_every_layout_imports_with_the_foreign_logits_through_every_branch(name,
     assert len(imported["source_hash"]) == 16
 
 
+def test_a_timm_splitbn_file_takes_aux_as_adversarial_unless_told_and_records_which(tmp_path):
+    """AdvProp trains the auxiliary BNs on adversarial examples: without --adv-split, aux becomes the adv branch;
+    the checkpoint records the plain layout the split BNs were found on and which split became adv."""
+    ref, *_ = reference("timm-splitbn-preact")  # its adv branch is the aux split
+    src = tmp_path / "advprop.pt"
+    torch.save(ref.state_dict(), src)
+    x = images()
+    with torch.no_grad():
+        theirs = {b: ref(x, b) for b in ("adv", "clean")}
+    for split, adv in ((None, "adv"), ("main", "clean")):
+        done = import_checkpoint(src, tmp_path / f"{split}.safetensors", adv_split=split)
+        with torch.no_grad():
+            assert max_diff(done.model(x, "adv"), theirs[adv]) < 1e-5
+        imported = load_checkpoint(done.path).meta("imported")
+        assert imported["base_layout"] == "preact" and imported["adv_split"] == (split or "aux")
+
+
 def test_the_autoattack_example_checkpoint_imports_exactly(tmp_path):
     """A real trained checkpoint (a legacy-format pickle of tensors) that pyautoattack ships."""
     from pyautoattack.examples.resnet import ResNet18
@@ -198,6 +215,8 @@ def test_input_normalization_is_recorded_and_applied_inside_the_model(tmp_path):
     hybridat.export_branch(done.path, tmp_path / "e.safetensors", branch="adv", layout="preact")
     back = import_checkpoint(tmp_path / "e.safetensors").model
     assert back.config.input_mean == MEAN and torch.equal(back(x, "adv"), ckpt.model(x, "adv"))
+    told = import_checkpoint(tmp_path / "e.safetensors", input_mean="0.5,0.5,0.5", input_std="0.25,0.25,0.25")
+    assert (told.model.config.input_mean, told.model.config.input_std) == ((0.5,) * 3, (0.25,) * 3)  # flags win
     with pytest.raises(HybridatError, match="three numbers"):
         import_checkpoint(tmp_path / "w.pt", input_mean="0.5,0.5", input_std="1,1,1")
     with pytest.raises(HybridatError, match="together"):
