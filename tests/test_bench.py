@@ -4,6 +4,7 @@ and CSV rows whose ratio is always how many times faster hybridat is. Timings th
 import copy
 import csv
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from hybridat.attacks import frozen
 from hybridat.models import fused
 from hybridat.train import TrainConfig, craft, fit_step, make_optimizer
 
-from conftest import perturb, tiny
+from conftest import tiny
+from foreign_models import randomize
 
 WIDTH = 0.0625  # conftest.tiny's width
 
@@ -27,8 +29,9 @@ def batch(n=8, seed=0):
 
 @pytest.fixture
 def pair():
-    """A perturbed dual-bn model (per-branch NS and AP differ) and the reference holding the same weights."""
-    model = perturb(tiny("dual-bn")).train()
+    """A dual-bn model whose per-branch NS and AP differ, and the reference holding the same weights. (Not perturb's
+    model: in eval mode its logits reach 1e23, so an attack through either branch made the same examples.)"""
+    model = randomize(tiny("dual-bn"), seed=1).train()
     return model, bench.reference_from(model, WIDTH).train()
 
 
@@ -48,12 +51,12 @@ def test_reference_step_computes_our_step(pair):
     """Same weights, data and attack noise: the same loss, and the same weights after the SGD step."""
     model, ref = pair
     x, y = batch(16)  # 16 rows: the mean-CE (reference) and sum-CE (ours) attack gradients have equal signs
-    cfg = TrainConfig(steps=3, lr=0.05)
+    cfg = TrainConfig(steps=3, lr=0.05, clean_weight=0.3)  # not 1/2: the two weights are not interchangeable
     torch.manual_seed(7)
     loss, _ = fit_step(model, model, make_optimizer(model, cfg), x, y, cfg)
     torch.manual_seed(7)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    ref_loss = bench.reference_step(ref, ref_opt, x, y, cfg.eps / 255, cfg.step / 255, cfg.steps)
+    ref_loss = bench.reference_step(ref, ref_opt, x, y, cfg.eps / 255, cfg.step / 255, cfg.steps, cfg.clean_weight)
     assert ref_loss == pytest.approx(loss.item(), rel=1e-4)
     ours = {k: v for k, v in bench.reference_from(model, WIDTH).state_dict().items()}
     for k, v in ref.state_dict().items():
@@ -99,12 +102,30 @@ def test_floor_counts_exactly_the_flops_of_the_step():
     assert floor.seconds(lambda: None) > 0
 
 
+def test_floor_times_each_distinct_call_once_after_a_warm_up_and_counts_it_n_times(monkeypatch):
+    """On a clock that only the ops move: a first (cold) call of a signature takes 100 s, later ones `cost` s."""
+    clock, seen = [0.0], []
+
+    def op(cost):
+        clock[0] += 100.0 if cost not in seen else cost
+        seen.append(cost)
+
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    recorder = SimpleNamespace(calls={(op, (1.0,), ("dict", ())): 3, (op, (0.25,), ("dict", ())): 2}, flops=0)
+    assert bench.Floor(recorder).seconds(lambda: None) == 3 * 1.0 + 2 * 0.25
+    assert seen == [1.0, 1.0, 0.25, 0.25]  # each signature: one warm-up, one timed call
+
+
 def test_interleaved_rotates_the_order_and_takes_reported_seconds():
     calls = []
     tasks = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "floor": lambda: 123.0}
     times = bench.interleaved(tasks, 3, lambda: None)
     assert calls == ["a", "b", "b", "a", "a", "b"]  # round 2 starts with b, round 3 (after floor) with a
     assert times["floor"] == [123.0] * 3 and all(len(v) == 3 for v in times.values())
+    events = []
+    bench.interleaved({"a": lambda: events.append("a"), "b": lambda: events.append("b")}, 1,
+                      lambda: events.append("sync"))
+    assert events == ["sync", "a", "sync", "sync", "b", "sync"]  # a GPU's queued work is inside the task's time
 
 
 def test_rows_say_how_many_times_faster_hybridat_is():
@@ -123,8 +144,20 @@ def test_rows_say_how_many_times_faster_hybridat_is():
 
 
 def test_run_bench_writes_one_row_per_comparison(tmp_path, monkeypatch):
-    micro = bench.BenchSize(width=WIDTH, batch=8, steps=1, eval_batch=8, eval_steps=2, rounds=1, images=16)
+    micro = bench.BenchSize(width=WIDTH, batch=8, steps=1, eval_batch=8, eval_steps=2, rounds=3, images=24)
     monkeypatch.setitem(bench.SIZES, "quick", micro)
+    monkeypatch.setattr(bench, "size_for", lambda name, device: (bench.SIZES[name], 2))  # 2 steps per call, as a GPU
+    seconds, interleaved = {}, bench.interleaved
+
+    def one_round_stretched(tasks, rounds, sync, on_round=None):
+        """The tasks run one round; the rounds then report 5x, 1.5x and 1x its seconds: the median is 1.5x."""
+        assert rounds == 3
+        seconds.update({k: v[0] for k, v in interleaved(tasks, 1, sync, on_round).items()})
+        return {k: [5 * v, 1.5 * v, v] for k, v in seconds.items()}
+
+    monkeypatch.setattr(bench, "interleaved", one_round_stretched)
+    graphs, stepper = [], bench.Stepper
+    monkeypatch.setattr(bench, "Stepper", lambda *args: graphs.append(args[4]) or stepper(*args))
     printed = []
     console = type("Console", (), {"print": lambda self, *a, **k: printed.append(" ".join(map(str, a)))})()
     out = tmp_path / "sub" / "bench.csv"
@@ -141,6 +174,15 @@ def test_run_bench_writes_one_row_per_comparison(tmp_path, monkeypatch):
         assert r["ours"] > 0 and r["theirs"] > 0 and r["unit"] == "images/s"
         assert r["ratio"] == pytest.approx(r["ours"] / r["theirs"])
         assert float(w["ratio"]) == pytest.approx(r["ratio"], rel=1e-3) and w["device"].startswith("cpu")
+    step = {k: 1.5 * v / (2 if k in ("ours", "eager", "reference") else 1) for k, v in seconds.items()}
+    by_name = {r["comparison"]: r for r in rows}  # a step holds 8 images; an epoch 16 (2 steps), a PGD call 2 x 8
+    assert by_name["train_vs_reference"]["ours"] == pytest.approx(8 / step["ours"])
+    assert by_name["train_vs_reference"]["theirs"] == pytest.approx(8 / step["reference"])
+    assert by_name["train_vs_floor"]["theirs"] == pytest.approx(8 / step["floor"])
+    assert by_name["train_epoch_vs_step"]["ours"] == pytest.approx(16 / step["epoch"])
+    assert by_name["pgd_vs_torchattacks"]["ours"] == pytest.approx(16 / step["pgd_ours"])
+    assert by_name["pgd_vs_torchattacks"]["theirs"] == pytest.approx(16 / step["pgd_torchattacks"])
+    assert graphs == [False, True]  # the eager step, then ours (graphs wherever the device has them)
     assert any("train_vs_floor" in line for line in printed)
     assert any(all(f"| {name} |" in line for name in bench.ABLATIONS) for line in printed)
     assert not list(tmp_path.glob("sub/*.tmp"))
@@ -167,7 +209,7 @@ def test_amp_is_opt_in_and_keeps_weights_ns_and_losses_fp32(norm):
 def test_an_ablated_step_computes_our_step_the_slow_way(off):
     """With one technique undone, the step is the same computation: the same loss from the same state, data and
     attack noise (bf16 undone: our fp32 step). The timing difference is then the technique's alone."""
-    model = perturb(tiny("dual-bn")).train()
+    model = randomize(tiny("dual-bn"), seed=1).train()  # an attack through the clean branch makes other examples
     split = bench.synthetic_split(16, "cpu")
     cfg = TrainConfig(batch_size=16, steps=2, amp=False)  # 16 rows: mean- and sum-CE attack steps agree in sign
     ablated = bench._ablated_step(model, split, replace(cfg, amp=off == "bf16 autocast"), "cpu", off)
@@ -176,6 +218,38 @@ def test_an_ablated_step_computes_our_step_the_slow_way(off):
     sums = ours()  # the running sums after one step: loss*n, n, ...
     torch.manual_seed(5)
     assert ablated().item() == pytest.approx((sums[0] / sums[1]).item(), rel=1e-4)
+
+
+def test_each_pgd_task_runs_the_attack_its_row_names(monkeypatch):
+    """hybridat's PGD-20 through the adv branch (step eps/4): with graphs, without ("pgd_eager"), crafted in bf16
+    ("pgd_bf16"); torchattacks.PGD with a random start on our adv branch and on the reference routed to adv."""
+    import torchattacks
+
+    ours, theirs = [], []
+    monkeypatch.setattr(bench, "robust_accuracy", lambda view, *args, **kwargs: ours.append((view, args, kwargs)))
+
+    class PGD:
+        def __init__(self, net, **kwargs):
+            theirs.append((net, kwargs))
+
+        def __call__(self, x, y):
+            return x
+
+    monkeypatch.setattr(torchattacks, "PGD", PGD)
+    model = tiny("dual-bn")
+    reference = bench.reference_from(model, WIDTH)
+    x, y = batch(4)
+    tasks = bench._pgd_tasks(model, reference, x, y, 3, 2)
+    for name in ("pgd_ours", "pgd_eager", "pgd_bf16", "pgd_torchattacks", "pgd_torchattacks_reference"):
+        tasks[name]()
+    assert all(view.model is model and view.branch == "adv" for view, _, _ in ours)
+    assert all(args == (x, y, "pgd", bench.EPS, bench.EPS / 4) for _, args, _ in ours)
+    assert [kwargs for *_, kwargs in ours] == [{"steps": 3, "batch_size": 2}, {"steps": 3, "batch_size": 2,
+                                                "graphs": False}, {"steps": 3, "batch_size": 2, "amp": True}]
+    (view, first), (net, second) = theirs
+    assert view.model is model and view.branch == "adv" and net is reference
+    assert {m.route for m in reference.modules() if isinstance(m, bench.RefDualBN)} == {"adv"}
+    assert first == second == {"eps": bench.EPS, "alpha": bench.EPS / 4, "steps": 3, "random_start": True}
 
 
 def test_a_gpu_times_at_least_50_steps_per_task_and_pgd_at_attacks_batch():
