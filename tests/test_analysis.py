@@ -13,8 +13,9 @@ import torch.nn.functional as F
 import torchvision
 from scipy.stats import wasserstein_distance
 
-from hybridat.analysis import (ap_gap, batch_ns, domain_batches, mad, measured_layers, ns_gap, perturb,
-                               channels_figure, gap_by_depth_figure, plot_channels, plot_gap_by_depth, protocol_text, wasserstein_1d)
+from hybridat.analysis import (ap_gap, batch_ns, channels_figure, domain_batches, gap_by_depth_figure, mad,
+                               measured_layers, ns_gap, perturb, plot_channels, plot_gap_by_depth, protocol_text,
+                               wasserstein_1d)
 from hybridat.errors import HybridatError
 from hybridat.models import ModelConfig, build_model, norm_layers
 
@@ -171,7 +172,8 @@ def test_depth_plot_keeps_coinciding_lines_visible():
     model, (x, y) = make("dual-bn"), batch()
     own, _ = ns_gap(model, x, y, eps=8, fix_ap=False, steps=1)
     adv = {(r["layer"], r["statistic"], r["measure"]): r["distance"] for r in own if r["pair"] == "adv-clean"}
-    rows = [r | {"distance": adv[r["layer"], r["statistic"], r["measure"]]} if r["pair"] == "noise-clean" else r for r in own]
+    rows = [r | {"distance": adv[r["layer"], r["statistic"], r["measure"]]} if r["pair"] == "noise-clean" else r
+            for r in own]
     fig = gap_by_depth_figure(rows)
     for ax in fig.axes:
         red, blue = sorted(ax.get_lines(), key=lambda line: line.get_zorder())

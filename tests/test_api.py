@@ -204,8 +204,8 @@ def test_a_report_from_python_never_writes_over_the_csvs_it_read(ckpt, test_spli
 def test_a_checkpoint_changed_in_the_notebook_is_not_measured_under_its_files_hash(ckpt, test_split, tmp_path):
     """Every row and derived file names the checkpoint by the hash of the file it was loaded from. A forward pass in
     train mode in the notebook (which moves BN's running NS) or an edited weight changed ckpt.model, and evaluate,
-    write_ns_gap, swap_bn (save_derived) and export_branch then recorded the other model's numbers under the file's hash, which
-    `report` takes for the same model."""
+    write_ns_gap, swap_bn (save_derived) and export_branch then recorded the other model's numbers under the file's
+    hash, which `report` takes for the same model."""
     changed = load_checkpoint(ckpt.path)
     x, y = to_float(test_split.images), test_split.labels
     changed.model.eval()

@@ -2,9 +2,7 @@
 re-capture on a new learning rate, eager partial batches, the epoch's one gather. The capture itself needs a GPU
 (scripts/gpu-check.sh checks graph == eager there)."""
 
-import copy
 
-import pytest
 import torch
 
 from hybridat import attacks

@@ -105,7 +105,8 @@ def _build(ws: Path) -> None:
     torch.save(state, ws / "plain-nan.pt")
     (ws / "garbage.pt").write_bytes(b"\x80\x04garbage")  # a pickle's first bytes, then no pickle
     torch.save(torch.nn.Linear(2, 2), ws / "module.pt")  # a pickled model object, not its state dict
-    _rewrite(ws / "m.safetensors", ws / "dataset-mnist.safetensors", train=json.dumps(TRAIN_META | {"dataset": "mnist"}))
+    _rewrite(ws / "m.safetensors", ws / "dataset-mnist.safetensors",
+             train=json.dumps(TRAIN_META | {"dataset": "mnist"}))
     _rewrite(ws / "m.safetensors", ws / "eps-nan.safetensors", train=json.dumps(TRAIN_META | {"eps": float("nan")}))
     with safe_open(ws / "m.safetensors", "pt") as f:  # the weights of the same shapes as int8: cast, silently
         save_file({k: f.get_tensor(k).to(torch.int8) if k == "conv1.weight" else f.get_tensor(k) for k in f.keys()},
@@ -256,9 +257,11 @@ CASES = [
                                       "--out", "o.csv"], "layer 100 is out of range: the model has 20 norm layers", 1),
     # -- flags that would be ignored: swap-bn's pass settings without --reestimate (--cross acts on both branches)
     ("swap-bn --cross --branch", ["swap-bn", "m.safetensors", "--cross", "--branch", "clean", "--out",
-                                  "o.safetensors"], "--branch only applies to --reestimate; --cross does not use it", 1),
+                                  "o.safetensors"],
+     "--branch only applies to --reestimate; --cross does not use it", 1),
     ("swap-bn --swap-ap --n --eps", ["swap-bn", "m.safetensors", "--swap-ap", "--n", "5", "--eps", "4", "--out",
-                                     "o.safetensors"], "--n, --eps only apply to --reestimate; --swap-ap does not use them", 1),
+                                     "o.safetensors"],
+     "--n, --eps only apply to --reestimate; --swap-ap does not use them", 1),
     ("unknown --reestimate domain", ["swap-bn", "m.safetensors", "--reestimate", "fog", "--out", "o.safetensors"],
      "unknown --reestimate domain 'fog'", 1),
     ("unknown --ns source", ["swap-bn", "m.safetensors", "--ns", "adv=both", "--out", "o.safetensors"],
@@ -394,7 +397,8 @@ CASES = [
      "eps-nan.safetensors: training setting 'eps' must be a finite number, got nan", 1),
     ("checkpoint trained at eps NaN: swap-bn", ["swap-bn", "eps-nan.safetensors", "--cross", "--out",
                                                 "o.safetensors"], "training setting 'eps' must be a finite number", 1),
-    ("report eps NaN", ["report", "eps-nan", "--out", "rep"], "eval.csv: eps must be a finite number, got 'nan' (row 5)",
+    ("report eps NaN", ["report", "eps-nan", "--out", "rep"],
+     "eval.csv: eps must be a finite number, got 'nan' (row 5)",
      1),
     ("report a pgd row without steps", ["report", "pgd-no-steps", "--out", "rep"], "steps is empty in a pgd row", 1),
     ("report an unknown norm", ["report", "norm-typo", "--out", "rep"], "norm 'dualbn' is none of bn, bn-mix", 1),
@@ -602,7 +606,8 @@ def test_running_out_of_memory_on_the_cpu_is_one_line(base, tmp_path, monkeypatc
                            "you tried to allocate 268435456 bytes. Error code 12 (Cannot allocate memory)")
 
     monkeypatch.setattr(attacks, "pgd_from", no_memory)
-    result = CliRunner().invoke(app, ["attack", "m.safetensors", "--attack", "pgd", "--n", "8", *FAST, "--out", "o.csv"])
+    result = CliRunner().invoke(app, ["attack", "m.safetensors", "--attack", "pgd", "--n", "8", *FAST,
+                                      "--out", "o.csv"])
     assert result.exit_code == 1 and result.output == "error: out of memory; a smaller --batch-size needs less\n"
     assert not result.exception or isinstance(result.exception, SystemExit)
     assert not (ws / "o.csv").exists()

@@ -63,7 +63,8 @@ def test_imported_authors_models_fill_the_test_time_table(tmp_path, data_dir):
             hybridat.write_csv(rows, path.parent / "eval.csv")
     table = build_tables(load_runs([tmp_path / "runs"]))["test-time"]
     rows = table.set_index("operation")
-    assert rows.loc["as trained", "adv: clean"].endswith("(n=2)") and rows.loc["swap-ap", "clean: clean"].endswith("(n=2)")
+    assert rows.loc["as trained", "adv: clean"].endswith("(n=2)")
+    assert rows.loc["swap-ap", "clean: clean"].endswith("(n=2)")
 
 
 def test_import_training_facts_from_python_are_checked(tmp_path):

@@ -130,7 +130,8 @@ def test_op_label():
     assert op_label('{"branch": "adv", "domain": "noise", "op": "reestimate"}') == "reestimate adv NS on noise data"
     assert op_label('{"ap": "clean", "layers": [1, 2], "op": "recombine"}') == "recombine ap=clean layers=[1, 2]"
     assert op_label("not json") == "not json"
-    chain = '{"after": {"after": {"op": "cross"}, "branch": "clean", "domain": "adv", "op": "reestimate"}, "op": "swap-ap"}'
+    chain = ('{"after": {"after": {"op": "cross"}, "branch": "clean", "domain": "adv", "op": "reestimate"}, '
+             '"op": "swap-ap"}')
     assert op_label(chain) == "swap-ap after reestimate clean NS on adv data after cross"
 
 
@@ -643,7 +644,8 @@ def test_accuracy_plot_of_many_trainings_stays_readable(frames):
     fig = report.plot_accuracy({"eval": pd.concat([many, wide], ignore_index=True)})
     limit = MAX_PANELS
     assert len(fig.axes) == limit and fig.get_figheight() < 6 * limit and fig.get_figwidth() <= 24
-    assert report.figure_note(fig).startswith(f"{limit} of 24 (training, train ε) panels drawn")  # 12 trainings, two train ε each
+    # 12 trainings, two train ε each
+    assert report.figure_note(fig).startswith(f"{limit} of 24 (training, train ε) panels drawn")
     assert len({ax.get_xlim() for ax in fig.axes}) == 1  # one bar width in every panel
     _check_readable(fig)
     small = report.plot_accuracy(frames)
