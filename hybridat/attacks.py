@@ -112,7 +112,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
     _check(x, y, eps, norm)
     check_number("PGD steps", steps, 1, integer=True)
     step = default_step(eps) if step is None else step
-    if steps < 1 or step < 0:
+    if step < 0:  # steps: checked above
         raise HybridatError(f"PGD needs steps >= 1 and step >= 0, got steps={steps}, step={step}")
     if start not in STARTS or norm not in NORMS:
         raise HybridatError(f"unknown start {start!r} or norm {norm!r}: starts {STARTS}, norms {tuple(NORMS)}")

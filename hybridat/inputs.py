@@ -117,11 +117,16 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
 CASTS = {torch.float32: "float", torch.float64: "double", torch.float16: "half", torch.bfloat16: "bfloat16"}
 
 
+def model_classes(model: nn.Module) -> int | None:
+    """The number of classes of a hybridat model (or a BranchView of one); None for any other module."""
+    return getattr(getattr(model, "config", None), "num_classes", None)
+
+
 def check_batch(model: nn.Module, x, y) -> None:
     """x and y as `check_pixels` and `check_labels` want them, on the model's device, x in the dtype of the model's
     weights (float64 pixels from numpy failed inside a convolution); labels within the classes of a hybridat model."""
     check_pixels(x)
-    check_labels(y, x, getattr(getattr(model, "config", None), "num_classes", None))
+    check_labels(y, x, model_classes(model))
     check_same_device(model, x)
     dtype = model_dtype(model)
     if dtype is not None and x.dtype != dtype:

@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint, check_checkpoint_name, save_checkpoint
 from .data import Split, train_batches
 from .files import check_outputs
 from .errors import HybridatError, check_number
-from .inputs import check_pixel_radius, check_split, layer_indices, module_of
+from .inputs import check_pixel_radius, check_split, layer_indices, model_classes, module_of
 from .models import norm_layers
 from .norms import AP_PARAMS, BRANCHES, NS_BUFFERS, BranchBatchNorm, set_name
 
@@ -177,8 +177,7 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
     """
     check_reestimate(branch, domain, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed)
     model = _branched(model, "re-estimate the running NS of")
-    check_split(model, split, "hybridat.data.load_split(..., train=True)",
-                getattr(getattr(model, "config", None), "num_classes", None))
+    check_split(model, split, "hybridat.data.load_split(..., train=True)", model_classes(model))
     attack_branch = check_choice(attack_branch or branch, BRANCHES, "attack branch")
     if n_batches is not None and n_batches < 1:
         raise HybridatError(f"n_batches must be >= 1, got {n_batches}")
