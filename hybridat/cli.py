@@ -435,9 +435,9 @@ def swap_bn_cmd(
     pass_flags = {"--branch": branch, "--n": n, "--eps": eps, "--step": step, "--steps": steps,
                   "--batch-size": batch_size, "--seed": seed, "--data-dir": data_dir}
     if reestimate is None and (given := [flag for flag, value in pass_flags.items() if value is not None]):
-        raise HybridatError(f"{', '.join(given)} only appl{'y' if given[1:] else 'ies'} to --reestimate; {chosen[0]} "
-                            f"does not use {'them' if given[1:] else 'it'} (one "
-                            "branch only: --ns/--ap BRANCH=SOURCE)")
+        several = len(given) > 1
+        raise HybridatError(f"{', '.join(given)} only appl{'y' if several else 'ies'} to --reestimate; {chosen[0]} "
+                            f"does not use {'them' if several else 'it'} (one branch only: --ns/--ap BRANCH=SOURCE)")
     defaults = {"branch": "adv", "n": 10000, "eps": 8.0, "step": 2.0, "steps": 10, "batch_size": 128, "seed": 0}
     branch, n, eps, step, steps, batch_size, seed = (default if value is None else value for value, default in zip(
         (branch, n, eps, step, steps, batch_size, seed), defaults.values()))
