@@ -58,8 +58,8 @@ def _check(x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf") -> 
         raise HybridatError(f"x and y must be torch tensors, got {type(x).__name__} and {type(y).__name__}")
     if x.ndim != 4 or y.ndim != 1 or x.shape[0] != y.shape[0]:
         raise HybridatError(f"expected x (B, C, H, W) and y (B,), got {tuple(x.shape)} and {tuple(y.shape)}")
-    if not x.is_floating_point() or y.is_floating_point() or y.dtype == torch.bool:
-        raise HybridatError(f"expected float pixels x in [0, 1] and integer labels y, got {x.dtype} and {y.dtype}")
+    if not x.is_floating_point():
+        raise HybridatError(f"expected float pixels x in [0, 1], got {x.dtype}")
     check_label_dtype(y)
 
 

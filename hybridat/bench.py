@@ -383,11 +383,8 @@ def run_bench(device: str | torch.device = "auto", quick: bool = False, out: Pat
     med = {k: statistics.median(v) / (repeat if k in steps else 1) for k, v in times.items()}  # seconds per step
     rows = _rows(med, size, len(epoch_split), len(y_eval), f"{device_name(device)}, ours {precision}")
     say(markdown_table(rows))
-    say(f"training step: {floor.flops / size.batch / 1e9:.2f} GFLOP per image (torch flop counter); its own "
-        f"convolutions and matmuls alone run at {floor.flops / med['floor'] / 1e9:.0f} GFLOP/s")
-    say(f"PGD-{size.eval_steps} evaluation: {pgd_floor.flops / len(y_eval) / 1e9:.2f} GFLOP per image; hybridat at "
-        f"{med['pgd_floor'] / med['pgd_ours']:.2f}x, torchattacks at {med['pgd_floor'] / med['pgd_torchattacks']:.2f}x "
-        f"the speed of its convolutions and matmuls alone")
+    for line in floor_lines(floor.flops, pgd_floor.flops, med, size, len(y_eval)):
+        say(line)
     if ablations:
         say(ablation_table(med, size.batch, ablations))
     if out is not None:
@@ -536,6 +533,16 @@ def _rows(med: dict, size: BenchSize, epoch_images: int, eval_images: int, devic
                 eval_images / med["pgd_torchattacks_reference"]),
             row("pgd_bf16_vs_torchattacks", eval_images / med["pgd_bf16"], eval_images / med["pgd_torchattacks"]),
             row("pgd_graphs_vs_eager", eval_images / med["pgd_ours"], eval_images / med["pgd_eager"])]
+
+
+def floor_lines(step_flops: float, pgd_flops: float, med: dict, size: BenchSize, eval_images: int) -> list[str]:
+    """What the floors say beside the table: FLOPs per image and the rate of the convolutions and matmuls alone
+    (`med`: median seconds per step, and per PGD call over `eval_images`, as `_rows` takes them)."""
+    return [f"training step: {step_flops / size.batch / 1e9:.2f} GFLOP per image (torch flop counter); its own "
+            f"convolutions and matmuls alone run at {step_flops / med['floor'] / 1e9:.0f} GFLOP/s",
+            f"PGD-{size.eval_steps} evaluation: {pgd_flops / eval_images / 1e9:.2f} GFLOP per image; hybridat at "
+            f"{med['pgd_floor'] / med['pgd_ours']:.2f}x, torchattacks at "
+            f"{med['pgd_floor'] / med['pgd_torchattacks']:.2f}x the speed of its convolutions and matmuls alone"]
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -143,6 +143,18 @@ def test_rows_say_how_many_times_faster_hybridat_is():
     assert rows["pgd_bf16_vs_torchattacks"]["ours"] == 100 and rows["pgd_bf16_vs_torchattacks"]["ratio"] == 4
 
 
+def test_floor_lines_divide_the_flops_by_the_floors_own_seconds():
+    """The printed rates: FLOPs per image of the batch and of the PGD images, the step's FLOPs over the floor's
+    seconds (not the step's), each PGD over the PGD floor's seconds."""
+    size = bench.BenchSize(width=1, batch=4, steps=10, eval_batch=8, eval_steps=20, rounds=3, images=8)
+    med = {"floor": 2.0, "ours": 5.0, "pgd_floor": 1.0, "pgd_ours": 4.0, "pgd_torchattacks": 8.0}
+    step, pgd = bench.floor_lines(3e12, 1.6e10, med, size, eval_images=16)
+    assert step == ("training step: 750.00 GFLOP per image (torch flop counter); its own convolutions and matmuls "
+                    "alone run at 1500 GFLOP/s")
+    assert pgd == ("PGD-20 evaluation: 1.00 GFLOP per image; hybridat at 0.25x, torchattacks at 0.12x the speed of "
+                   "its convolutions and matmuls alone")
+
+
 def test_run_bench_writes_one_row_per_comparison(tmp_path, monkeypatch):
     micro = bench.BenchSize(width=WIDTH, batch=8, steps=1, eval_batch=8, eval_steps=2, rounds=3, images=24)
     monkeypatch.setitem(bench.SIZES, "quick", micro)
