@@ -3,6 +3,7 @@
 #   make study   the paper's claims checked over 3 seeds at a CPU scale (Findings in study/report/report.md)
 #   make test    the test suite
 #   make bench   hybridat's speed, measured against references in one run
+#   make data    the venv and CIFAR-10 only
 #   make clean-demo  removes what make demo wrote (demo/runs, derived, nsgap, report), nothing else
 # Output folders (TABLES, MINI, STUDY, DEMO) are named on the command line (make demo DEMO=demo2), never taken from
 # the environment: a DEMO exported for something else would have been written into, and removed by clean-demo.
@@ -16,7 +17,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 SHARED_DATA := $(abspath ../shared/data)
 export HYBRIDAT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/cifar-10-batches-py),$(SHARED_DATA),$(CURDIR)/data)
 
-.PHONY: install test demo mini study tables bench clean-demo
+.PHONY: install data test demo mini study tables bench clean-demo
 .DELETE_ON_ERROR:
 .SECONDEXPANSION:
 
@@ -34,6 +35,9 @@ $(CIFAR10): | install
 	$(PY) -c 'import sys; from hybridat import HybridatError, load_split; sys.excepthook = lambda t, e, tb: \
 	    print(f"error: {e}", file=sys.stderr) if t is HybridatError else sys.__excepthook__(t, e, tb); \
 	    load_split("cifar10", True); load_split("cifar10", False)'
+
+# the venv and CIFAR-10 alone: run it once before several makes start at once (a grid split over GPUs, README)
+data: install | $(CIFAR10)
 
 test: install | $(CIFAR10)
 	$(PY) -m pytest -q

@@ -505,8 +505,10 @@ def test_robust_accuracy_names_bad_input_in_one_line(case, fragment):
 
 def test_pgd_refuses_wrong_dtypes_and_linf_eps_above_1_without_a_sync():
     model, (x, y) = tiny_net(), data(4)
-    with pytest.raises(HybridatError, match="integer labels"):
+    with pytest.raises(HybridatError, match="integer class labels"):
         pgd(model, x, y.float(), EPS)
+    with pytest.raises(HybridatError, match=re.escape("expected float pixels x in [0, 1], got torch.uint8")):
+        pgd(model, (x * 255).to(torch.uint8), y, EPS)
     with pytest.raises(HybridatError, match=re.escape("eps is in [0, 1] units here")):
         pgd(model, x, y, 8.0)
     x_adv = pgd(model, x, y, 2.0, 0.1, 1, norm="l2", start="none")  # an L2 radius may exceed 1

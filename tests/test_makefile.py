@@ -98,6 +98,29 @@ def test_cifar10_is_fetched_once_before_tests_and_trainings(checkout, tmp_path):
     assert "from hybridat import" not in _make(checkout, "-n", "demo", HYBRIDAT_DATA_DIR=str(data)).stdout
 
 
+def test_makes_on_disjoint_seeds_build_one_grid_together(checkout, tmp_path):
+    """The README's grid over several GPUs: `make data` first (it fetches CIFAR-10 when missing and trains nothing),
+    then one `make tables SEEDS=g` per GPU at once; they write disjoint runs, and a last make over every seed, its
+    report removed, only reports."""
+    missing = str(tmp_path / "elsewhere")
+    dry = _make(checkout, "-n", "data", HYBRIDAT_DATA_DIR=missing).stdout
+    assert "from hybridat import" in dry and " train " not in dry
+    assert _make(checkout, "data").returncode == 0
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MAKE") and k != "HYBRIDAT_DATA_DIR"}
+    makes = [subprocess.Popen(["make", "--no-print-directory", "tables", f"SEEDS={seed}"], cwd=checkout, env=clean,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (0, 1)]
+    for make in makes:
+        _, err = make.communicate(timeout=60)
+        assert make.returncode == 0, err
+    runs = sorted(path.parent.name for path in (checkout / "tables" / "runs").glob("*/model.safetensors"))
+    assert len(runs) == 32 and {run[-3:] for run in runs} == {"_s0", "_s1"}
+    assert len(list((checkout / "tables" / "derived").glob("*_s[01]/eval.csv"))) == 10
+    (checkout / "tables" / "report" / "report.md").unlink()
+    result = _make(checkout, "tables", "SEEDS=0 1")
+    assert result.returncode == 0 and result.stdout.splitlines()[0].startswith(".venv/bin/hybridat report ")
+    assert " train " not in result.stdout and " attack " not in result.stdout
+
+
 def test_every_pipelines_swap_bn_flags_are_accepted(tmp_path):
     """Each distinct swap-bn command of demo, mini, study and tables runs through the real CLI (on a 1/16-width
     dual-bn model and 16 random images): `make demo` stopped at its re-estimation on clean images when swap-bn began
