@@ -135,8 +135,11 @@ def _eval(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Eval rows ready for tables: derived checkpoints inherit training metadata, robust rows at train ε only."""
     ev = _eval_all(frames.get("eval", pd.DataFrame(columns=sorted(SCHEMAS["eval"]))).copy())
     # a re-run of the same evaluation replaces the earlier one; a derived model with its parent's weights (swap-bn
-    # --cross twice, --ns adv=adv: the same hash) is still its operation's row, never the parent's
-    ev = ev[_at_train_eps(ev)].drop_duplicates(["checkpoint_hash", "op", "branch", "column"], keep="last")
+    # --cross twice, --ns adv=adv: the same hash) is still its operation's row, never the parent's; two runs whose
+    # weights came out equal (one seed at ε 8 and 16 where the training attack never reaches ε 8: PGD-1 of step 2)
+    # are each their own run's row
+    same = [c for c in ("checkpoint_hash", "train_eps", "loss_name", "training", "op", "branch", "column") if c in ev]
+    ev = ev[_at_train_eps(ev)].drop_duplicates(same, keep="last")
     _check_same_images(ev)
     return ev
 

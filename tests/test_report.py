@@ -118,6 +118,20 @@ def test_a_derived_model_with_its_parents_weights_keeps_its_own_row(frames):
     assert t.loc["as trained", "adv: clean"] == t.loc["cross after cross", "adv: clean"] == "84.0 (n=1)"
 
 
+def test_two_runs_with_equal_weights_keep_their_own_rows(frames):
+    """One seed trained at ε 8 and at 16 with a training attack that never reaches ε 8 (PGD-1 of step 2: a tiny
+    `make tables`) comes out as the same weights, the same checkpoint_hash: each run's rows stay in its own ε column
+    (report dropped the ε-8 run's as re-runs of the ε-16 run's evaluation). A re-run of one evaluation still
+    replaces the earlier one."""
+    ev = frames["eval"]
+    eight = ev[(ev.run == "run-d0") & (ev.operation == "")]
+    sixteen = eight.assign(run="run-d0-16", train_eps=16, eps=eight.eps.where(eight.attack == "clean", 16))
+    rerun = eight.assign(accuracy=eight.accuracy + 0.01)
+    t = build_tables({"eval": pd.concat([eight, sixteen, rerun], ignore_index=True)})["ns-vs-ap"]
+    cells = t.set_index("norm").loc["dual-bn"]
+    assert cells["ε=8 adv: clean"] == "85.0 (n=1)" and cells["ε=16 adv: clean"] == "84.0 (n=1)"
+
+
 def test_test_time_drops_aa_columns_without_aa(frames):
     no_aa = {"eval": frames["eval"][frames["eval"].attack != "autoattack"]}
     t = build_tables(no_aa)["test-time"]
