@@ -305,9 +305,11 @@ def table_test_time(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     ops = list(dict.fromkeys(["", CROSS, SWAP_AP, *sorted(set(ev.op), key=op_label)]))
     spec = [s for s in BOTH if s[1] != "AA" or (ev.column == "AA").any()]
     spec += [(b, c) for b in ("adv", "clean") for c in _other_columns(ev)]  # a new list: BOTH stays as it is
+    # the train ε of some recombined model, and the paper's 8: at an ε without one, every operation's row would be
+    # empty and "as trained" is Table 2's row again
     return pd.DataFrame([{"operation": op_label(op), "train ε": _num(eps),
                           **_cells(ev[(ev.op == op) & (ev.train_eps == eps)], spec)}
-                         for eps in _levels(ev.train_eps, always=[8]) for op in ops])
+                         for eps in _levels(ev.train_eps[ev.op != ""], always=[8]) for op in ops])
 
 
 def _ns(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:

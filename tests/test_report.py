@@ -132,6 +132,20 @@ def test_two_runs_with_equal_weights_keep_their_own_rows(frames):
     assert cells["ε=8 adv: clean"] == "85.0 (n=1)" and cells["ε=16 adv: clean"] == "84.0 (n=1)"
 
 
+def test_test_time_shows_a_train_eps_only_where_a_model_was_recombined(frames):
+    """The fixture's dual-bn model trained at ε 16 was never recombined: it adds no ε-16 rows to Table 4 (they were
+    every operation's row, all "—", and its "as trained" row, which Table 2 has); one recombined model at 16 brings
+    them."""
+    ev = frames["eval"]
+    assert set(build_tables(frames)["test-time"]["train ε"]) == {"8"}
+    trained = ev[ev.run == "run-d16"]
+    crossed = trained.assign(checkpoint_hash="x16", parent_hash="d16", operation='{"op": "cross"}',
+                             accuracy=trained.accuracy - 0.1)
+    t = build_tables({"eval": pd.concat([ev, crossed], ignore_index=True)})["test-time"]
+    sixteen = t[t["train ε"] == "16"].set_index("operation")
+    assert (sixteen.loc["as trained", "adv: clean"], sixteen.loc["cross", "adv: clean"]) == ("75.0 (n=1)", "65.0 (n=1)")
+
+
 def test_test_time_drops_aa_columns_without_aa(frames):
     no_aa = {"eval": frames["eval"][frames["eval"].attack != "autoattack"]}
     t = build_tables(no_aa)["test-time"]
