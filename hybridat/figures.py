@@ -14,6 +14,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .analysis import FIRST, PROTOCOL, SECOND, protocol_text
 from .errors import HybridatError
+from .norms import NORMS
 from .tables import _eval, _match, _ns, _ns_specs, _num, label_trainings
 
 MAX_PANELS = 8  # rows of ns-gap.png, panels of accuracy.png: past this a figure is a wall no one reads
@@ -159,8 +160,16 @@ def plot_accuracy(frames: dict[str, pd.DataFrame], limit: int = MAX_PANELS) -> F
     return fig
 
 
+def _paper_order(g: pd.DataFrame) -> list[str]:
+    """The panel's variants in the registry's order (the paper's: bn, bn-mix, dual-bn, dual-ap, ...), hybrid before
+    other losses; not the order the CSVs were read in (bn-mix_... sorts before bn_...)."""
+    rank = {norm: i for i, norm in enumerate(NORMS)}
+    pairs = g[["norm", "loss_name", "variant"]].drop_duplicates("variant").itertuples(index=False)
+    return [v for *_, v in sorted(pairs, key=lambda r: (rank.get(r[0], len(rank)), r[0], r[1] != "hybrid", r[1]))]
+
+
 def _accuracy_panel(ax, g: pd.DataFrame, bars: list, narrow: bool) -> None:
-    variants = list(dict.fromkeys(g.variant))
+    variants = _paper_order(g)
     for k, (branch, col, color) in enumerate(bars):
         per_seed = g[(g.branch == branch) & (g.column == col)].groupby(["variant", "unit"]).accuracy.mean() * 100
         stats = per_seed.groupby("variant").agg(["mean", "std", "count"]).reindex(variants)

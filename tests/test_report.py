@@ -681,6 +681,21 @@ def test_accuracy_plot_of_many_trainings_stays_readable(frames):
     _check_readable(small)
 
 
+def test_accuracy_bars_follow_the_papers_order_not_the_files(frames):
+    """Bars in the registry's order (bn, bn-mix, dual-bn, ...; hybrid before TRADES), whatever order the CSVs came
+    in: `make tables` read bn-mix_hybrid_8_s0 before bn_hybrid_8_s0 and drew bn-mix first."""
+    ev = frames["eval"]
+    eight = ev[(ev.train_eps == 8) & (ev.operation == "")]
+    extra = [eight[eight.norm == "bn"].assign(norm="bn-mix", checkpoint_hash="m8"),
+             eight[eight.norm == "bn"].assign(loss_name="trades", checkpoint_hash="t8"),
+             eight[eight.norm == "dual-bn"].assign(norm="cross-bn", checkpoint_hash="c8")]
+    shuffled = pd.concat([*extra, eight], ignore_index=True).iloc[::-1]
+    ax = report.plot_accuracy({"eval": shuffled}).axes[0]
+    names = [t.get_text() for t in ax.get_xticklabels()]
+    assert names == ["bn", "bn trades", "bn-mix", "dual-bn", "dual-bn trades", "dual-ap", "cross-bn",
+                     "cross-bn trades"]
+
+
 def test_training_plot_of_many_curves_stays_readable(frames):
     """173 curves: colours repeated every 10, and a legend of long training labels wider than the figure that
     covered the loss panel. Now at most MAX_CURVES curves (one colour each), the legend below the panels."""
