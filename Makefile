@@ -132,7 +132,7 @@ $(eval $(call pipeline,$(DEMO),$(foreach r,$(DEMO_RUNS),$(DEMO)/runs/$(r)/eval.c
 demo: $(DEMO)/report/report.md
 	@cat $(DEMO)/report/summary.txt
 	@echo 'This demo is one seed of bn and dual-bn at a toy scale: a verdict needs 2 seeds or more, claims (1)-(2)'
-	@echo 'need the other variants. What 3 seeds of every variant give: README, "What make study finds" (make study).'
+	@echo 'need the other variants. What 3 to 6 seeds of each variant give: README, "What make study finds" (make study).'
 
 # ---- study: the smallest grid that feeds every verdict of the Findings (report.md), 3 seeds, at a CPU scale.
 # Claim 1: cross-bn vs dual-bn; 2: dual-ap, dual-ns vs dual-bn at eps 8 and 16; 3: ns-gap of dual-bn with and
