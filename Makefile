@@ -142,7 +142,7 @@ demo: $(DEMO)/report/report.md
 # on 2 cores (each run already uses both).
 STUDY := study
 STUDY_SEEDS ?= 0 1 2
-STUDY_SEEDS_16 ?= $(STUDY_SEEDS)  # the eps-16 runs' seeds (README's study: 6 seeds at eps 8, these 3 at 16)
+STUDY_SEEDS_16 ?= $(STUDY_SEEDS)  # the eps-16 runs' seeds, if not the same
 STUDY_NORMS_8 := cross-bn dual-bn dual-ap dual-ns bn dual-linear
 STUDY_NORMS_16 := dual-bn dual-ap dual-ns
 study_runs = $(foreach s,$(STUDY_SEEDS),$(foreach n,$(STUDY_NORMS_8),$(n)_hybrid_8_s$(s))) \
