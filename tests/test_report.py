@@ -121,8 +121,8 @@ def test_a_derived_model_with_its_parents_weights_keeps_its_own_row(frames):
 def test_two_runs_with_equal_weights_keep_their_own_rows(frames):
     """One seed trained at ε 8 and at 16 with a training attack that never reaches ε 8 (PGD-1 of step 2: a tiny
     `make tables`) comes out as the same weights, the same checkpoint_hash: each run's rows stay in its own ε column
-    (report dropped the ε-8 run's as re-runs of the ε-16 run's evaluation). A re-run of one evaluation still
-    replaces the earlier one."""
+    (report kept only the rows read last, as if re-runs of one evaluation: Table 2's ε-16 cells were empty). A
+    re-run of one evaluation still replaces the earlier one."""
     ev = frames["eval"]
     eight = ev[(ev.run == "run-d0") & (ev.operation == "")]
     sixteen = eight.assign(run="run-d0-16", train_eps=16, eps=eight.eps.where(eight.attack == "clean", 16))
