@@ -52,6 +52,7 @@ def default_step(eps: float) -> float:
 def _check(x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf") -> None:
     """The cheap checks of every attack call (no host sync: the training attack runs inside CUDA graphs)."""
     check_number("eps", eps, 0)
+    check_choice(norm, NORMS, "threat-model norm")
     if norm == "linf" and eps > 1:
         raise HybridatError(f"eps is in [0, 1] units here (8/255 = 0.0314 for 8 in pixel units), got {eps}")
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
@@ -111,11 +112,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
     attacked_module(model)
     _check(x, y, eps, norm)
     check_number("PGD steps", steps, 1, integer=True)
-    step = default_step(eps) if step is None else step
-    if step < 0:  # steps: checked above
-        raise HybridatError(f"PGD needs steps >= 1 and step >= 0, got steps={steps}, step={step}")
-    if start not in STARTS or norm not in NORMS:
-        raise HybridatError(f"unknown start {start!r} or norm {norm!r}: starts {STARTS}, norms {tuple(NORMS)}")
+    step = default_step(eps) if step is None else check_number("PGD step size", step, 0)
+    check_choice(start, STARTS, "PGD start")
     if batch_size is not None:
         check_number("PGD batch size", batch_size, 1, integer=True)
     x, y = x.detach(), y.detach()
@@ -261,9 +259,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, v
     code reseeds it)."""
     import pyautoattack  # imported here: only evaluation needs it
 
-    _check(x, y, eps)
-    if norm not in NORMS:
-        raise HybridatError(f"unknown norm {norm!r}: choose one of {tuple(NORMS)}")
+    _check(x, y, eps, norm)
     settings = aa_settings(version, attacks, restarts)
     device = torch.device(x.device if device is None else device)
     rng_devices = [device] if device.type == "cuda" else []

@@ -18,7 +18,7 @@ from .norms import NORMS
 from .tables import _eval, _match, _ns, _ns_specs, _num, label_trainings
 
 MAX_PANELS = 8  # rows of ns-gap.png, panels of accuracy.png: past this a figure is a wall no one reads
-MAX_CURVES = 10  # curves of training.png: one colour each in matplotlib's default cycle
+MAX_CURVES = 20  # curves of training.png: matplotlib's 10 default colours, solid then dashed (the paper's grid: 16)
 LEFT_OUT = "left-out"  # gid of the line in which a figure says what it leaves out; summary.txt repeats it
 CHARS_PER_INCH = 11  # of 12 pt title text: to size a panel for the lines matplotlib wraps a long title into
 
@@ -210,7 +210,8 @@ def plot_training(frames: dict[str, pd.DataFrame], limit: int = MAX_CURVES) -> F
     for ax, (col, title, scale, unit) in zip(fig.subplots(1, 3), panels):
         for k, ((_, g), label) in enumerate(zip(curves, labels)):
             mean = g.groupby("epoch")[col].mean() * scale  # train.csv holds accuracies as fractions
-            ax.plot(mean.index, mean.values, marker="o", ms=3, color=f"C{k % 10}", label=label)
+            ax.plot(mean.index, mean.values, color=f"C{k % 10}", linestyle="-" if k < 10 else "--",
+                    marker="o" if k < 10 else "s", ms=3, label=label)
         ax.set(title=title, xlabel="epoch", ylabel=unit)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epochs, also for a 1-epoch run
         if not tr[col].notna().any():

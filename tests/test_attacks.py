@@ -307,8 +307,9 @@ def test_bad_input_raises():
         robust_accuracy(model, x, y, "cw", EPS)
     for kwargs, fragment in [(dict(eps=-0.1), r"eps must be in \[0, inf\], got -0.1"),
                              (dict(eps=EPS, steps=0), r"PGD steps must be in \[1, inf\], got 0"),
-                             (dict(eps=EPS, step=-1.0), "step >= 0, got steps=10, step=-1.0"),
-                             (dict(eps=EPS, start="zeros"), "unknown start 'zeros'"),
+                             (dict(eps=EPS, step=-1.0), r"PGD step size must be in \[0, inf\], got -1.0"),
+                             (dict(eps=EPS, step=float("nan")), "PGD step size must be a finite number, got nan"),
+                             (dict(eps=EPS, start="zeros"), "unknown PGD start 'zeros'; choose one of: uniform, normal, none"),
                              (dict(eps=EPS, norm="l1"), "norm 'l1'")]:
         with pytest.raises(HybridatError, match=fragment):
             pgd(model, x, y, **kwargs)

@@ -698,15 +698,21 @@ def test_accuracy_bars_follow_the_papers_order_not_the_files(frames):
 
 def test_training_plot_of_many_curves_stays_readable(frames):
     """173 curves: colours repeated every 10, and a legend of long training labels wider than the figure that
-    covered the loss panel. Now at most MAX_CURVES curves (one colour each), the legend below the panels."""
+    covered the loss panel. Now at most MAX_CURVES curves, no two drawn alike (10 colours, solid then dashed), the
+    legend below the panels; the paper's grid (16 trainings) is drawn whole."""
     tr = frames["train"]
-    many = _many(pd.concat([tr, tr.assign(seed=1)], ignore_index=True), 14, seeds_of=lambda i: 2 if i < 3 else 1)
+    two_seeds = pd.concat([tr, tr.assign(seed=1)], ignore_index=True)
+    grid = report.plot_training({"train": _many(two_seeds, 16, seeds_of=lambda i: 2)})
+    assert len(grid.axes[0].get_lines()) == 16 and report.figure_note(grid) == ""
+    many = _many(two_seeds, MAX_CURVES + 4, seeds_of=lambda i: 2 if i < 3 else 1)
     fig = report.plot_training({"train": many})
     lines = fig.axes[0].get_lines()
-    assert len(lines) == MAX_CURVES and len({line.get_color() for line in lines}) == MAX_CURVES
+    assert len(lines) == MAX_CURVES
+    assert len({(line.get_color(), line.get_linestyle(), line.get_marker()) for line in lines}) == MAX_CURVES
     assert sum("(n=2)" in line.get_label() for line in lines) == 3
-    assert report.figure_note(fig).startswith(f"{MAX_CURVES} of 14 curves drawn")
+    assert report.figure_note(fig).startswith(f"{MAX_CURVES} of {MAX_CURVES + 4} curves drawn")
     _check_readable(fig)
+    _check_readable(grid)
     small = report.plot_training(frames)
     assert report.figure_note(small) == "" and len(small.axes[0].get_lines()) == 1
     _check_readable(small)
