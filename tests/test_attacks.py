@@ -309,8 +309,8 @@ def test_bad_input_raises():
                              (dict(eps=EPS, steps=0), r"PGD steps must be in \[1, inf\], got 0"),
                              (dict(eps=EPS, step=-1.0), r"PGD step size must be in \[0, inf\], got -1.0"),
                              (dict(eps=EPS, step=float("nan")), "PGD step size must be a finite number, got nan"),
-                             (dict(eps=EPS, start="zeros"), "unknown PGD start 'zeros'; choose one of: uniform, normal, none"),
-                             (dict(eps=EPS, norm="l1"), "norm 'l1'")]:
+                             (dict(eps=EPS, start="zeros"), "unknown PGD start 'zeros'; choose one of: uniform, "),
+                             (dict(eps=EPS, norm="l1"), "unknown threat-model norm 'l1'; choose one of: linf, l2")]:
         with pytest.raises(HybridatError, match=fragment):
             pgd(model, x, y, **kwargs)
     with pytest.raises(HybridatError, match=r"got \(4, 3, 8, 8\) and \(3,\)"):
