@@ -34,6 +34,7 @@ from rich.table import Table
 from rich.text import Text
 from safetensors import SafetensorError
 
+from . import __version__
 from .attacks import AA_ATTACKS, AA_VERSIONS, ATTACKS
 from .checkpoint import check_checkpoint_name, check_csv_name, checkpoint_info, load_checkpoint, write_csv
 from .data import DATASETS, check_classes, load_split, num_classes, split_files, to_float
@@ -78,6 +79,19 @@ app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=
                        "ns-gap on its checkpoint, then report on their CSVs (README: Stages). Pixels are in [0, 1]; "
                        "eps and PGD step sizes are in 1/255 (--eps 8 = 8/255) on every command and in every CSV.")
 console = Console(stderr=True)
+
+
+def _print_version(show: bool) -> None:
+    if show:
+        typer.echo(f"hybridat {__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app_options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                       help="print hybridat's, torch's and Python's versions")]
+                 = False) -> None:
+    """No options of its own beyond --version: each command takes its own."""
 
 
 def command(name: str):

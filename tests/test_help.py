@@ -40,3 +40,16 @@ def test_the_command_list_shows_each_command_s_help_as_one_paragraph():
     for name, command in group.commands.items():
         first = command.help.split("\n\n")[0]
         assert command.short_help == " ".join(first.split()) and "\n" not in command.short_help, name
+
+
+def test_version_prints_hybridat_torch_and_python_versions_and_exits_0():
+    import subprocess
+    import sys
+
+    import torch
+
+    from hybridat import __version__
+
+    done = subprocess.run([sys.executable, "-m", "hybridat", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"hybridat {__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})\n"
