@@ -136,16 +136,18 @@ demo: $(DEMO)/report/report.md
 
 # ---- study: the smallest grid that feeds every verdict of the Findings (report.md), 3 seeds, at a CPU scale.
 # Claim 1: cross-bn vs dual-bn; 2: dual-ap, dual-ns vs dual-bn at eps 8 and 16; 3: ns-gap of dual-bn with and
-# without --fix-ap; 4: dual-bn under --swap-ap; 5: bn and dual-linear (and dual-bn) at eps 8. 27 trainings of
-# ResNet-18 at 1/8 width on 10,000 images for 8 epochs (PGD-3), each evaluated on 2,000 test images (clean, PGD-10).
-# Estimated at 70 minutes on 2 otherwise idle cores (README, Pipelines). Resumable; `make -j2 study` gains nothing
-# on 2 cores (each run already uses both).
+# without --fix-ap; 4: dual-bn under --swap-ap; 5: dual-linear, dual-adapter, dual-bn and bn under TRADES against
+# bn at eps 8. 33 trainings of ResNet-18 at 1/8 width on 10,000 images for 8 epochs (PGD-3), each evaluated on 2,000
+# test images (clean, PGD-10). Estimated at 85 minutes on 2 otherwise idle cores (README, Pipelines). Resumable;
+# `make -j2 study` gains nothing on 2 cores (each run already uses both).
 STUDY := study
 STUDY_SEEDS ?= 0 1 2
 STUDY_SEEDS_16 ?= $(STUDY_SEEDS)  # the eps-16 runs' seeds, if not the same
-STUDY_NORMS_8 := cross-bn dual-bn dual-ap dual-ns bn dual-linear
+STUDY_NORMS_8 := cross-bn dual-bn dual-ap dual-ns bn dual-linear dual-adapter
 STUDY_NORMS_16 := dual-bn dual-ap dual-ns
-study_runs = $(foreach s,$(STUDY_SEEDS),$(foreach n,$(STUDY_NORMS_8),$(n)_hybrid_8_s$(s))) \
+STUDY_TRADES_NORMS := bn
+study_runs = $(foreach s,$(STUDY_SEEDS),$(foreach n,$(STUDY_NORMS_8),$(n)_hybrid_8_s$(s)) \
+                                        $(foreach n,$(STUDY_TRADES_NORMS),$(n)_trades_8_s$(s))) \
              $(foreach s,$(STUDY_SEEDS_16),$(foreach n,$(STUDY_NORMS_16),$(n)_hybrid_16_s$(s)))
 $(STUDY)_STEP := 6.667
 $(STUDY)_TRAIN ?= --width 0.125 --train-subset 10000 --epochs 8 --steps 3 --device cpu
