@@ -198,6 +198,10 @@ def load_split(name: str, train: bool, data_dir: str | Path | None = None, devic
     check_flag(train, "train")  # train="no" is true in Python: it loaded the training split
     device = resolve_device(str(device))
     root = resolve_data_dir(data_dir)
+    if data_dir is not None and root.exists() and not root.is_dir():  # a file given where the folder is meant
+        info = _info(name)
+        holds = f"{info.folder}/" if info.folder else f"{name}'s .mat files"
+        raise HybridatError(f"data folder {root} is a file, not a folder; give the folder that holds {holds}")
     if data_dir is not None and not root.is_dir():  # a typo: neither created nor downloaded into
         raise HybridatError(f"data folder {root} does not exist; fix the path, or create the folder to download "
                             f"{name} into it")

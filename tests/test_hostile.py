@@ -412,6 +412,12 @@ CASES = [
      "g.csv: measure 'wasserstien' is none of wasserstein, mad (row 4)", 1),
     ("report an infinite NS distance", ["report", "distance-inf", "--out", "rep"],
      "g.csv: distance must be a finite number, got 'inf' (row 4)", 1),
+    # -- found by the sweep of every option of every command (scripts/fuzz_cli.py)
+    ("--data-dir a file", ["attack", "m.safetensors", "--n", "8", "--device", "cpu", "--data-dir", "a-file", "--out",
+                           "o.csv"], "a-file is a file, not a folder; give the folder that holds cifar-10-batches-py/",
+     1),  # it said the folder "does not exist"
+    ("train --data-dir a file", [*TRAIN[:-2], "--data-dir", "a-file", "--out", "runs/x"],
+     "a-file is a file, not a folder", 1),
     # -- successes that used to break: markup in metadata and paths; an unfinished checkpoint is marked
     ("swap-bn, markup everywhere", ["swap-bn", "markup.safetensors", "--cross", "--out", "[red]x[/].safetensors"],
      "[red]x[/].safetensors  cross", 0),
