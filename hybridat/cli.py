@@ -107,12 +107,28 @@ def _names(keys) -> str:
     return ", ".join(keys)
 
 
+def _path(value) -> Path:
+    """A path flag's or argument's value. An empty one (an unset shell variable: --out "$DIR") is refused: Typer
+    would read it as '.', and a report, a training run or a dataset download would land in the current folder."""
+    if isinstance(value, str) and not value:
+        raise typer.BadParameter("the path is empty")
+    return Path(value)
+
+
+def _path_option(**kwargs):
+    return typer.Option(parser=_path, **kwargs)
+
+
+def _path_argument(**kwargs):
+    return typer.Argument(parser=_path, **kwargs)
+
+
 # choices are plain strings checked by the library (an unknown name: one line, exit 1, the valid names listed)
 Norm = Annotated[str, typer.Option(help=f"normalization variant (README: Normalization variants): {_names(NORMS)}")]
 Arch = Annotated[str, typer.Option(help=_names(ARCHS))]
 Loss = Annotated[str, typer.Option(help=f"training objective: {_names(LOSSES)}")]
 Dataset = Annotated[str, typer.Option(help=_names(DATASETS))]
-DataDir = Annotated[Optional[Path], typer.Option(help="folder holding cifar-10-batches-py/ (cifar-100-python/, "
+DataDir = Annotated[Optional[Path], _path_option(help="folder holding cifar-10-batches-py/ (cifar-100-python/, "
                                                       "SVHN's .mat files); a missing dataset is downloaded into it",
                                                  show_default="$HYBRIDAT_DATA_DIR or ./data")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")]
@@ -122,7 +138,7 @@ Eps = Annotated[float, typer.Option(help="L-inf radius in pixel units (8 = 8/255
 Seed = Annotated[int, typer.Option(help="seed of weights, data order, augmentation and attack noise")]
 EvalSeed = Annotated[int, typer.Option(help="seed of PGD's random start (batch i: seed + i) and of AutoAttack; "
                                             "recorded as eval_seed")]
-Ckpt = Annotated[Path, typer.Argument(help="a hybridat .safetensors checkpoint")]
+Ckpt = Annotated[Path, _path_argument(help="a hybridat .safetensors checkpoint")]
 
 
 def error_line(message: str) -> None:
@@ -249,7 +265,7 @@ def _progress(quiet: bool) -> Progress:
 @command("train")
 @cli_errors
 def train_cmd(
-    out: Annotated[Path, typer.Option(help="run folder: model.safetensors when done (last.safetensors and a resume "
+    out: Annotated[Path, _path_option(help="run folder: model.safetensors when done (last.safetensors and a resume "
                                            "state after each epoch), train.csv")],
     norm: Norm = "dual-bn",
     loss: Loss = "hybrid",
@@ -331,7 +347,7 @@ def train_cmd(
 @cli_errors
 def attack_cmd(
     checkpoint: Ckpt,
-    out: Annotated[Path, typer.Option(help="tidy CSV, one row per (branch, attack, steps)")],
+    out: Annotated[Path, _path_option(help="tidy CSV, one row per (branch, attack, steps)")],
     attack: Annotated[list[str], typer.Option(help=f"repeatable: {_names(ATTACKS)}")] = ["clean", "pgd"],
     steps: Annotated[Optional[list[int]], typer.Option(help="PGD steps, repeatable (10 and 20 = two rows); FGSM "
                                                             "is one step of eps", show_default="10")] = None,
@@ -407,7 +423,7 @@ def _mapping(pairs: list[str] | None, flag: str) -> dict[str, str]:
 @cli_errors
 def swap_bn_cmd(
     checkpoint: Ckpt,
-    out: Annotated[Path, typer.Option(help="the NEW checkpoint (never the input)")],
+    out: Annotated[Path, _path_option(help="the NEW checkpoint (never the input)")],
     cross: Annotated[bool, typer.Option("--cross", help="each branch keeps its AP, takes the other's NS")] = False,
     swap_ap: Annotated[bool, typer.Option("--swap-ap", help="each branch keeps its NS, takes the other's AP")] = False,
     ns: Annotated[Optional[list[str]], typer.Option(help="general form, repeatable: BRANCH=SOURCE, BRANCH reads "
@@ -486,7 +502,7 @@ def swap_bn_cmd(
 @cli_errors
 def ns_gap_cmd(
     checkpoint: Ckpt,
-    out: Annotated[Path, typer.Option(help="tidy CSV; FILE-channels.csv and FILE-*.png are written beside it")],
+    out: Annotated[Path, _path_option(help="tidy CSV; FILE-channels.csv and FILE-*.png are written beside it")],
     fix_ap: Annotated[bool, typer.Option("--fix-ap", help="all domains through --branch (one AP: the paper's "
                                                           "protocol); without it each through its own branch (adv "
                                                           "and noise: adv; clean: clean), as earlier work")] = False,
@@ -551,9 +567,9 @@ def ns_gap_cmd(
 @command("report")
 @cli_errors
 def report_cmd(
-    runs: Annotated[list[Path], typer.Argument(help="eval, train and ns-gap CSVs, or folders searched for them "
+    runs: Annotated[list[Path], _path_argument(help="eval, train and ns-gap CSVs, or folders searched for them "
                                                     "recursively (other CSVs there are skipped)")],
-    out: Annotated[Path, typer.Option(help="folder for report.md, the findings and the five tables (.md, .tex, "
+    out: Annotated[Path, _path_option(help="folder for report.md, the findings and the five tables (.md, .tex, "
                                            ".csv each), summary.txt and the figures")],
     margin: Annotated[float, typer.Option(help="Findings: accuracies within this many percentage points "
                                                        "count as comparable")] = 2.0,
@@ -577,7 +593,7 @@ def report_cmd(
 @command("bench")
 @cli_errors
 def bench_cmd(
-    out: Annotated[Optional[Path], typer.Option(help="CSV: comparison, ours, theirs, unit, ratio, device")] = None,
+    out: Annotated[Optional[Path], _path_option(help="CSV: comparison, ours, theirs, unit, ratio, device")] = None,
     quick: Annotated[bool, typer.Option(help="batch 32 instead of 128: under 3 minutes on a 2-core CPU")] = False,
     amp: Annotated[bool, typer.Option(help="time hybridat's step with `train --amp` (bf16 autocast)")] = False,
     rounds: Annotated[Optional[int], typer.Option(help="interleaved rounds, >= 1", show_default="3")] = None,
@@ -594,8 +610,8 @@ def bench_cmd(
 @command("import")
 @cli_errors
 def import_cmd(
-    src: Annotated[Path, typer.Argument(help="a foreign .pt/.pth (read with weights_only=True) or .safetensors file")],
-    out: Annotated[Path, typer.Option(help="the hybridat checkpoint to write (.safetensors)")],
+    src: Annotated[Path, _path_argument(help="a foreign .pt/.pth (read with weights_only=True) or .safetensors file")],
+    out: Annotated[Path, _path_option(help="the hybridat checkpoint to write (.safetensors)")],
     arch: Annotated[Optional[str], typer.Option(help=_names(ARCHS), show_default="found from the keys")] = None,
     layout: Annotated[str, typer.Option(help=f"key layout of the file (README: Bring your own model): auto, "
                                              f"{_names(LAYOUTS)}")] = "auto",
@@ -636,7 +652,7 @@ def export_cmd(
     checkpoint: Ckpt,
     branch: Annotated[str, typer.Option(help="the branch to write: adv or clean")],
     layout: Annotated[str, typer.Option(help=f"the foreign key layout: {_names(PLAIN)}")],
-    out: Annotated[Path, typer.Option(help=".safetensors, or .pt/.pth for a torch state dict")],
+    out: Annotated[Path, _path_option(help=".safetensors, or .pt/.pth for a torch state dict")],
 ):
     """Write one branch as a plain single-BN state dict in a foreign layout, for other tools."""
     from .interop import export_branch

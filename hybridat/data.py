@@ -172,6 +172,9 @@ def check_classes(name: str, classes: int) -> str:
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     """The folder holding `cifar-10-batches-py/` etc.: data_dir, else $HYBRIDAT_DATA_DIR, else ./data."""
+    if isinstance(data_dir, str) and not data_dir.strip():  # Path("") is ".": a download would land in the cwd
+        raise HybridatError("data_dir is empty; give the folder that holds cifar-10-batches-py/ (None: "
+                            "$HYBRIDAT_DATA_DIR, else ./data)")
     chosen = as_path(data_dir, "data_dir") if data_dir is not None else os.environ.get("HYBRIDAT_DATA_DIR") or "data"
     return Path(chosen).expanduser().resolve()
 

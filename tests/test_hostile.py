@@ -178,7 +178,7 @@ CASES = [
      1),  # the bar never started: no blank line before the error
     ("train into a finished run with its eval.csv", [*TRAIN, "--out", "runs/finished-eval"], "holds a finished run",
      1),
-    ("train --out empty", [*TRAIN, "--out", ""], "not a training run's", 1),  # "" is "." to Typer: not a run
+    ("train --out empty", [*TRAIN, "--out", ""], "Invalid value for '--out': the path is empty", 1),  # not "."
     # -- NaN, infinity and out-of-range numbers
     ("train --lr nan", [*TRAIN, "--lr", "nan", "--out", "runs/x"], "lr must be a finite number", 1),
     ("train --eps inf", [*TRAIN, "--eps", "inf", "--out", "runs/x"], "eps must be a finite number", 1),
@@ -267,7 +267,7 @@ CASES = [
     ("unknown --ns source", ["swap-bn", "m.safetensors", "--ns", "adv=both", "--out", "o.safetensors"],
      "unknown branch 'both'", 1),
     # -- output paths checked before any work
-    ("--out empty", ["attack", "m.safetensors", "--out", ""], "output path is empty", 1),
+    ("--out empty", ["attack", "m.safetensors", "--out", ""], "Invalid value for '--out': the path is empty", 1),
     ("--out an existing folder", ["attack", "m.safetensors", "--out", "folder"], "is a folder", 1),
     ("--out under a file", ["attack", "m.safetensors", "--out", "a-file/o.csv"], "a-file is a file, not a folder", 1),
     ("--out name too long", ["attack", "m.safetensors", "--out", LONG], "file name too long", 1),
@@ -418,6 +418,14 @@ CASES = [
      1),  # it said the folder "does not exist"
     ("train --data-dir a file", [*TRAIN[:-2], "--data-dir", "a-file", "--out", "runs/x"],
      "a-file is a file, not a folder", 1),
+    # an empty path (an unset shell variable) was read as ".": a report of 23 files or a dataset download landed in
+    # the current folder, and a folder argument was searched through
+    ("report --out empty", ["report", "csv", "--out", ""], "Invalid value for '--out': the path is empty", 1),
+    ("report of an empty path", ["report", "", "--out", "rep"], "Invalid value for 'runs': the path is empty", 1),
+    ("--data-dir empty", ["attack", "m.safetensors", "--n", "8", "--device", "cpu", "--data-dir", "", "--out",
+                          "o.csv"], "Invalid value for '--data-dir': the path is empty", 1),
+    ("info of an empty path", ["info", ""], "Invalid value for 'checkpoint': the path is empty", 1),
+    ("import of an empty path", ["import", "", "--out", "o.safetensors"], "'src': the path is empty", 1),
     # -- successes that used to break: markup in metadata and paths; an unfinished checkpoint is marked
     ("swap-bn, markup everywhere", ["swap-bn", "markup.safetensors", "--cross", "--out", "[red]x[/].safetensors"],
      "[red]x[/].safetensors  cross", 0),
@@ -656,3 +664,11 @@ def test_device_names_on_a_two_gpu_host(name, env, fragment, monkeypatch):
     assert fragment in str(e.value)
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_device("auto") == torch.device("cuda", 1) and resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
+def test_an_empty_data_dir_is_refused_from_python(base):
+    """load_split(data_dir="") read the current folder (Path("") is "."), and downloaded CIFAR-10 into it."""
+    from hybridat.data import load_split
+
+    with pytest.raises(HybridatError, match="data_dir is empty"):
+        load_split("cifar10", train=False, data_dir="")
