@@ -459,7 +459,7 @@ def swap_bn_cmd(
     from .recombine import check_reestimate, swap_bn
 
     chosen = [name for name, on in [("--cross", cross), ("--swap-ap", swap_ap), ("--ns/--ap", ns or ap),
-                                    ("--reestimate", reestimate)] if on]
+                                    ("--reestimate", reestimate is not None)] if on]  # "" is given, too
     if len(chosen) != 1:
         raise HybridatError("give exactly one of --cross, --swap-ap, --ns/--ap, --reestimate")
     pass_flags = {"--branch": branch, "--n": n, "--eps": eps, "--step": step, "--steps": steps,

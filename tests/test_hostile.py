@@ -426,6 +426,8 @@ CASES = [
                           "o.csv"], "Invalid value for '--data-dir': the path is empty", 1),
     ("info of an empty path", ["info", ""], "Invalid value for 'checkpoint': the path is empty", 1),
     ("import of an empty path", ["import", "", "--out", "o.safetensors"], "'src': the path is empty", 1),
+    ("swap-bn --reestimate empty", ["swap-bn", "m.safetensors", "--reestimate", "", "--out", "o.safetensors"],
+     "unknown --reestimate domain ''; choose one of: clean, adv, noise", 1),  # not "give exactly one of ..."
     # -- successes that used to break: markup in metadata and paths; an unfinished checkpoint is marked
     ("swap-bn, markup everywhere", ["swap-bn", "markup.safetensors", "--cross", "--out", "[red]x[/].safetensors"],
      "[red]x[/].safetensors  cross", 0),
