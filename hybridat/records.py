@@ -209,7 +209,26 @@ def kind_of(columns) -> str | None:
     return next((kind for kind, cols in SCHEMAS.items() if cols <= set(columns)), None)
 
 
+def _not_text(file: Path) -> str:
+    """What a file named where a CSV is meant is, where its first bytes tell (a checkpoint, a figure); "" else."""
+    try:
+        with open(file, "rb") as f:
+            head, size = f.read(16), file.stat().st_size
+    except OSError:
+        return ""  # pandas says why
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save: a zip archive or a bare pickle
+        return "a PyTorch file (torch.save), not a CSV; measure a model with `hybridat attack` or `ns-gap` first"
+    if len(head) > 9 and head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < size:  # header size, JSON
+        return "a safetensors file (a checkpoint?), not a CSV; measure a model with `hybridat attack` or `ns-gap` " \
+               "first"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "a PNG image, not a CSV"
+    return ""
+
+
 def _read(file: Path) -> tuple[str | None, pd.DataFrame]:
+    if kind := _not_text(file):
+        raise HybridatError(f"{file} is {kind}")
     try:
         frame = pd.read_csv(file, dtype=str, keep_default_na=False)  # empty stays "", numbers converted later
     except CSV_ERRORS as e:

@@ -428,6 +428,11 @@ CASES = [
     ("import of an empty path", ["import", "", "--out", "o.safetensors"], "'src': the path is empty", 1),
     ("swap-bn --reestimate empty", ["swap-bn", "m.safetensors", "--reestimate", "", "--out", "o.safetensors"],
      "unknown --reestimate domain ''; choose one of: clean, adv, noise", 1),  # not "give exactly one of ..."
+    # a checkpoint where a CSV is meant: "not a readable CSV (UnicodeDecodeError: 'utf-8' codec can't decode ...)"
+    ("report of a checkpoint", ["report", "m.safetensors", "--out", "rep"],
+     "m.safetensors is a safetensors file (a checkpoint?), not a CSV; measure a model with `hybridat attack`", 1),
+    ("report of a .pt", ["report", "foreign.pt", "--out", "rep"], "foreign.pt is a PyTorch file (torch.save), not a "
+     "CSV", 1),
     # -- successes that used to break: markup in metadata and paths; an unfinished checkpoint is marked
     ("swap-bn, markup everywhere", ["swap-bn", "markup.safetensors", "--cross", "--out", "[red]x[/].safetensors"],
      "[red]x[/].safetensors  cross", 0),
