@@ -313,7 +313,10 @@ def match(state: dict[str, torch.Tensor], *, arch: str | None = None, layout: st
     if norm is not None:
         spec = NORMS.get(norm)
         if spec is None or spec.ns_sets == 0 or spec.dual_head or spec.adapters:
-            raise HybridatError(f"--norm must be a batch-norm variant without extra heads or adapters, got {norm!r}")
+            fits = [name for name, s in NORMS.items() if s.ns_sets and not s.dual_head and not s.adapters]
+            what = "unknown norm" if spec is None else "--norm must be a batch-norm variant without extra heads or " \
+                                                       "adapters, got"
+            raise HybridatError(f"{what} {norm!r}; choose one of: {', '.join(fits)}")
     layouts = [lay for name in (LAYOUTS if layout == "auto" else [layout]) for lay in _concrete(name)]
     candidates = [(lay, a) for lay in layouts for a in lay.archs if arch in (None, a)]
     if not candidates:

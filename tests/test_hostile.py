@@ -433,6 +433,8 @@ CASES = [
      "m.safetensors is a safetensors file (a checkpoint?), not a CSV; measure a model with `hybridat attack`", 1),
     ("report of a .pt", ["report", "foreign.pt", "--out", "rep"], "foreign.pt is a PyTorch file (torch.save), not a "
      "CSV", 1),
+    ("import --norm unknown", ["import", "plain.pt", "--norm", "dualbn", "--out", "o.safetensors"],
+     "unknown norm 'dualbn'; choose one of: bn, bn-mix, dual-bn", 1),  # the valid names were not listed
     # -- successes that used to break: markup in metadata and paths; an unfinished checkpoint is marked
     ("swap-bn, markup everywhere", ["swap-bn", "markup.safetensors", "--cross", "--out", "[red]x[/].safetensors"],
      "[red]x[/].safetensors  cross", 0),
