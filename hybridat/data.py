@@ -201,7 +201,7 @@ def load_split(name: str, train: bool, data_dir: str | Path | None = None, devic
     check_flag(train, "train")  # train="no" is true in Python: it loaded the training split
     device = resolve_device(str(device))
     root = resolve_data_dir(data_dir)
-    if data_dir is not None and root.exists() and not root.is_dir():  # a file given where the folder is meant
+    if root.exists() and not root.is_dir():  # a file given (or in $HYBRIDAT_DATA_DIR) where the folder is meant
         info = _info(name)
         holds = f"{info.folder}/" if info.folder else f"{name}'s .mat files"
         raise HybridatError(f"data folder {root} is a file, not a folder; give the folder that holds {holds}")

@@ -681,3 +681,16 @@ def test_an_empty_data_dir_is_refused_from_python(base):
 
     with pytest.raises(HybridatError, match="data_dir is empty"):
         load_split("cifar10", train=False, data_dir="")
+
+
+def test_a_data_dir_variable_naming_a_file_is_one_line(base, tmp_path, monkeypatch):
+    """$HYBRIDAT_DATA_DIR naming a file: 'downloading CIFAR10 into a-file failed (FileExistsError(17, ...))'."""
+    ws = tmp_path / "ws"
+    shutil.copytree(base, ws, symlinks=True)
+    monkeypatch.chdir(ws)
+    monkeypatch.setenv("HYBRIDAT_DATA_DIR", "a-file")
+    result = CliRunner().invoke(app, ["attack", "m.safetensors", "--n", "8", "--device", "cpu", "--out", "o.csv"])
+    folder = (ws / "a-file").resolve()
+    assert result.exit_code == 1 and result.output == (f"error: data folder {folder} is a file, not a folder; give "
+                                                       "the folder that holds cifar-10-batches-py/\n")
+    assert not (ws / "o.csv").exists()
