@@ -580,7 +580,7 @@ def report_cmd(
     figures, from tidy CSVs; never recomputes anything. Prints the findings and where the tables and figures are."""
     from .report import check_report_out, load_runs, write_report
 
-    check_number("margin", margin, 0)
+    check_number("margin", margin, 0, 100)  # percentage points: two accuracies are never more than 100 apart
     check_number("ratio margin", ratio_margin, 1)
     check_report_out(out, [r for r in runs if not r.is_dir()])
     sources: list[Path] = []

@@ -92,7 +92,7 @@ def write_report(frames: dict[str, pd.DataFrame], out_dir: Path, margin: float =
 
     out_dir = Path(out_dir)
     check_frames(frames)
-    check_number("margin", margin, 0)  # as the command checks --margin and --ratio-margin
+    check_number("margin", margin, 0, 100)  # percentage points; as the command checks --margin and --ratio-margin
     check_number("ratio margin", ratio_margin, 1)
     check_report_out(out_dir, inputs)
     check_no_measurements(out_dir)  # an ns-gap.csv of rows beside the report was replaced by its ns-gap table

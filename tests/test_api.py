@@ -241,6 +241,7 @@ def test_write_report_names_frames_and_margins_it_cannot_use(ckpt, test_split, t
              (({"eval": frames["eval"].to_dict("records")},), {}, "eval rows must be a pandas DataFrame"),
              ((frames,), {"margin": "2"}, "margin must be a number"),
              ((frames,), {"margin": float("nan")}, "margin must be a finite number"),
+             ((frames,), {"margin": 1e30}, r"margin must be in \[0, 100\], got 1e\+30"),  # percentage points
              ((frames,), {"ratio_margin": 0.5}, r"ratio margin must be in \[1, inf\]")]
     for args, kwargs, message in cases:
         with pytest.raises(HybridatError, match=message):

@@ -435,6 +435,8 @@ CASES = [
      "CSV", 1),
     ("import --norm unknown", ["import", "plain.pt", "--norm", "dualbn", "--out", "o.safetensors"],
      "unknown norm 'dualbn'; choose one of: bn, bn-mix, dual-bn", 1),  # the valid names were not listed
+    ("report --margin past 100 points", ["report", "csv", "--margin", "1e30", "--out", "rep"],
+     "margin must be in [0, 100], got 1e+30", 1),  # accuracies are never 100 points apart: all were comparable
     # -- successes that used to break: markup in metadata and paths; an unfinished checkpoint is marked
     ("swap-bn, markup everywhere", ["swap-bn", "markup.safetensors", "--cross", "--out", "[red]x[/].safetensors"],
      "[red]x[/].safetensors  cross", 0),
