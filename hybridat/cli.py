@@ -115,8 +115,8 @@ def _path(value) -> Path:
     return Path(value)
 
 
-def _path_option(**kwargs):
-    return typer.Option(parser=_path, **kwargs)
+def _path_option(**kwargs):  # metavar: what a plain Path flag shows in --help (an argument's would replace its name)
+    return typer.Option(parser=_path, metavar="<path>", **kwargs)
 
 
 def _path_argument(**kwargs):
