@@ -140,6 +140,11 @@ def read_header(path: str | Path) -> dict[str, str]:
     return {k.removeprefix("hybridat."): v for k, v in metadata.items() if k.startswith("hybridat.")}
 
 
+def is_torch_save(head: bytes) -> bool:
+    """Whether a file's first bytes are torch.save's: a zip archive, or a bare pickle (protocol 2+)."""
+    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
 def _foreign_kind(path: Path) -> str:
     """What a file that safetensors could not read is, where its first bytes tell: empty, torch.save's zip
     archive or bare pickle (read by `hybridat import`, never here), or text (a CSV, say); "" otherwise."""
@@ -147,7 +152,7 @@ def _foreign_kind(path: Path) -> str:
         head = f.read(512)
     if not head:
         return "an empty file"
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save: a zip archive, or a bare pickle (protocol 2+)
+    if is_torch_save(head):
         return "a PyTorch file (torch.save)"
     try:
         text = head.decode("utf-8")

@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .checkpoint import (Checkpoint, atomic_path, check_checkpoint_name, file_hash, is_resume_state,
+from .checkpoint import (Checkpoint, atomic_path, check_checkpoint_name, file_hash, is_resume_state, is_torch_save,
                          load_checkpoint, save_checkpoint)
 from .data import DATASETS, check_classes
 from .errors import HybridatError, check_choice, check_number
@@ -144,7 +144,7 @@ def _kind(path: Path) -> str:
     """'torch' (zip or legacy pickle) or 'safetensors', from the file's first bytes."""
     with open(path, "rb") as f:
         head = f.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+    if is_torch_save(head):
         return "torch"
     if len(head) == 9 and head[8:9] == b"{":
         return "safetensors"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from .analysis import DOMAIN_SETTINGS, MEASURES, PROTOCOL, PROTOCOL_DEFAULTS
-from .checkpoint import TRAINING_COLUMNS
+from .checkpoint import TRAINING_COLUMNS, is_torch_save
 from .errors import HybridatError
 from .evaluate import ROW_ATTACKS
 from .files import as_path
@@ -216,7 +216,7 @@ def _not_text(file: Path) -> str:
             head, size = f.read(16), file.stat().st_size
     except OSError:
         return ""  # pandas says why
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save: a zip archive or a bare pickle
+    if is_torch_save(head):
         return "a PyTorch file (torch.save), not a CSV; measure a model with `hybridat attack` or `ns-gap` first"
     if len(head) > 9 and head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < size:  # header size, JSON
         return "a safetensors file (a checkpoint?), not a CSV; measure a model with `hybridat attack` or `ns-gap` " \
