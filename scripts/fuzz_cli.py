@@ -217,24 +217,19 @@ def all_cases(only: set[str] | None):
 
 # -- the workspace -----------------------------------------------------------------------------------------------
 
-def _fake_cifar10(root: Path, rows: int, content=None) -> None:
-    import numpy as np
+def _damaged_cifar10(root: Path, content) -> None:
+    """The test suite's fake CIFAR-10 folder (tests/conftest.py), each file's bytes replaced by content(name)."""
+    from conftest import fake_cifar10
 
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        path = root / "cifar-10-batches-py" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if content is not None:
-            path.write_bytes(content(name))
-            continue
-        batch = {"data": rng.integers(0, 256, (rows, 3072), dtype=np.uint8),
-                 "labels": rng.integers(0, 10, rows).tolist()}
-        path.write_bytes(pickle.dumps(batch, protocol=4))
+    for path in (fake_cifar10(root, 0) / "cifar-10-batches-py").iterdir():
+        path.write_bytes(content(path.name))
 
 
 def build_workspace(ws: Path) -> None:
+    from conftest import fake_cifar10  # tests/: on the path from main()
+
     ws.mkdir(parents=True)
-    _fake_cifar10(ws / "data", 64)
+    fake_cifar10(ws / "data", 64)
     steps = [
         BASES["train"][:2] + ["run"] + BASES["train"][3:] + ["--train-subset", "32"],
         ["attack", "run/model.safetensors", "--out", "eval.csv", "--n", "8", "--steps", "1", "--no-graphs", *FAST],
@@ -288,9 +283,9 @@ def build_workspace(ws: Path) -> None:
     (ws / "rep-old").mkdir()
     (ws / "rep-old" / "notes.txt").write_text("my notes\n")
     (ws / "empty-data").mkdir()
-    _fake_cifar10(ws / "bad-data", 0, lambda name: random.Random(name).randbytes(1024))
-    _fake_cifar10(ws / "wrong-data", 0, lambda name: pickle.dumps({"x": 1}))
-    _fake_cifar10(ws / "short-data", 0, lambda name: pickle.dumps({"data": b"\x00" * 100, "labels": [1, 2]}))
+    _damaged_cifar10(ws / "bad-data", lambda name: random.Random(name).randbytes(1024))
+    _damaged_cifar10(ws / "wrong-data", lambda name: pickle.dumps({"x": 1}))
+    _damaged_cifar10(ws / "short-data", lambda name: pickle.dumps({"data": b"\x00" * 100, "labels": [1, 2]}))
     os.chmod(ws / "ro", 0o555)
 
 
@@ -433,7 +428,7 @@ def main() -> None:
                     "gid), so that a read-only folder stops it (default: nobody)")
     opts = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: two cases at once on a shared 2-core host
-    sys.path.insert(0, str(REPO))
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]  # hybridat, and the suite's fake CIFAR-10 (conftest.py)
     user = opts.user if os.geteuid() == 0 and not opts.spawn else None
     if os.geteuid() == 0 and user is None:
         print("warning: running as root: the read-only folder stops nothing (see the docstring)", file=sys.stderr)
