@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from hybridat.cli import app
+from hybridat.cli import USAGE_ERROR, app
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def test_a_redirection_ends_the_command():
 
 
 def test_a_renamed_flag_is_caught():
-    with pytest.raises(Exception, match="No such option: --stepz"):  # typer's own click: no public UsageError
+    with pytest.raises(USAGE_ERROR, match="No such option: --stepz"):
         _parses(["attack", "m.safetensors", "--stepz", "10", "--out", "e.csv"])
     with pytest.raises(typer.BadParameter):
         _parses(["attack", "m.safetensors", "--n", "many", "--out", "e.csv"])
