@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from functools import partial
 from typing import Callable
 
 from .attacks import AA_VERSIONS, AMP_ATTACKS, ATTACKS, AASettings, aa_settings, robust_accuracy
@@ -146,7 +145,8 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
             key = (attack, k) if single else (branch, attack, k)
             if key not in done:
                 what = f"{'both' if single else branch} {attack_label(attack, k, precision=precision(attack))}"
-                progress = None if on_batch is None else partial(on_batch, what, total=len(y))
+                # positional, as documented: a callback's parameters may have any names
+                progress = None if on_batch is None else lambda n, what=what: on_batch(what, n, len(y))
                 t0 = time.perf_counter()
                 if progress is not None:
                     progress(0)

@@ -262,10 +262,11 @@ def test_each_commands_function_is_importable_from_the_package():
 
 def test_evaluate_reports_its_progress_batch_by_batch(ckpt):
     """A long evaluation (PGD-20 on 10,000 images at full width) says how far each attack is, after every batch:
-    what runs, images done, images in all; the attack's start is announced at 0."""
+    what runs, images done, images in all; the attack's start is announced at 0. The three come positionally, as
+    documented: evaluate passed the last one as `total=`, and a callback naming it otherwise failed."""
     calls = []
     rows = evaluate(ckpt, split(10), ["clean", "pgd"], ["adv", "clean"], eps=8, steps=[1], batch_size=4,
-                    on_batch=lambda what, done, total: calls.append((what, done, total)))
+                    on_batch=lambda label, images_done, images_all: calls.append((label, images_done, images_all)))
     assert len(rows) == 4
     assert calls == [(what, done, 10) for what in ("adv clean", "adv PGD-1", "clean clean", "clean PGD-1")
                      for done in (0, 4, 8, 10)]
