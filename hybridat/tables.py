@@ -122,6 +122,8 @@ def op_label(key: str) -> str:
     name = str(op.pop("op", "?"))
     after = op.pop("after", None)  # a swap-bn of a swap-bn output: the parent's operation
     if name == "reestimate":
+        if op.get("domain") == "clean":  # clean images have no radius (swap_bn records its default eps all the same)
+            op.pop("eps", None)
         who = f" {op.pop('branch')}" if "branch" in op else ""
         name = f"reestimate{who} NS" + (f" on {op.pop('domain')} data" if "domain" in op else "")
     rest = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(op.items())]

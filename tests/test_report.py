@@ -158,6 +158,9 @@ def test_op_label():
     assert op_label('{"branch": "adv", "domain": "noise", "op": "reestimate"}') == "reestimate adv NS on noise data"
     assert op_label('{"ap": "clean", "layers": [1, 2], "op": "recombine"}') == "recombine ap=clean layers=[1, 2]"
     assert op_label("not json") == "not json"
+    clean = '{"branch": "adv", "domain": "clean", "eps": 8.0, "n_images": 1000, "op": "reestimate", "seed": 0}'
+    assert op_label(clean) == "reestimate adv NS on clean data n_images=1000 seed=0"  # no radius on clean images
+    assert op_label(clean.replace("clean", "noise")) == "reestimate adv NS on noise data eps=8.0 n_images=1000 seed=0"
     chain = ('{"after": {"after": {"op": "cross"}, "branch": "clean", "domain": "adv", "op": "reestimate"}, '
              '"op": "swap-ap"}')
     assert op_label(chain) == "swap-ap after reestimate clean NS on adv data after cross"
