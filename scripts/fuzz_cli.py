@@ -299,9 +299,12 @@ def snapshot(ws: Path) -> dict[str, str | None]:
 
 # -- running a case ----------------------------------------------------------------------------------------------
 
-def _child(args: list[str], cwd: Path, stdout: Path, stderr: Path, user: int | None) -> None:
-    """In the forked child: the command as `python -m hybridat ARGS` runs it, as `user` if given."""
+def _child(args: list[str], cwd: Path, stdout: Path, stderr: Path, user: int | None, env: dict | None) -> None:
+    """In the forked child: the command as `python -m hybridat ARGS` runs it, as `user` if given, with the
+    environment variables of `env` set (None: unset); one read when a module loads needs --spawn (the case's)."""
     try:
+        for key, value in (env or {}).items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
         if user is not None:
             os.setgroups([])
             os.setgid(user)
@@ -331,6 +334,9 @@ def _child(args: list[str], cwd: Path, stdout: Path, stderr: Path, user: int | N
 
 
 class Running:
+    """One case running: in a fresh copy of the workspace, forked (or spawned: `spawn`, or the case's "spawn"), with
+    the case's "env"; its "signal" (signum, seconds) is sent that long after the start."""
+
     def __init__(self, case: dict, root: Path, base_ws: Path, spawn: bool, user: int | None):
         self.case, self.dir = case, root / f"case{case['id']:04d}"
         self.ws = self.dir / "ws"
@@ -341,9 +347,11 @@ class Running:
         self.before = snapshot(self.ws)
         self.out, self.err = self.dir / "stdout", self.dir / "stderr"
         self.t0 = time.monotonic()
-        self.term_at = None
-        if spawn:
+        self.term_at = self.signalled_at = None
+        if spawn or case.get("spawn"):
             env = os.environ | {"PYTHONPATH": str(REPO)}
+            for key, value in case.get("env", {}).items():
+                env.pop(key, None) if value is None else env.__setitem__(key, value)
             self.proc = subprocess.Popen([sys.executable, "-m", "hybridat", *case["args"]], cwd=self.ws, env=env,
                                          stdout=open(self.out, "w"), stderr=open(self.err, "w"),
                                          stdin=subprocess.DEVNULL)
@@ -352,7 +360,7 @@ class Running:
             self.proc = None
             self.pid = os.fork()
             if self.pid == 0:
-                _child(case["args"], self.ws, self.out, self.err, user)
+                _child(case["args"], self.ws, self.out, self.err, user, case.get("env"))
 
     def poll(self, timeout: float):
         """The wait status once the case has ended, else None; SIGTERM at timeout, SIGKILL 10 s later."""
@@ -360,6 +368,9 @@ class Running:
         if pid:
             return status
         spent = time.monotonic() - self.t0
+        if self.case.get("signal") and self.signalled_at is None and spent > self.case["signal"][1]:
+            self.signalled_at = spent
+            os.kill(self.pid, self.case["signal"][0])
         if self.term_at is None and spent > timeout:
             self.term_at = spent
             os.kill(self.pid, signal.SIGTERM)
@@ -380,7 +391,8 @@ def classify(run: Running, status: int) -> dict:
     changed = [p for p, h in run.before.items() if after.get(p, "gone") != h and h is not None]
     out = case["args"][case["args"].index("--out") + 1] if "--out" in case["args"] else None
     existing = [p for p in changed if p.startswith("existing") and p in outputs_named  # an earlier output
-                or "--overwrite" in case["args"] and out and Path(p).parts[:1] == Path(out).parts[:1]]  # asked for
+                or {"--overwrite", "--resume"} & set(case["args"]) and out  # asked for: the run goes on or over
+                and Path(p).parts[:1] == Path(out).parts[:1]]
     changed = [p for p in changed if p not in existing]
     if changed:
         problems.append(f"inputs changed: {changed}")
@@ -414,19 +426,21 @@ def classify(run: Running, status: int) -> dict:
                    "stderr": stderr[-2000:], "stdout": stdout[-500:], "overwrote": existing, "new": new[:20]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def common_arguments(ap: argparse.ArgumentParser, timeout: float) -> None:
+    """The options of a sweep (this one's and scripts/fuzz_combos.py's)."""
     ap.add_argument("--only", help="commands to sweep, comma-separated (default: all)")
-    ap.add_argument("--option", help="options to sweep, comma-separated (default: all)")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--timeout", type=float, default=20.0)
+    ap.add_argument("--timeout", type=float, default=timeout)
     ap.add_argument("--root", type=Path, help="work folder (default: a new temp folder)")
     ap.add_argument("--json", type=Path, help="write every case's result here")
     ap.add_argument("--spawn", action="store_true", help="a fresh interpreter per case instead of a fork")
     ap.add_argument("--keep", action="store_true", help="keep each case's workspace")
     ap.add_argument("--user", type=int, default=65534, help="run as root: each forked case drops to this uid (and "
                     "gid), so that a read-only folder stops it (default: nobody)")
-    opts = ap.parse_args()
+
+
+def prepare(opts, build=build_workspace) -> tuple[Path, Path, int | None]:
+    """(root, the workspace every case copies, the uid cases run as): the workspace built by `build` once."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: two cases at once on a shared 2-core host
     sys.path[:0] = [str(REPO), str(REPO / "tests")]  # hybridat, and the suite's fake CIFAR-10 (conftest.py)
     user = opts.user if os.geteuid() == 0 and not opts.spawn else None
@@ -443,11 +457,12 @@ def main() -> None:
     base_ws = root / "base"
     if not base_ws.exists():
         print(f"building the workspace in {base_ws} ...", file=sys.stderr)
-        build_workspace(base_ws)
-    only = set(opts.only.split(",")) if opts.only else None
-    cases = list(all_cases(only))
-    if opts.option:
-        cases = [c for c in cases if c["option"] in opts.option.split(",")]
+        build(base_ws)
+    return root, base_ws, user
+
+
+def sweep(cases: list[dict], opts, root: Path, base_ws: Path, user: int | None, judge=classify) -> list[dict]:
+    """Every case run (opts.workers at a time) and judged by `judge(run, status)`; BAD ones printed as they end."""
     for i, c in enumerate(cases):
         c["id"] = i
     if not opts.spawn:  # imported once, before the forks (importing starts no thread)
@@ -470,7 +485,7 @@ def main() -> None:
             if status is None:
                 continue
             running.remove(run)
-            r = classify(run, status)
+            r = judge(run, status)
             if user is not None and not run.case.get("as_root") and ("No module named" in r["stderr"]
                                                                      or "Permission denied: '/root" in r["stderr"]):
                 pending.append(run.case | {"as_root": True})  # a module --user cannot read: the harness, not hybridat
@@ -485,15 +500,31 @@ def main() -> None:
     results.sort(key=lambda r: r["id"])
     if opts.json:
         opts.json.write_text(json.dumps(results, indent=1))
-    by = Counter((r["command"], r["result"]) for r in results)
-    print(f"{'command':10s} {'cases':>5s} {'ok':>4s} {'error':>5s} {'started':>7s} {'BAD':>4s}")
-    for command in dict.fromkeys(r["command"] for r in results):
-        n = sum(v for (c, _), v in by.items() if c == command)
-        print(f"{command:10s} {n:5d} {by[command, 'ok']:4d} {by[command, 'error']:5d} {by[command, 'started']:7d} "
-              f"{by[command, 'BAD']:4d}")
-    total = Counter(r["result"] for r in results)
-    print(f"{'all':10s} {len(results):5d} {total['ok']:4d} {total['error']:5d} {total['started']:7d} {total['BAD']:4d}")
-    sys.exit(1 if total["BAD"] else 0)
+    return results
+
+
+def print_table(results: list[dict], classes=("ok", "error", "started", "BAD"), key: str = "command") -> int:
+    """Cases per `key` and result class; returns how many are BAD."""
+    by = Counter((r[key], r["result"]) for r in results)
+    width = max([10, *(len(str(r[key])) for r in results)])
+    print(f"{key:{width}s} {'cases':>5s} " + " ".join(f"{c:>{max(4, len(c))}s}" for c in classes))
+    for name in [*dict.fromkeys(r[key] for r in results), "all"]:
+        count = Counter(r["result"] for r in results if name == "all" or r[key] == name)
+        print(f"{name:{width}s} {sum(count.values()):5d} " + " ".join(f"{count[c]:{max(4, len(c))}d}"
+                                                                      for c in classes))
+    return Counter(r["result"] for r in results)["BAD"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common_arguments(ap, 20.0)
+    ap.add_argument("--option", help="options to sweep, comma-separated (default: all)")
+    opts = ap.parse_args()
+    root, base_ws, user = prepare(opts)
+    cases = list(all_cases(set(opts.only.split(",")) if opts.only else None))
+    if opts.option:
+        cases = [c for c in cases if c["option"] in opts.option.split(",")]
+    sys.exit(1 if print_table(sweep(cases, opts, root, base_ws, user)) else 0)
 
 
 if __name__ == "__main__":

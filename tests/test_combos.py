@@ -1,0 +1,43 @@
+"""Defects found by scripts/fuzz_combos.py (options that meet, environment variables, interruptions), one test each,
+and the sweep keeping up with the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from hybridat.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures" / "report"
+
+
+def _hybridat(args, cwd, env=None, timeout=120) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"} | (env or {})
+    return subprocess.run([sys.executable, "-m", "hybridat", *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _combos():
+    path = ROOT / "scripts" / "fuzz_combos.py"
+    spec = importlib.util.spec_from_file_location("fuzz_combos", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_pairs_cover_every_option_of_every_command():
+    """Every option of every command has valid values to pair (info has one argument, bench only long runs)."""
+    combos = _combos()
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        if name in ("info", "bench"):
+            continue
+        assert set(combos.VALID[name]) == {p.name for p in command.params}, name
+    pairs = [c for c in combos.pair_cases({"swap-bn"}) if c["option"] == "cross+swap_ap"]
+    assert len(pairs) == 1 and {"--cross", "--swap-ap"} <= set(pairs[0]["args"])
