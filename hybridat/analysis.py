@@ -27,6 +27,7 @@ from typing import Callable
 import pandas as pd
 import torch
 from torch import nn
+from . import mpl  # noqa: F401  (first: a $MPLBACKEND matplotlib refuses is set aside)
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator

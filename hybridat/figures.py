@@ -9,6 +9,7 @@ from __future__ import annotations
 import textwrap
 
 import pandas as pd
+from . import mpl  # noqa: F401  (first: a $MPLBACKEND matplotlib refuses is set aside)
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 

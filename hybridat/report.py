@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
+from . import mpl  # noqa: F401  (first: a $MPLBACKEND matplotlib refuses is set aside)
 from matplotlib.figure import Figure
 from rich.table import Table
 from rich.text import Text

@@ -41,3 +41,11 @@ def test_the_pairs_cover_every_option_of_every_command():
         assert set(combos.VALID[name]) == {p.name for p in command.params}, name
     pairs = [c for c in combos.pair_cases({"swap-bn"}) if c["option"] == "cross+swap_ap"]
     assert len(pairs) == 1 and {"--cross", "--swap-ap"} <= set(pairs[0]["args"])
+
+
+def test_an_unknown_mplbackend_is_set_aside(tmp_path):
+    """MPLBACKEND=nonsense: matplotlib raised at import, and report (and ns-gap) ended in a traceback."""
+    done = _hybridat(["report", FIXTURES / "eval.csv", "--out", tmp_path / "rep"], tmp_path,
+                     {"MPLBACKEND": "nonsense"})
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and (tmp_path / "rep" / "accuracy.png").is_file()
