@@ -384,7 +384,7 @@ INTERRUPTED = {  # what runs long enough to be interrupted (at a random moment o
     "ns-gap": (["ns-gap", "m.safetensors", "--out", "g.csv", "--n", "64", "--steps", "5", "--batch-size", "8",
                 *FAST], 4.0),
     "report": (["report", "eval.csv", "gap.csv", "run/train.csv", "--out", "rep"], 3.0),
-    "import": (["import", "plain.pt", "--out", "i.safetensors"], 1.0),
+    "import": (["import", "plain.pt", "--out", "i.safetensors"], 0.4),
 }
 
 
@@ -447,6 +447,8 @@ def judge(run, status: int) -> dict:
 def _interrupted(run, r: dict, lines: list[str]) -> dict:
     keep = [p for p in r["problems"] if p.startswith(("inputs changed", "folders gone", "temp files left"))]
     sig, code = run.case["signal"][0], r["code"]
+    if sig == signal.SIGKILL:  # no cleanup can run: the rerun below must remove what it left
+        keep = [p for p in keep if not p.startswith("temp files left")]
     if code == 0:
         r["result"] = "ok"  # it finished before the signal
     elif sig == signal.SIGKILL and code == -signal.SIGKILL:
@@ -462,12 +464,13 @@ def _interrupted(run, r: dict, lines: list[str]) -> dict:
         path = run.ws / rel
         if path.is_file() and not path.name.startswith(".") and (why := complete(path)):
             keep.append(f"{rel} is not whole ({why})")
-    if run.case["command"] == "train" and r["result"] != "BAD":
-        done = subprocess.run([sys.executable, "-m", "hybridat", *run.case["args"], "--resume"], cwd=run.ws,
-                              env=os.environ | {"PYTHONPATH": str(fz.REPO)}, capture_output=True, text=True,
-                              timeout=120)
-        if done.returncode or not (run.ws / "new" / "model.safetensors").is_file():
-            keep.append(f"train --resume afterwards: exit {done.returncode}, {done.stderr.strip()[-300:]!r}")
+    if r["result"] != "BAD" and code:  # the same command again (train: --resume) ends well and leaves no temp file
+        again = [*run.case["args"], *(["--resume"] if run.case["command"] == "train" else [])]
+        done = subprocess.run([sys.executable, "-m", "hybridat", *again], cwd=run.ws, capture_output=True, text=True,
+                              env=os.environ | {"PYTHONPATH": str(fz.REPO)}, timeout=120)
+        temps = [str(p.relative_to(run.ws)) for p in run.ws.rglob("*.tmp")]
+        if done.returncode or temps:
+            keep.append(f"run again: exit {done.returncode}, temp files {temps}, {done.stderr.strip()[-300:]!r}")
     r["problems"] = keep
     if keep:
         r["result"] = "BAD"
