@@ -127,18 +127,27 @@ def umask() -> int:
     return mask
 
 
+_LIVE: set[Path] = set()  # the temp paths atomic_path has yielded and not yet renamed or removed
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds. The temp file is removed
-    on any exception, KeyboardInterrupt and (inside `signals_interrupt`) SIGTERM included; it has the umask's mode."""
+    on any exception, KeyboardInterrupt and (inside `signals_interrupt`) SIGTERM included; it has the umask's mode.
+    Given a temp path it yielded (a writer that writes atomically, called by one that already does), it yields that
+    path itself: a temp of a temp, left by a kill, was named so that no later writer removed it."""
     path = Path(path)
     if str(path) in ("", "."):
         raise HybridatError("an output path is empty")
+    if path in _LIVE:  # the outer atomic_path renames or removes it
+        yield path
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0666 & ~umask, as open() would
+        _LIVE.add(tmp)
         yield tmp
         os.chmod(tmp, 0o666 & ~umask())  # some writers (safetensors) recreate the file with mode 0600
         os.replace(tmp, path)
@@ -154,6 +163,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             raise
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
     finally:
+        _LIVE.discard(tmp)
         if os.path.lexists(tmp):
             os.unlink(tmp)
 

@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import typer
 
 from hybridat.cli import app
+from hybridat.files import atomic_path
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
@@ -49,3 +51,20 @@ def test_an_unknown_mplbackend_is_set_aside(tmp_path):
                      {"MPLBACKEND": "nonsense"})
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and (tmp_path / "rep" / "accuracy.png").is_file()
+
+
+def test_a_nested_atomic_write_makes_no_temp_of_a_temp(tmp_path):
+    """ns-gap drew each plot through atomic_path onto its own temp path: killed there (SIGKILL), it left
+    '..g-depth.png.PID.X.tmp.PID.Y.tmp', which no later run removed (remove_stale_temps looks for '.g-depth.png.')."""
+    with atomic_path(tmp_path / "g.png") as tmp:
+        with atomic_path(tmp) as inner:
+            assert inner == tmp
+            inner.write_bytes(b"x")
+            assert [p.name for p in tmp_path.iterdir()] == [tmp.name]
+    assert [p.name for p in tmp_path.iterdir()] == ["g.png"] and (tmp_path / "g.png").read_bytes() == b"x"
+    with pytest.raises(KeyError):  # a failure inside: the outer temp removed, nothing written
+        with atomic_path(tmp_path / "h.png") as tmp:
+            with atomic_path(tmp) as inner:
+                inner.write_bytes(b"y")
+                raise KeyError
+    assert [p.name for p in tmp_path.iterdir()] == ["g.png"]
