@@ -71,6 +71,9 @@ class OneLineUsageErrors(TyperGroup):
         except typer.Abort:
             error_line("aborted")
             sys.exit(1)
+        if code == 130:  # typer's answer to Ctrl-C before a command's own handler (cli_errors) was in place
+            error_line("interrupted before the command began; nothing was written")
+            sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
 

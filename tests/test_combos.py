@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from hybridat.cli import app
+from hybridat.cli import OneLineUsageErrors, app
 from hybridat.files import atomic_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,3 +68,17 @@ def test_a_nested_atomic_write_makes_no_temp_of_a_temp(tmp_path):
                 inner.write_bytes(b"y")
                 raise KeyError
     assert [p.name for p in tmp_path.iterdir()] == ["g.png"]
+
+
+def test_ctrl_c_before_the_command_began_is_one_line(monkeypatch, capsys):
+    """SIGINT while the command line was parsed (0.14 s into a report): typer turned it into exit code 130 and
+    printed nothing; every other interruption says one line and exits 1."""
+    def interrupted(self, ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OneLineUsageErrors, "invoke", interrupted)
+    with pytest.raises(SystemExit) as done:
+        app(["info", "m.safetensors"])
+    assert done.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == ["error: interrupted before the command began; nothing "
+                                                            "was written"]
