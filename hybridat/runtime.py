@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import sys
+import time
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Callable, Iterator, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from .errors import HybridatError
+from .files import os_error_line
 
 T = TypeVar("T")
 _joined_group = False  # this process has been a rank of a process group (see `exit_process`)
@@ -134,21 +139,68 @@ def distributed(device: torch.device) -> Iterator[tuple[int, int]]:
     if world == 1:
         yield 0, 1
         return
+    rank = os.environ.get("RANK", "")
+    if rank.strip().isdigit() and int(rank) >= world:
+        raise HybridatError(f"RANK={rank} in the environment, but WORLD_SIZE={world} has ranks 0 to {world - 1} "
+                            "(torchrun sets both: unset them to run one process)")
     joined = not dist.is_initialized()
     if joined:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        try:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        except ValueError as e:  # torch's env:// rendezvous: RANK, MASTER_ADDR, ... missing or malformed
-            raise HybridatError(f"WORLD_SIZE={world} but the process group could not start ({e}); launch with "
-                                "torchrun, or unset WORLD_SIZE to run one process") from None
+        _join_group("nccl" if device.type == "cuda" else "gloo", world)
         _joined_group = True
     try:
         yield dist.get_rank(), world
     finally:
         if joined:
             dist.destroy_process_group()
+
+
+RENDEZVOUS_S = 60  # outside torchrun: how long the WORLD_SIZE processes may take to meet before one line says so
+
+
+def _join_group(backend: str, world: int) -> None:
+    """init_process_group from torchrun's environment variables. Outside torchrun (no TORCHELASTIC_RUN_ID: variables
+    left in a shell, or a launcher of one's own) the processes must meet within RENDEZVOUS_S, else one line: torch
+    waits 30 minutes for a process that was never started (a stale WORLD_SIZE=2 with MASTER_ADDR set), and neither
+    Ctrl-C nor SIGTERM ended that wait. torchrun started every process itself: its wait is torch's own."""
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    try:
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            dist.init_process_group(backend)
+            return
+        if os.environ.get("RANK", "0").strip() != "0":  # in Python, where Ctrl-C works, and without torch's
+            _wait_for_master(where)  # C++ log of every failed try (several lines each)
+        # what init_process_group does with env://, but with a rendezvous timeout of its own (then torch's default)
+        store, rank, size = next(dist.rendezvous("env://", timeout=timedelta(seconds=RENDEZVOUS_S)))
+        store.set_timeout(default_pg_timeout)
+        dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=size)
+    except ValueError as e:  # torch's env:// rendezvous: RANK, MASTER_ADDR, ... missing or malformed
+        raise HybridatError(f"WORLD_SIZE={world} but the process group could not start ({e}); launch with "
+                            "torchrun, or unset WORLD_SIZE to run one process") from None
+    except dist.DistError as e:  # the others never came (or the master never answered)
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HybridatError(f"WORLD_SIZE={world} but not all {world} processes met at {where} within "
+                            f"{RENDEZVOUS_S} s ({why}); launch with torchrun, or unset WORLD_SIZE, RANK, MASTER_ADDR "
+                            "and MASTER_PORT to run one process") from None
+
+
+def _wait_for_master(where: str) -> None:
+    """Return once MASTER_ADDR:MASTER_PORT takes a connection (rank 0's store); one line after RENDEZVOUS_S."""
+    host, _, port = where.rpartition(":")
+    if not port.isdigit() or host == "None":  # torch's rendezvous says what is missing or malformed
+        return
+    deadline = time.monotonic() + RENDEZVOUS_S
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise HybridatError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but rank 0 did not answer at {where} "
+                                    f"within {RENDEZVOUS_S} s ({os_error_line(e)}); launch with torchrun, or unset "
+                                    "WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT to run one process") from None
+            time.sleep(0.2)
 
 
 def exit_process(code: int | str | None = 0) -> NoReturn:

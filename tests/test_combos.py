@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ import typer
 
 from hybridat.cli import OneLineUsageErrors, app
 from hybridat.files import atomic_path
+
+from conftest import fake_cifar10
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
@@ -82,3 +85,60 @@ def test_ctrl_c_before_the_command_began_is_one_line(monkeypatch, capsys):
     assert done.value.code == 1
     assert capsys.readouterr().err.strip().splitlines() == ["error: interrupted before the command began; nothing "
                                                             "was written"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_ALONE = """
+import sys, time
+import torch
+from hybridat import runtime
+from hybridat.errors import HybridatError
+runtime.RENDEZVOUS_S = 3
+t0 = time.monotonic()
+try:
+    with runtime.distributed(torch.device("cpu")):
+        print("joined")
+except HybridatError as e:
+    print(f"{time.monotonic() - t0:.1f} {e}")
+"""
+
+
+@pytest.mark.parametrize("rank, fragment", [("0", "not all 2 processes met at 127.0.0.1:"),
+                                            ("1", "rank 0 did not answer at 127.0.0.1:"),
+                                            ("3", "RANK=3 in the environment, but WORLD_SIZE=2 has ranks 0 to 1")])
+def test_stale_torchrun_variables_are_one_line_not_a_hang(rank, fragment, tmp_path):
+    """RANK, WORLD_SIZE=2, MASTER_ADDR and MASTER_PORT left in a shell, one process: rank 0 waited torch's 30
+    minutes for rank 1 (SIGTERM did not end it), rank 1 retried for rank 0 printing C++ stack traces, RANK=3 the
+    same; now one line once RENDEZVOUS_S (here 3 s) is over, or at once."""
+    env = os.environ | {"PYTHONPATH": str(ROOT), "RANK": rank, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(_free_port())}
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    done = subprocess.run([sys.executable, "-c", _ALONE], env=env, capture_output=True, text=True, timeout=60)
+    seconds, _, line = done.stdout.strip().partition(" ")
+    assert fragment in line and float(seconds) < 20, (done.stdout, done.stderr)
+    assert "frame #" not in done.stderr, done.stderr
+
+
+def test_two_processes_launched_without_torchrun_still_train(tmp_path):
+    """The rendezvous of one's own launcher (RANK, WORLD_SIZE, MASTER_* set, no torchrun) still meets and trains."""
+    fake_cifar10(tmp_path / "data", 32)
+    port = str(_free_port())
+    procs = []
+    for rank in ("0", "1"):
+        env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": rank, "LOCAL_RANK": rank,
+                            "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        env.pop("TORCHELASTIC_RUN_ID", None)
+        procs.append(subprocess.Popen([sys.executable, "-m", "hybridat", "train", "--out", str(tmp_path / "run"),
+                                       "--width", "0.0625", "--train-subset", "32", "--epochs", "1", "--steps", "1",
+                                       "--batch-size", "8", "--quiet", "--device", "cpu", "--data-dir",
+                                       str(tmp_path / "data")], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-3000:]
+    assert (tmp_path / "run" / "model.safetensors").is_file()
