@@ -211,7 +211,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     try:
         with warnings.catch_warnings():  # torch warns of the pickle protocol of files it then reads or refuses
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with open(path, "rb") as f:  # a file object: torch reads a path ending in .safetensors as safetensors
+                obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- whatever the unpickler refuses, the answer is one line
         raise HybridatError(f"{path} does not load with torch.load(weights_only=True), which never runs code from "
                             f"the file (a pickled model object needs code: save its state_dict() instead): "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,10 +14,12 @@ from pathlib import Path
 import pytest
 import typer
 
+from hybridat.checkpoint import save_checkpoint
 from hybridat.cli import OneLineUsageErrors, app
 from hybridat.files import atomic_path
+from hybridat.interop import export_branch, import_checkpoint
 
-from conftest import fake_cifar10
+from conftest import fake_cifar10, perturb, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
@@ -142,3 +145,14 @@ def test_two_processes_launched_without_torchrun_still_train(tmp_path):
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err[-3000:]
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_a_torch_file_named_safetensors_imports(tmp_path):
+    """A torch.save state dict under a .safetensors name: its first bytes said torch, but torch.load, given the path,
+    read it as safetensors ('does not load with torch.load(weights_only=True) ...: header too large')."""
+    save_checkpoint(perturb(tiny("dual-bn")), tmp_path / "m.safetensors")
+    export_branch(tmp_path / "m.safetensors", tmp_path / "e.pt", branch="adv", layout="torchvision")
+    shutil.copy(tmp_path / "e.pt", tmp_path / "e.safetensors")
+    done = import_checkpoint(tmp_path / "e.safetensors", tmp_path / "i.safetensors")
+    assert done.layout == "torchvision" and done.model.config.norm == "bn"
+    assert (tmp_path / "i.safetensors").is_file()
