@@ -367,6 +367,7 @@ class Running:
         pid, status = os.waitpid(self.pid, os.WNOHANG)
         if pid:
             return status
+        timeout = self.case.get("timeout", timeout)  # a case's own
         spent = time.monotonic() - self.t0
         if self.case.get("signal") and self.signalled_at is None and spent > self.case["signal"][1]:
             self.signalled_at = spent

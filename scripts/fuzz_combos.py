@@ -41,7 +41,7 @@ import fuzz_cli as fz  # noqa: E402  (its workspace, runner and judge)
 FAST = fz.FAST
 # valid values of every option, a few each, that change what the command does; ("--flag",) is a bool flag given
 VALID = {
-    "train": {"out": ["sub/new", "run"], "norm": ["bn", "gn"], "loss": ["trades", "clean"], "arch": ["preact18"],
+    "train": {"out": ["run"], "norm": ["gn"], "loss": ["trades"], "arch": ["preact18"],
               "width": ["0.125"], "dataset": ["cifar10"], "data_dir": ["data"], "eps": ["16"], "step": ["4"],
               "steps": ["2"], "epochs": ["2"], "batch_size": ["4"], "lr": ["0.01"], "weight_decay": ["0"],
               "clean_weight": ["0.3"], "trades_beta": ["1"], "train_subset": ["8"], "seed": ["1"],
@@ -365,7 +365,8 @@ def env_cases():
     for env, expect in TORCHRUN:
         yield {"command": "train", "part": "env", "option": "torchrun", "value": " ".join(f"{k}={v}" for k, v in
                                                                                         env.items()),
-               "args": ["train", "--out", "new", *TRAIN[1:]], "env": env, "expect": expect, "spawn": True}
+               "args": ["train", "--out", "new", *TRAIN[1:]], "env": env, "expect": expect, "spawn": True,
+               "timeout": 90}  # the processes' rendezvous: 60 s (hybridat.runtime.RENDEZVOUS_S)
 
 
 def picked_cases(only: set[str] | None):

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import pickle
 from pathlib import Path
@@ -46,3 +47,12 @@ def fake_cifar10(root: Path, rows: int) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(pickle.dumps(batch, protocol=4))
     return root
+
+
+def script(name: str):
+    """scripts/NAME.py loaded as a module (the scripts are not a package)."""
+    path = Path(__file__).parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

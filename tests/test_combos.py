@@ -3,7 +3,6 @@ and the sweep keeping up with the CLI."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -19,7 +18,7 @@ from hybridat.cli import OneLineUsageErrors, app
 from hybridat.files import atomic_path
 from hybridat.interop import export_branch, import_checkpoint
 
-from conftest import fake_cifar10, perturb, tiny
+from conftest import fake_cifar10, perturb, script, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
@@ -32,11 +31,7 @@ def _hybridat(args, cwd, env=None, timeout=120) -> subprocess.CompletedProcess:
 
 
 def _combos():
-    path = ROOT / "scripts" / "fuzz_combos.py"
-    spec = importlib.util.spec_from_file_location("fuzz_combos", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script("fuzz_combos")
 
 
 def test_the_pairs_cover_every_option_of_every_command():

@@ -2,20 +2,15 @@
 `make test`) keeps up with the CLI: every parameter of every command gets its cases, and a new option of a type
 the sweep does not know fails here rather than there."""
 
-import importlib.util
-from pathlib import Path
-
 import typer
 
 from hybridat.cli import app
 
+from conftest import script
+
 
 def _fuzz():
-    path = Path(__file__).parents[1] / "scripts" / "fuzz_cli.py"
-    spec = importlib.util.spec_from_file_location("fuzz_cli", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script("fuzz_cli")
 
 
 def test_the_sweep_covers_every_option_of_every_command():
