@@ -465,7 +465,7 @@ def prepare(opts, build=build_workspace) -> tuple[Path, Path, int | None]:
 def sweep(cases: list[dict], opts, root: Path, base_ws: Path, user: int | None, judge=classify) -> list[dict]:
     """Every case run (opts.workers at a time) and judged by `judge(run, status)`; BAD ones printed as they end."""
     for i, c in enumerate(cases):
-        c["id"] = i
+        c.setdefault("id", i)  # given: a caller's numbering over several sweeps
     if not opts.spawn:  # imported once, before the forks (importing starts no thread)
         import importlib
 
