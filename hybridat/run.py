@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .checkpoint import RESUME_FORMAT, save_checkpoint, training_columns, write_csv
+from .checkpoint import RESUME_FORMAT, read_header, save_checkpoint, training_columns, write_csv
 from .data import DATASETS, load_split, num_classes, split_files
 from .errors import HybridatError, check_choice
 from .files import atomic_path, check_outputs
@@ -137,6 +137,8 @@ def prepare_folder(out: Path, ident: dict, *, resume: bool, overwrite: bool) -> 
         raise HybridatError(f"{out} holds an unfinished run ({', '.join(sorted(present))}); --resume to go on "
                             "with it, or --overwrite to start over")
     if STATE not in present:
+        if present == {LAST} and _first_epoch_of(out / LAST, ident):  # killed between the first epoch's checkpoint
+            return None  # and its resume state: nothing to go on from, the same run starts again (and replaces it)
         raise HybridatError(f"{out} holds {', '.join(sorted(present))} but no {STATE} to resume from; "
                             "--overwrite to start over")
     state = read_state(out / STATE)
@@ -145,6 +147,17 @@ def prepare_folder(out: Path, ident: dict, *, resume: bool, overwrite: bool) -> 
         raise HybridatError(f"{out} holds a run with other settings ({'; '.join(diff[:3])}); --resume needs the "
                             "same settings, --overwrite starts over")
     return state
+
+
+def _first_epoch_of(path: Path, ident: dict) -> bool:
+    """Whether the checkpoint at `path` is epoch 1 of the run `ident` describes (its recorded settings)."""
+    try:
+        meta = read_header(path)
+        train = json.loads(json.dumps(ident["train"] | {"dataset": ident["dataset"]}))
+        return (meta.get("epoch") == "1" and json.loads(meta["config"]) == ident["model"]
+                and json.loads(meta["train"]) == train)
+    except (HybridatError, KeyError, ValueError, TypeError):
+        return False
 
 
 # ---- the resume state ------------------------------------------------------------------------------------

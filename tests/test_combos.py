@@ -8,15 +8,22 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 import typer
+from safetensors.torch import load_file
 
 from hybridat.checkpoint import save_checkpoint
 from hybridat.cli import OneLineUsageErrors, app
+from hybridat.errors import HybridatError
 from hybridat.files import atomic_path
 from hybridat.interop import export_branch, import_checkpoint
+from hybridat.models import ModelConfig
+from hybridat.run import CSV, LAST, MODEL, STATE, run_training
+from hybridat.train import TrainConfig
 
 from conftest import fake_cifar10, perturb, script, tiny
 
@@ -151,3 +158,29 @@ def test_a_torch_file_named_safetensors_imports(tmp_path):
     done = import_checkpoint(tmp_path / "e.safetensors", tmp_path / "i.safetensors")
     assert done.layout == "torchvision" and done.model.config.norm == "bn"
     assert (tmp_path / "i.safetensors").is_file()
+
+
+def _stop_after_epoch_1(row):
+    raise KeyboardInterrupt
+
+
+def test_resume_after_a_kill_between_the_first_checkpoint_and_its_state(tmp_path):
+    """SIGINT (or SIGKILL) after epoch 1's last.safetensors was written and before its resume state: the folder held
+    last.safetensors alone, `train --resume` refused it ('no resume.safetensors to resume from; --overwrite'),
+    though the interrupted run had said '--resume goes on from the last epoch'. Now that run starts again and ends
+    as one never interrupted; a last.safetensors of other settings is still refused."""
+    data = fake_cifar10(tmp_path / "data", 16)
+    config, cfg = ModelConfig("resnet18", "dual-bn", 0.0625), TrainConfig(steps=1, epochs=2, batch_size=8,
+                                                                            train_subset=16)
+    run_training(tmp_path / "ref", config, cfg, data_dir=data, graphs=False)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_training(out, config, cfg, data_dir=data, graphs=False, on_epoch=_stop_after_epoch_1)
+    (out / STATE).unlink()  # the moment between the two writes
+    (out / CSV).unlink()
+    with pytest.raises(HybridatError, match="other settings|no resume.safetensors"):
+        run_training(out, config, replace(cfg, seed=1), data_dir=data, graphs=False, resume=True)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [LAST]
+    run_training(out, config, cfg, data_dir=data, graphs=False, resume=True)
+    a, b = load_file(tmp_path / "ref" / MODEL), load_file(out / MODEL)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
