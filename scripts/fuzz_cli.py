@@ -506,7 +506,6 @@ def sweep(cases: list[dict], opts, root: Path, base_ws: Path, user: int | None, 
 
 def print_table(results: list[dict], classes=("ok", "error", "started", "BAD"), key: str = "command") -> int:
     """Cases per `key` and result class; returns how many are BAD."""
-    by = Counter((r[key], r["result"]) for r in results)
     width = max([10, *(len(str(r[key])) for r in results)])
     print(f"{key:{width}s} {'cases':>5s} " + " ".join(f"{c:>{max(4, len(c))}s}" for c in classes))
     for name in [*dict.fromkeys(r[key] for r in results), "all"]:
