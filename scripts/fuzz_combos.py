@@ -19,8 +19,8 @@ folders unfinished, with a damaged resume state or last checkpoint, CSVs of othe
            -9 for SIGKILL); every file under an output's final name complete (it loads); inputs unchanged; and for
            train, `train --resume` of the same command goes on to a finished model.
 
-Classes beyond fuzz_cli's: interrupted (a signal ended it as it should). A full run: 1,230 cases in about 15
-minutes on 2 CPU cores shared with other work (--workers 2): pairs 1,028 in 6.5 min, picked 103 in 1 min, env 27 in
+Classes beyond fuzz_cli's: interrupted (a signal ended it as it should). A full run: 1,229 cases in about 15
+minutes on 2 CPU cores shared with other work (--workers 2): pairs 1,028 in 6.5 min, picked 102 in 1 min, env 27 in
 3.5 min (three wait out the 60 s rendezvous), signals 72 in 3.5 min (one at a time: judging one runs it again).
 """
 
