@@ -16,8 +16,9 @@ folders unfinished, with a damaged resume state or last checkpoint, CSVs of othe
 - env      environment variables (ENV), each case in a fresh interpreter where the variable is read at import.
 - signals  SIGINT, SIGTERM or SIGKILL at a random moment of train, attack, swap-bn, ns-gap, report, import. Then:
            exit 1 with "error: interrupted ..." last on stderr and no traceback (or exit 0: it finished first, or
-           -9 for SIGKILL); every file under an output's final name complete (it loads); inputs unchanged; and for
-           train, `train --resume` of the same command goes on to a finished model.
+           -9 for SIGKILL); every file under an output's final name complete (it loads); inputs unchanged; and the
+           same command run again (train: with --resume) ends with exit 0 and leaves no temp file (a SIGKILL's
+           included).
 
 Classes beyond fuzz_cli's: interrupted (a signal ended it as it should). A full run: 1,229 cases in about 15
 minutes on 2 CPU cores shared with other work (--workers 2): pairs 1,028 in 6.5 min, picked 102 in 1 min, env 27 in
