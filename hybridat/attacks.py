@@ -316,7 +316,7 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
     amp: FGSM and PGD craft their examples in bf16 (`crafting`); the accuracy is counted in fp32 on `model`.
     on_batch(images done so far) is called after each batch, for a progress bar (no host sync; AutoAttack: once, at
     the end)."""
-    if attack not in ATTACKS:
+    if not isinstance(attack, str) or attack not in ATTACKS:  # a list: TypeError (unhashable)
         raise HybridatError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}")
     attacked_module(model)
     check_batch(model, x, y)  # pixels in [0, 1], one integer label per image, all on the model's device

@@ -153,7 +153,7 @@ DATASETS: dict[str, DatasetInfo] = {
 
 
 def _info(name: str) -> DatasetInfo:
-    if name not in DATASETS:
+    if not isinstance(name, str) or name not in DATASETS:  # a list: TypeError (unhashable)
         raise HybridatError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return DATASETS[name]
 

@@ -128,7 +128,7 @@ PLAIN = ("kuangliu", "torchvision", "preact", "trades-wrn")
 
 def _concrete(name: str) -> list[Layout]:
     """The layouts `name` stands for: timm-splitbn is tried over every plain layout."""
-    if name not in LAYOUTS:
+    if not isinstance(name, str) or name not in LAYOUTS:  # a list: TypeError (unhashable)
         raise HybridatError(f"unknown layout {name!r}; choose one of: auto, {', '.join(LAYOUTS)}")
     layout = LAYOUTS[name]
     if name != "timm-splitbn":
@@ -307,12 +307,12 @@ def match(state: dict[str, torch.Tensor], *, arch: str | None = None, layout: st
     naming the first missing or unmapped keys of the closest candidate."""
     if adv_split not in ("aux", "main"):
         raise HybridatError(f"adv split must be 'aux' or 'main', got {adv_split!r}")
-    if arch is not None and arch not in ARCHS:
+    if arch is not None and (not isinstance(arch, str) or arch not in ARCHS):
         raise HybridatError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
     if num_classes is not None:  # 0 was taken for "not given" and the head's classes used instead
         check_number("num_classes", num_classes, 2, 100_000, integer=True)
     if norm is not None:
-        spec = NORMS.get(norm)
+        spec = NORMS.get(norm) if isinstance(norm, str) else None
         if spec is None or spec.ns_sets == 0 or spec.dual_head or spec.adapters:
             fits = [name for name, s in NORMS.items() if s.ns_sets and not s.dual_head and not s.adapters]
             what = "unknown norm" if spec is None else "--norm must be a batch-norm variant without extra heads or " \

@@ -363,6 +363,6 @@ for _name, _groups in _GROUPS.items():
 
 
 def get_norm(name: str) -> NormSpec:
-    if name not in NORMS:
+    if not isinstance(name, str) or name not in NORMS:  # a list: TypeError (unhashable)
         raise HybridatError(f"unknown norm {name!r}; choose one of: {', '.join(NORMS)}")
     return NORMS[name]

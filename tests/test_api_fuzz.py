@@ -1,0 +1,35 @@
+"""What scripts/fuzz_api.py found: library functions called from Python with hostile arguments (a list where a
+name is meant, None where a list is meant, ...) got a TypeError or AttributeError from inside instead of one
+HybridatError line. Each test fails without its fix."""
+
+import pytest
+import torch
+
+from hybridat import attacks
+from hybridat.data import load_split, to_float
+from hybridat.errors import HybridatError
+from hybridat.interop import import_checkpoint
+from hybridat.models import BranchView
+from hybridat.norms import get_norm
+
+from conftest import tiny
+
+
+def test_a_list_where_a_name_is_meant_is_refused_by_name(data_dir, tmp_path):
+    """`name in DICT` of a list raised TypeError: unhashable type: 'list' (load_split(["cifar10"], ...),
+    import_checkpoint(..., arch=[...]), robust_accuracy(..., attack=["pgd"]), get_norm(["bn"]))."""
+    model = tiny("bn").eval()
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    x, y = torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
+    cases = [(lambda: load_split(["cifar10"], train=False, data_dir=data_dir, n=2), r"unknown dataset \['cifar10'\]"),
+             (lambda: import_checkpoint(tmp_path / "plain.pt", arch=["resnet18"]), r"unknown arch \['resnet18'\]"),
+             (lambda: import_checkpoint(tmp_path / "plain.pt", layout=["auto"]), r"unknown layout \['auto'\]"),
+             (lambda: import_checkpoint(tmp_path / "plain.pt", norm=["bn"]), r"unknown norm \['bn'\]"),
+             (lambda: attacks.robust_accuracy(BranchView(model, "adv"), x, y, ["pgd"], 8 / 255),
+              r"unknown attack \['pgd'\]"),
+             (lambda: get_norm(["bn"]), r"unknown norm \['bn'\]")]
+    for call, message in cases:
+        with pytest.raises(HybridatError, match=message):
+            call()
+    assert not (tmp_path / "plain.safetensors").exists()
+
