@@ -45,6 +45,13 @@ def load_runs(paths: list[Path], sources: list[Path] | None = None) -> dict[str,
     """
     if isinstance(paths, (str, Path)):  # one path, not a list of one-character paths ("/" searched the disk)
         paths = [paths]
+    try:
+        paths = list(paths)
+    except TypeError:  # None, a number: Python's TypeError from the loop
+        raise HybridatError(f"paths must be a list of CSV files or folders, got {type(paths).__name__}") from None
+    if sources is not None and not isinstance(sources, list):  # it collects the files read: an AttributeError
+        raise HybridatError(f"sources must be a list (load_runs appends each file read), got "
+                            f"{type(sources).__name__}")
     found: dict[str, list[pd.DataFrame]] = {kind: [] for kind in SCHEMAS}
     seen: set[Path] = set()
     for path in (as_path(p, "each path of load_runs") for p in paths):

@@ -11,6 +11,7 @@ from hybridat.errors import HybridatError
 from hybridat.interop import import_checkpoint
 from hybridat.models import BranchView
 from hybridat.norms import get_norm
+from hybridat.report import load_runs
 
 from conftest import tiny
 
@@ -33,3 +34,12 @@ def test_a_list_where_a_name_is_meant_is_refused_by_name(data_dir, tmp_path):
             call()
     assert not (tmp_path / "plain.safetensors").exists()
 
+
+def test_load_runs_names_paths_and_sources_that_are_not_lists(tmp_path):
+    """load_runs(None) raised "'NoneType' object is not iterable"; load_runs(paths, sources=5) read the files and
+    then ended in an AttributeError from sources.append."""
+    (tmp_path / "a.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(HybridatError, match="paths must be a list of CSV files or folders, got NoneType"):
+        load_runs(None)
+    with pytest.raises(HybridatError, match="sources must be a list .load_runs appends each file read., got int"):
+        load_runs([tmp_path], sources=5)
