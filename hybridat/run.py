@@ -32,7 +32,7 @@ from . import __version__
 from .checkpoint import RESUME_FORMAT, read_header, save_checkpoint, training_columns, write_csv
 from .data import DATASETS, load_split, num_classes, split_files
 from .errors import HybridatError, check_choice
-from .files import atomic_path, check_outputs
+from .files import as_path, atomic_path, check_outputs
 from .models import BranchModel, ModelConfig, build_model
 from .norms import NORMS
 from .runtime import callers_streams, distributed, is_main_process, on_rank0, resolve_device, seed_everything
@@ -262,7 +262,7 @@ def run_training(out: str | Path, config: ModelConfig, cfg: TrainConfig, *, data
     weight that is not finite stops the run as diverged (HybridatError; train.csv has every epoch, no model).
     graphs: the training step as one CUDA graph on a GPU (`train`).
     """
-    out, device = Path(out), resolve_device(str(device))
+    out, device = as_path(out, "out (the run folder)"), resolve_device(str(device))
     check_choice(dataset, DATASETS, "dataset")
     if not isinstance(config, ModelConfig):
         raise HybridatError(f"config must be a hybridat.models.ModelConfig, got {type(config).__name__}")

@@ -43,3 +43,14 @@ def test_load_runs_names_paths_and_sources_that_are_not_lists(tmp_path):
         load_runs(None)
     with pytest.raises(HybridatError, match="sources must be a list .load_runs appends each file read., got int"):
         load_runs([tmp_path], sources=5)
+
+
+def test_run_training_names_an_out_that_is_not_a_path(data_dir):
+    """run_training(5, ...) ended in Python's TypeError from Path()."""
+    from hybridat.models import ModelConfig
+    from hybridat.run import run_training
+    from hybridat.train import TrainConfig
+
+    with pytest.raises(HybridatError, match=r"out \(the run folder\) must be a str or Path, got int"):
+        run_training(5, ModelConfig("resnet18", "bn", width=0.0625), TrainConfig(epochs=1, steps=1, batch_size=8,
+                     train_subset=16), data_dir=data_dir)
