@@ -122,12 +122,22 @@ def model_classes(model: nn.Module) -> int | None:
     return getattr(getattr(model, "config", None), "num_classes", None)
 
 
+def check_channels(model: nn.Module, x: torch.Tensor, what: str = "x") -> None:
+    """One line unless x has the colour channels the model's first convolution takes (a grayscale batch failed
+    inside that convolution with a RuntimeError)."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None and x.shape[1] != conv.in_channels:
+        raise HybridatError(f"{what} has {x.shape[1]} channels and the model takes {conv.in_channels}: images are "
+                            f"(N, {conv.in_channels}, H, W)")
+
+
 def check_batch(model: nn.Module, x, y) -> None:
     """x and y as `check_pixels` and `check_labels` want them, on the model's device, x in the dtype of the model's
     weights (float64 pixels from numpy failed inside a convolution); labels within the classes of a hybridat model."""
     check_pixels(x)
     check_labels(y, x, model_classes(model))
     check_same_device(model, x)
+    check_channels(model, x)
     dtype = model_dtype(model)
     if dtype is not None and x.dtype != dtype:
         cast = f"x.{CASTS[dtype]}()" if dtype in CASTS else f"x.to({dtype})"
@@ -153,6 +163,7 @@ def check_split(model: nn.Module, split, hint: str = "hybridat.data.load_split(.
     if images.shape[0] == 0:
         raise HybridatError("the split holds no images")
     check_same_device(model, images, "the split")
+    check_channels(model, images, "split.images")
     check_labels(split.labels, images, num_classes, what="split.labels")
 
 
@@ -178,6 +189,14 @@ def check_flag(value, what: str) -> bool:
     """`value` if it is a bool (a string such as "no" would count as true)."""
     if not isinstance(value, bool):
         raise HybridatError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
+def check_callback(value, what: str):
+    """`value` if it is None or callable: a progress callback that is neither failed at its first call, after the
+    work (and some of its files) had started."""
+    if value is not None and not callable(value):
+        raise HybridatError(f"{what} must be a function or None, got {type(value).__name__}")
     return value
 
 

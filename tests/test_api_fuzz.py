@@ -54,3 +54,21 @@ def test_run_training_names_an_out_that_is_not_a_path(data_dir):
     with pytest.raises(HybridatError, match=r"out \(the run folder\) must be a str or Path, got int"):
         run_training(5, ModelConfig("resnet18", "bn", width=0.0625), TrainConfig(epochs=1, steps=1, batch_size=8,
                      train_subset=16), data_dir=data_dir)
+
+
+def test_images_of_another_channel_count_than_the_model_takes_are_refused():
+    """A grayscale split or batch (N, 1, H, W) passed every check and failed inside the first convolution with
+    torch's RuntimeError ("expected input[8, 1, 32, 32] to have 3 channels")."""
+    from hybridat.data import Split
+    from hybridat.recombine import reestimate
+
+    model = tiny().eval()
+    gray = torch.zeros(4, 1, 32, 32, dtype=torch.uint8)
+    y = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(HybridatError, match=r"split.images has 1 channels and the model takes 3"):
+        reestimate(model, "adv", "adv", Split(gray, y), steps=1, batch_size=4)
+    with pytest.raises(HybridatError, match=r"x has 1 channels and the model takes 3"):
+        attacks.robust_accuracy(BranchView(model, "adv"), to_float(gray), y, "pgd", 8 / 255, steps=1)
+    from hybridat.analysis import ns_gap
+    with pytest.raises(HybridatError, match=r"x has 1 channels and the model takes 3"):
+        ns_gap(model, to_float(gray), y, eps=8, steps=1)
