@@ -36,7 +36,7 @@ from .attacks import frozen, pgd
 from .checkpoint import Checkpoint, check_csv_name, rows_frame, training_columns
 from .files import atomic_path, check_outputs
 from .errors import HybridatError, check_choice, check_number
-from .inputs import check_batch, check_flag, check_pixel_radius, check_same_device, module_of
+from .inputs import check_batch, check_callback, check_flag, check_pixel_radius, check_same_device, module_of
 from .models import BranchModel, BranchView, norm_layers
 from .norms import BRANCHES, BranchBatchNorm, set_name
 
@@ -267,6 +267,7 @@ def ns_gap(model, x, y, *, eps: float, fix_ap: bool = False, branch: str = "adv"
     check_batch(model, x, y)
     check_flag(fix_ap, "fix_ap")
     check_flag(noise_clip, "noise_clip")
+    check_callback(on_batch, "on_batch")
     check_choice(mode, MODES, "mode")
     check_ns_gap(eps=eps, steps=steps, step=step, noise=noise, reference=reference, start=start,
                  batch_size=batch_size)

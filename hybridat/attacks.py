@@ -17,7 +17,7 @@ from torch import nn
 
 from hybridat.errors import HybridatError, check_choice, check_number
 from hybridat.graphs import Graphed
-from hybridat.inputs import attacked_module, check_batch, check_label_dtype
+from hybridat.inputs import attacked_module, check_batch, check_callback, check_label_dtype
 from hybridat.models import BranchView, bn_folded
 from hybridat.runtime import autocast
 
@@ -111,6 +111,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
     far) is called after each batch, for a progress bar."""
     attacked_module(model)
     _check(x, y, eps, norm)
+    check_callback(loss_fn, "loss_fn")
+    check_callback(on_batch, "on_batch")
     check_number("PGD steps", steps, 1, integer=True)
     step = default_step(eps) if step is None else check_number("PGD step size", step, 0)
     check_choice(start, STARTS, "PGD start")
@@ -321,6 +323,7 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
     attacked_module(model)
     check_batch(model, x, y)  # pixels in [0, 1], one integer label per image, all on the model's device
     _check(x, y, eps)
+    check_callback(on_batch, "on_batch")
     check_number("PGD steps", steps, 1, integer=True)
     check_number("batch size", batch_size, 1, integer=True)
     amp = amp and attack in AMP_ATTACKS

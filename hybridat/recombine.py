@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint, check_checkpoint_name, save_checkpoint
 from .data import Split, train_batches
 from .files import check_outputs
 from .errors import HybridatError, check_number
-from .inputs import check_pixel_radius, check_split, layer_indices, model_classes, module_of
+from .inputs import check_callback, check_pixel_radius, check_split, layer_indices, model_classes, module_of
 from .models import norm_layers
 from .norms import AP_PARAMS, BRANCHES, NS_BUFFERS, BranchBatchNorm, set_name
 
@@ -176,6 +176,7 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
     follows the pass: 0, then after each batch.
     """
     check_reestimate(branch, domain, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed)
+    check_callback(on_batch, "on_batch")
     model = _branched(model, "re-estimate the running NS of")
     check_split(model, split, "hybridat.data.load_split(..., train=True)", model_classes(model))
     attack_branch = check_choice(attack_branch or branch, BRANCHES, "attack branch")

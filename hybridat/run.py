@@ -33,6 +33,7 @@ from .checkpoint import RESUME_FORMAT, read_header, save_checkpoint, training_co
 from .data import DATASETS, load_split, num_classes, split_files
 from .errors import HybridatError, check_choice
 from .files import as_path, atomic_path, check_outputs
+from .inputs import check_callback
 from .models import BranchModel, ModelConfig, build_model
 from .norms import NORMS
 from .runtime import callers_streams, distributed, is_main_process, on_rank0, resolve_device, seed_everything
@@ -271,6 +272,8 @@ def run_training(out: str | Path, config: ModelConfig, cfg: TrainConfig, *, data
         raise HybridatError(f"the model config has {config.num_classes} classes and {dataset} has "
                             f"{num_classes(dataset)}: ModelConfig(..., num_classes={num_classes(dataset)})")
     check_config(cfg, config.norm)
+    check_callback(on_step, "on_step")
+    check_callback(on_epoch, "on_epoch")
     if resume and overwrite:
         raise HybridatError("--resume and --overwrite exclude each other: go on with the run, or start over")
     if out.exists() and not out.is_dir():

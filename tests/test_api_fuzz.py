@@ -72,3 +72,34 @@ def test_images_of_another_channel_count_than_the_model_takes_are_refused():
     from hybridat.analysis import ns_gap
     with pytest.raises(HybridatError, match=r"x has 1 channels and the model takes 3"):
         ns_gap(model, to_float(gray), y, eps=8, steps=1)
+
+
+def test_a_callback_that_is_not_a_function_is_refused_before_any_work(data_dir, tmp_path):
+    """on_batch=5 (or on_step, on_epoch, on_row, loss_fn) passed every check and failed at its first call with
+    "'int' object is not callable", after the work had started: run_training(on_epoch=5) left a run folder with an
+    epoch's checkpoint."""
+    from hybridat.analysis import ns_gap
+    from hybridat.models import ModelConfig
+    from hybridat.recombine import reestimate
+    from hybridat.run import run_training
+    from hybridat.train import TrainConfig
+
+    model = tiny().eval()
+    x, y = torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
+    view = BranchView(model, "adv")
+    split = load_split("cifar10", train=True, data_dir=data_dir, n=4)
+    cfg = TrainConfig(epochs=1, steps=1, batch_size=8, train_subset=16)
+    calls = {"on_batch": [lambda: attacks.pgd(view, x, y, 8 / 255, steps=1, on_batch=5),
+                          lambda: attacks.robust_accuracy(view, x, y, "pgd", 8 / 255, steps=1, on_batch=5),
+                          lambda: ns_gap(model, x, y, eps=8, steps=1, on_batch=5),
+                          lambda: reestimate(model, "adv", "adv", split, steps=1, on_batch=5)],
+             "loss_fn": [lambda: attacks.pgd(view, x, y, 8 / 255, steps=1, loss_fn=5)],
+             "on_step": [lambda: run_training(tmp_path / "a", ModelConfig("resnet18", "bn", width=0.0625), cfg,
+                                              data_dir=data_dir, on_step=5)],
+             "on_epoch": [lambda: run_training(tmp_path / "b", ModelConfig("resnet18", "bn", width=0.0625), cfg,
+                                               data_dir=data_dir, on_epoch=5)]}
+    for name, cases in calls.items():
+        for call in cases:
+            with pytest.raises(HybridatError, match=f"{name} must be a function or None, got int"):
+                call()
+    assert not list(tmp_path.iterdir())
