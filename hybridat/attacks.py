@@ -17,7 +17,7 @@ from torch import nn
 
 from hybridat.errors import HybridatError, check_choice, check_number
 from hybridat.graphs import Graphed
-from hybridat.inputs import attacked_module, check_batch, check_callback, check_label_dtype
+from hybridat.inputs import attacked_module, check_batch, check_callback, check_flag, check_label_dtype
 from hybridat.models import BranchView, bn_folded
 from hybridat.runtime import autocast
 
@@ -324,6 +324,8 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
     check_batch(model, x, y)  # pixels in [0, 1], one integer label per image, all on the model's device
     _check(x, y, eps)
     check_callback(on_batch, "on_batch")
+    check_flag(graphs, "graphs")
+    check_flag(amp, "amp")
     check_number("PGD steps", steps, 1, integer=True)
     check_number("batch size", batch_size, 1, integer=True)
     amp = amp and attack in AMP_ATTACKS

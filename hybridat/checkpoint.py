@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .data import DATASETS
 from .errors import HybridatError, check_choice, check_number
+from .inputs import check_flag
 from .files import as_path, atomic_path
 from .models import BranchModel, ModelConfig, build_model, model_for_weights
 from .runtime import resolve_device
@@ -315,6 +316,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", allow_
     (unless `allow_nonfinite`) the weights' finiteness have been checked. device: cpu, cuda, cuda:N, mps or auto."""
     if not isinstance(path, (str, Path)):
         raise HybridatError(f"a checkpoint path must be a str or Path, got {type(path).__name__}")
+    check_flag(allow_nonfinite, "allow_nonfinite")
     device = resolve_device(str(device))
     path = Path(path)
     header = read_header(path)

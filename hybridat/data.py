@@ -199,6 +199,7 @@ def load_split(name: str, train: bool, data_dir: str | Path | None = None, devic
     or auto)."""
     _info(name)
     check_flag(train, "train")  # train="no" is true in Python: it loaded the training split
+    check_flag(download, "download")
     device = resolve_device(str(device))
     root = resolve_data_dir(data_dir)
     if root.exists() and not root.is_dir():  # a file given (or in $HYBRIDAT_DATA_DIR) where the folder is meant

@@ -9,7 +9,7 @@ from .attacks import AA_VERSIONS, AMP_ATTACKS, ATTACKS, AASettings, aa_settings,
 from .checkpoint import Checkpoint, training_columns
 from .data import Split, to_float
 from .errors import HybridatError, check_choice, check_number
-from .inputs import check_callback, check_pixel_radius, check_split
+from .inputs import check_callback, check_flag, check_pixel_radius, check_split
 from .models import BranchView
 from .norms import BRANCHES, NORMS
 
@@ -127,6 +127,8 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
     check_split(ckpt.model, split)
     check_callback(on_row, "on_row")
     check_callback(on_batch, "on_batch")
+    check_flag(graphs, "graphs")
+    check_flag(amp, "amp")
     ckpt.check_unchanged()  # the rows name it by its file's hash
     plan = check_evaluation(attacks, branches, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed,
                             aa_version=aa_version, aa_attacks=aa_attacks, aa_restarts=aa_restarts, amp=amp)

@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint, check_checkpoint_name, save_checkpoint
 from .data import Split, train_batches
 from .files import check_outputs
 from .errors import HybridatError, check_number
-from .inputs import check_callback, check_pixel_radius, check_split, layer_indices, model_classes, module_of
+from .inputs import check_callback, check_flag, check_pixel_radius, check_split, layer_indices, model_classes, module_of
 from .models import norm_layers
 from .norms import AP_PARAMS, BRANCHES, NS_BUFFERS, BranchBatchNorm, set_name
 
@@ -177,6 +177,7 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
     """
     check_reestimate(branch, domain, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed)
     check_callback(on_batch, "on_batch")
+    check_flag(augment_data, "augment_data")
     model = _branched(model, "re-estimate the running NS of")
     check_split(model, split, "hybridat.data.load_split(..., train=True)", model_classes(model))
     attack_branch = check_choice(attack_branch or branch, BRANCHES, "attack branch")
@@ -250,6 +251,8 @@ def swap_bn(ckpt: Checkpoint, out, *, cross: bool = False, swap_ap: bool = False
     the checkpoint's device; see `reestimate` for the rest), in the norm layers from `from_layer` on (None: all);
     writes the NEW checkpoint `out` recording the operation as `report` reads it and the parent's hash
     (`save_derived`), never over its input. Returns the new file's hash. on_batch: see `reestimate`."""
+    check_flag(cross, "cross")
+    check_flag(swap_ap, "swap_ap")
     chosen = [name for name, on in [("cross", cross), ("swap_ap", swap_ap), ("ns/ap", ns or ap),
                                     ("reestimate", reestimate is not None)] if on]
     if len(chosen) != 1:

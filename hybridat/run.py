@@ -33,7 +33,7 @@ from .checkpoint import RESUME_FORMAT, read_header, save_checkpoint, training_co
 from .data import DATASETS, load_split, num_classes, split_files
 from .errors import HybridatError, check_choice
 from .files import as_path, atomic_path, check_outputs
-from .inputs import check_callback
+from .inputs import check_callback, check_flag
 from .models import BranchModel, ModelConfig, build_model
 from .norms import NORMS
 from .runtime import callers_streams, distributed, is_main_process, on_rank0, resolve_device, seed_everything
@@ -274,6 +274,8 @@ def run_training(out: str | Path, config: ModelConfig, cfg: TrainConfig, *, data
     check_config(cfg, config.norm)
     check_callback(on_step, "on_step")
     check_callback(on_epoch, "on_epoch")
+    for flag, name in ((resume, "resume"), (overwrite, "overwrite"), (graphs, "graphs")):
+        check_flag(flag, name)
     if resume and overwrite:
         raise HybridatError("--resume and --overwrite exclude each other: go on with the run, or start over")
     if out.exists() and not out.is_dir():

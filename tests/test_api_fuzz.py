@@ -103,3 +103,30 @@ def test_a_callback_that_is_not_a_function_is_refused_before_any_work(data_dir, 
             with pytest.raises(HybridatError, match=f"{name} must be a function or None, got int"):
                 call()
     assert not list(tmp_path.iterdir())
+
+
+def test_a_flag_that_is_not_a_bool_is_refused(data_dir, tmp_path):
+    """A string where True or False is meant is true in Python: load_checkpoint(p, allow_nonfinite="no") loaded
+    non-finite weights, robust_accuracy(amp="no") crafted in bf16, reestimate(augment_data="no") augmented; None
+    ended in torch's TypeError from set_autocast_enabled."""
+    from hybridat.checkpoint import load_checkpoint
+    from hybridat.recombine import reestimate
+
+    model = tiny().eval()
+    x, y = torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
+    split = load_split("cifar10", train=True, data_dir=data_dir, n=4)
+    cases = [(lambda: attacks.robust_accuracy(BranchView(model, "adv"), x, y, "pgd", 8 / 255, steps=1, amp="no"),
+              "amp must be True or False, got 'no'"),
+             (lambda: attacks.robust_accuracy(BranchView(model, "adv"), x, y, "pgd", 8 / 255, steps=1, amp=None),
+              "amp must be True or False, got None"),
+             (lambda: attacks.robust_accuracy(BranchView(model, "adv"), x, y, "pgd", 8 / 255, graphs=2),
+              "graphs must be True or False, got 2"),
+             (lambda: reestimate(model, "adv", "adv", split, steps=1, augment_data="no"),
+              "augment_data must be True or False"),
+             (lambda: load_checkpoint(tmp_path / "m.safetensors", allow_nonfinite="no"),
+              "allow_nonfinite must be True or False"),
+             (lambda: load_split("cifar10", train=False, data_dir=data_dir, n=2, download="no"),
+              "download must be True or False")]
+    for call, message in cases:
+        with pytest.raises(HybridatError, match=message):
+            call()
