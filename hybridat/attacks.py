@@ -324,6 +324,7 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
     check_batch(model, x, y)  # pixels in [0, 1], one integer label per image, all on the model's device
     _check(x, y, eps)
     check_callback(on_batch, "on_batch")
+    check_number("seed", seed, 0, 2**63 - 1, integer=True)  # 2.5: torch's RuntimeError from manual_seed
     check_flag(graphs, "graphs")
     check_flag(amp, "amp")
     check_number("PGD steps", steps, 1, integer=True)

@@ -130,3 +130,14 @@ def test_a_flag_that_is_not_a_bool_is_refused(data_dir, tmp_path):
     for call, message in cases:
         with pytest.raises(HybridatError, match=message):
             call()
+
+
+@pytest.mark.parametrize("seed, message", [(2.5, "seed must be an integer, got 2.5"), (None, "seed must be an integer"),
+                                           (-1, r"seed must be in \[0, ")])
+def test_robust_accuracy_names_a_seed_it_cannot_use(seed, message):
+    """robust_accuracy(..., seed=2.5) ended in torch's RuntimeError from manual_seed, seed=None in a TypeError from
+    `seed + i`, seed=-1 was taken."""
+    model = tiny().eval()
+    x, y = torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(HybridatError, match=message):
+        attacks.robust_accuracy(BranchView(model, "adv"), x, y, "pgd", 8 / 255, steps=1, seed=seed)
