@@ -119,6 +119,10 @@ CASTS = {torch.float32: "float", torch.float64: "double", torch.float16: "half",
 
 def model_classes(model: nn.Module) -> int | None:
     """The number of classes of a hybridat model (or a BranchView of one); None for any other module."""
+    from .models import BranchView
+
+    if isinstance(model, BranchView):  # what attacks take: the labels were then never checked against the classes
+        model = model.model
     return getattr(getattr(model, "config", None), "num_classes", None)
 
 

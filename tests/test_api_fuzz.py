@@ -141,3 +141,13 @@ def test_robust_accuracy_names_a_seed_it_cannot_use(seed, message):
     x, y = torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
     with pytest.raises(HybridatError, match=message):
         attacks.robust_accuracy(BranchView(model, "adv"), x, y, "pgd", 8 / 255, steps=1, seed=seed)
+
+
+def test_labels_beyond_the_classes_of_a_branch_view_are_refused():
+    """robust_accuracy's labels were checked against the model's classes only for a hybridat model itself, never
+    for the BranchView the README tells a notebook to pass: label 10 of a 10-class model ended in cross_entropy's
+    IndexError ("Target 10 is out of bounds")."""
+    model = tiny().eval()
+    x, y = torch.rand(2, 3, 32, 32), torch.full((2,), 10, dtype=torch.long)
+    with pytest.raises(HybridatError, match=r"y holds labels in \[10, 10\].*the model has 10 classes"):
+        attacks.robust_accuracy(BranchView(model, "adv"), x, y, "pgd", 8 / 255, steps=1)
