@@ -19,7 +19,7 @@ from .data import Split, train_batches
 from .files import check_outputs
 from .errors import HybridatError, check_number
 from .inputs import check_callback, check_flag, check_pixel_radius, check_split, layer_indices, model_classes, module_of
-from .models import norm_layers
+from .models import BranchView, norm_layers
 from .norms import AP_PARAMS, BRANCHES, NS_BUFFERS, BranchBatchNorm, set_name
 
 SWAP = {"adv": "clean", "clean": "adv"}
@@ -178,11 +178,13 @@ def reestimate(model, branch: str, domain: str, split: Split, *, batch_size: int
     check_reestimate(branch, domain, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed)
     check_callback(on_batch, "on_batch")
     check_flag(augment_data, "augment_data")
+    if isinstance(model, BranchView):  # it takes x only: the pass through `branch` ended in a TypeError
+        raise HybridatError("reestimate takes the two-branch model, not a BranchView of one: pass view.model")
     model = _branched(model, "re-estimate the running NS of")
     check_split(model, split, "hybridat.data.load_split(..., train=True)", model_classes(model))
     attack_branch = check_choice(attack_branch or branch, BRANCHES, "attack branch")
-    if n_batches is not None and n_batches < 1:
-        raise HybridatError(f"n_batches must be >= 1, got {n_batches}")
+    if n_batches is not None:  # NaN passed `n_batches < 1` and meant every batch; "3" ended in a TypeError
+        check_number("n_batches", n_batches, 1, integer=True)
     new = copy.deepcopy(model)
     chosen = {i for i, _, _ in _chosen(new, layers)}
     pairs = [(m, o) for i, ((_, m), (_, o)) in enumerate(zip(norm_layers(new), norm_layers(model)))

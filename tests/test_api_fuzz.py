@@ -151,3 +151,18 @@ def test_labels_beyond_the_classes_of_a_branch_view_are_refused():
     x, y = torch.rand(2, 3, 32, 32), torch.full((2,), 10, dtype=torch.long)
     with pytest.raises(HybridatError, match=r"y holds labels in \[10, 10\].*the model has 10 classes"):
         attacks.robust_accuracy(BranchView(model, "adv"), x, y, "pgd", 8 / 255, steps=1)
+
+
+def test_reestimate_names_a_branch_view_and_a_batch_count_it_cannot_use(data_dir):
+    """reestimate(BranchView(m, 'adv'), ...) ended in "forward() takes 2 positional arguments but 3 were given";
+    n_batches=NaN passed `n_batches < 1` and re-estimated on every batch, n_batches="3" ended in a TypeError."""
+    from hybridat.recombine import reestimate
+
+    model = tiny().eval()
+    split = load_split("cifar10", train=True, data_dir=data_dir, n=4)
+    with pytest.raises(HybridatError, match="not a BranchView of one: pass view.model"):
+        reestimate(BranchView(model, "adv"), "adv", "adv", split, steps=1)
+    for n, message in [(float("nan"), "n_batches must be an integer"), ("3", "n_batches must be an integer"),
+                       (0, r"n_batches must be in \[1, ")]:
+        with pytest.raises(HybridatError, match=message):
+            reestimate(model, "adv", "adv", split, steps=1, n_batches=n)
