@@ -34,7 +34,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .attacks import frozen, pgd
 from .checkpoint import Checkpoint, check_csv_name, rows_frame, training_columns
-from .files import atomic_path, check_outputs
+from .files import as_path, atomic_path, check_outputs
 from .errors import HybridatError, check_choice, check_number
 from .inputs import check_batch, check_callback, check_flag, check_pixel_radius, check_same_device, module_of
 from .models import BranchModel, BranchView, norm_layers
@@ -452,7 +452,7 @@ def channels_figure(channel_rows, layer: int) -> Figure:
 def ns_gap_paths(out) -> list[Path]:
     """The files `write_ns_gap` writes for `out` (FILE.csv): FILE.csv, FILE-channels.csv, FILE-depth.png and
     FILE-channels.png."""
-    out = Path(out)
+    out = as_path(out, "out")
     stem = out.with_suffix("") if out.suffix else out
     return [out, Path(f"{stem}-channels.csv"), Path(f"{stem}-depth.png"), Path(f"{stem}-channels.png")]
 

@@ -61,7 +61,12 @@ def check_outputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path] = 
     """Raise one clear HybridatError unless every output can be written: a non-empty name, not an existing folder,
     in a folder that exists or can be made and is writable, short enough for its temp name, and not the same file
     as any input. Call it before any work; returns the outputs as Paths."""
-    inputs = [as_path(i, "an input path") for i in inputs]
+    if isinstance(inputs, (str, os.PathLike)):  # one path, not a list of one-character paths
+        inputs = [inputs]
+    try:
+        inputs = [as_path(i, "an input path") for i in inputs]
+    except TypeError:  # a number: Python's TypeError from the loop
+        raise HybridatError(f"inputs must be a list of paths, got {type(inputs).__name__}") from None
     checked = []
     for out in outputs:
         out = as_path(out, "an output path")

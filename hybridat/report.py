@@ -20,7 +20,7 @@ from rich.text import Text
 
 from .errors import HybridatError, check_number
 from .figures import figure_note, plot_accuracy, plot_ns_gap, plot_training
-from .files import atomic_path, check_outputs, same_file
+from .files import as_path, atomic_path, check_outputs, same_file
 from .findings import WIDTH, findings, findings_latex, findings_markdown, summary_lines
 # load_runs is not used here: `hybridat.report.load_runs`, then `write_report` is how the README and cli.py report
 from .records import CSV_ERRORS, SCHEMAS, kind_of, load_runs  # noqa: F401
@@ -40,14 +40,17 @@ def report_files(out_dir: Path) -> list[Path]:
 def check_frames(frames) -> None:
     """One line unless `frames` is what `load_runs` gives: {kind: DataFrame} with kinds of SCHEMAS, each frame
     holding its kind's columns, some rows in all (a typo of a kind left its rows out of a report of empty tables)."""
-    if not isinstance(frames, dict) or not any(len(f) for f in frames.values()):
+    if not isinstance(frames, dict):
         raise HybridatError("no rows to report: give write_report the frames of load_runs(paths)")
-    for kind, frame in frames.items():
+    for kind, frame in frames.items():  # each frame's type first: {"eval": None} ended in len()'s TypeError
         if kind not in SCHEMAS:
             raise HybridatError(f"unknown kind of rows {kind!r}; load_runs gives {', '.join(SCHEMAS)}")
         if not isinstance(frame, pd.DataFrame):
             raise HybridatError(f"{kind} rows must be a pandas DataFrame (load_runs gives them), got "
                                 f"{type(frame).__name__}")
+    if not any(len(f) for f in frames.values()):
+        raise HybridatError("no rows to report: give write_report the frames of load_runs(paths)")
+    for kind, frame in frames.items():
         missing = sorted(SCHEMAS[kind] - set(frame.columns))
         if missing:
             raise HybridatError(f"{kind} rows lack the column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
@@ -91,7 +94,7 @@ def write_report(frames: dict[str, pd.DataFrame], out_dir: Path, margin: float =
     A figure an earlier report left in out_dir that this one has no rows for is removed (other files stay).
     margin, ratio_margin: see `findings.findings`. Returns the paths written."""
 
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir, "out_dir")
     check_frames(frames)
     check_number("margin", margin, 0, 100)  # percentage points; as the command checks --margin and --ratio-margin
     check_number("ratio margin", ratio_margin, 1)

@@ -166,3 +166,45 @@ def test_reestimate_names_a_branch_view_and_a_batch_count_it_cannot_use(data_dir
                        (0, r"n_batches must be in \[1, ")]:
         with pytest.raises(HybridatError, match=message):
             reestimate(model, "adv", "adv", split, steps=1, n_batches=n)
+
+
+def test_write_ns_gap_and_write_report_name_outputs_and_inputs_that_are_not_paths(data_dir, tmp_path):
+    """write_ns_gap(..., out=5) and write_report(frames, 5) ended in Python's TypeError from Path();
+    write_report(..., inputs=5) in "'int' object is not iterable", and inputs="eval.csv" (one path, not a list)
+    protected its characters, not the file."""
+    from hybridat.analysis import write_ns_gap
+    from hybridat.checkpoint import load_checkpoint, save_checkpoint
+    from hybridat.report import write_report
+
+    save_checkpoint(tiny().eval(), tmp_path / "m.safetensors", train={"eps": 8, "loss": "hybrid",
+                                                                     "dataset": "cifar10", "epochs": 1}, seed=0)
+    ckpt = load_checkpoint(tmp_path / "m.safetensors")
+    x, y = torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(HybridatError, match="out must be a str or Path, got int"):
+        write_ns_gap(ckpt, x, y, 5, eps=8, steps=1)
+    from hybridat.checkpoint import write_csv
+    from hybridat.evaluate import evaluate
+    from hybridat.report import load_runs
+
+    write_csv(evaluate(ckpt, load_split("cifar10", train=False, data_dir=data_dir, n=2), ["clean"], ["adv"]),
+              tmp_path / "runs" / "eval.csv")
+    frames = load_runs([tmp_path / "runs"])
+    with pytest.raises(HybridatError, match="out_dir must be a str or Path, got int"):
+        write_report(frames, 5)
+    with pytest.raises(HybridatError, match="inputs must be a list of paths, got int"):
+        write_report(frames, tmp_path / "rep", inputs=5)
+    # one path for inputs is that path: the report may not write over it
+    (tmp_path / "report.md").write_text("my notes\n")
+    with pytest.raises(HybridatError, match="report.md"):
+        write_report(frames, tmp_path, inputs=str(tmp_path / "report.md"))
+    assert (tmp_path / "report.md").read_text() == "my notes\n"
+
+
+def test_write_report_names_a_frame_that_is_not_a_dataframe_before_counting_rows(tmp_path):
+    """write_report({"eval": None}, out) ended in "object of type 'NoneType' has no len()": the rows were counted
+    before each frame's type was checked."""
+    from hybridat.report import write_report
+
+    with pytest.raises(HybridatError, match="eval rows must be a pandas DataFrame .load_runs gives them., got "
+                                            "NoneType"):
+        write_report({"eval": None}, tmp_path / "rep")
