@@ -207,6 +207,9 @@ def aa_settings(version: str | None = None, attacks: str | list[str] | tuple[str
             raise HybridatError(f"AutoAttack version {version!r} runs {chosen.restarts} restart(s), not {restarts}; "
                                 "give a version or the restarts (with a list of attacks), not both")
         attacks = chosen.attacks
+    if not isinstance(attacks, (str, list, tuple)):  # 5: "'int' object is not iterable"
+        raise HybridatError(f"AutoAttack attacks must be a comma-separated str or a list of names, got "
+                            f"{type(attacks).__name__}")
     names = tuple(a.strip() for a in attacks.split(",")) if isinstance(attacks, str) else tuple(attacks)
     if not names or names == ("",):
         raise HybridatError(f"no AutoAttack attacks given; name one or more of: {', '.join(AA_ATTACKS)}")

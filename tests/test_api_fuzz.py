@@ -208,3 +208,12 @@ def test_write_report_names_a_frame_that_is_not_a_dataframe_before_counting_rows
     with pytest.raises(HybridatError, match="eval rows must be a pandas DataFrame .load_runs gives them., got "
                                             "NoneType"):
         write_report({"eval": None}, tmp_path / "rep")
+
+
+def test_autoattack_attacks_that_are_neither_a_str_nor_a_list_are_named():
+    """aa_attacks=5 (evaluate, robust_accuracy, aa_settings) ended in "'int' object is not iterable"."""
+    model = tiny().eval()
+    x, y = torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(HybridatError, match="AutoAttack attacks must be a comma-separated str or a list of names, "
+                                            "got int"):
+        attacks.robust_accuracy(BranchView(model, "adv"), x, y, "autoattack", 8 / 255, aa_attacks=5)
