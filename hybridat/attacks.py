@@ -108,7 +108,22 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: fl
     (README, Speed: measured counts). batch_size: the iterations run on that many images at a time (None: all of x
     at once), so memory grows with it, not with len(x); the random start is drawn for all of x first, so the
     examples are one call's up to that round-off (`loss_fn` then sees one batch at a time). on_batch(images done so
-    far) is called after each batch, for a progress bar."""
+    far) is called after each batch, for a progress bar. x and y are checked as `robust_accuracy` checks them (one
+    host sync)."""
+    attacked_module(model)
+    check_batch(model, x, y)  # float64 pixels, NaN, label 10, grayscale: torch errors inside, or NaN examples
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise HybridatError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return pgd_unchecked(model, x, y, eps, step, steps, start, loss_fn, norm, generator, batch_size, on_batch)
+
+
+def pgd_unchecked(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float | None = None,
+                  steps: int = 10, start: str = "uniform", loss_fn=None, norm: str = "linf",
+                  generator: torch.Generator | None = None, batch_size: int | None = None,
+                  on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """`pgd` without its checks of the pixels and labels (no host sync): for callers that checked them (the
+    training attack, inside CUDA graphs; robust_accuracy, whose bf16 crafting copy of the model differs from x's
+    dtype)."""
     attacked_module(model)
     _check(x, y, eps, norm)
     check_callback(loss_fn, "loss_fn")
@@ -153,6 +168,10 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torc
     """Fast gradient sign method, Goodfellow et al. 2015 ("Explaining and Harnessing Adversarial
     Examples"): x + ε·sign(∇ CE), clipped to [0, 1]. Threat model L∞. x (B, C, H, W), y (B,) -> (B, C, H, W)."""
     return pgd(model, x, y, eps, step=eps, steps=1, start="none")
+
+
+def _fgsm_unchecked(model, x, y, eps):
+    return pgd_unchecked(model, x, y, eps, step=eps, steps=1, start="none")
 
 
 UNTARGETED = ("apgd-ce", "apgd-dlr", "fab")  # the attacks whose restarts AutoAttack's versions set
@@ -295,11 +314,12 @@ def _clean(model, x, y, eps, step, steps, seed):
 
 
 def _fgsm(model, x, y, eps, step, steps, seed):
-    return fgsm(model, x, y, eps)
+    return _fgsm_unchecked(model, x, y, eps)  # robust_accuracy checked x and y
 
 
 def _pgd(model, x, y, eps, step, steps, seed):  # evaluation protocol: uniform start, step ε/4 by default
-    return pgd(model, x, y, eps, step, steps, start="uniform", generator=torch.Generator(x.device).manual_seed(seed))
+    return pgd_unchecked(model, x, y, eps, step, steps, start="uniform",
+                         generator=torch.Generator(x.device).manual_seed(seed))
 
 
 def _autoattack(model, x, y, eps, step, steps, seed):

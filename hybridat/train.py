@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from .attacks import frozen, pgd
+from .attacks import frozen, pgd_unchecked
 from .data import Split, train_batches
 from .inputs import check_pixel_eps
 from .errors import HybridatError, check_choice, check_number
@@ -141,7 +141,8 @@ def craft(model: BranchModel, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig
         loss_fn = lambda logits, _: trades_kl(logits, p_clean, reduction="sum")  # noqa: E731
     folded_dtype = torch.bfloat16 if torch.is_autocast_enabled(x.device.type) else x.dtype
     with bn_folded(model, "adv", folded_dtype):  # eval mode, one branch: each BN is part of its conv
-        return pgd(adv, x, y, cfg.eps / 255, cfg.step / 255, cfg.steps, start="normal", loss_fn=loss_fn)
+        return pgd_unchecked(adv, x, y, cfg.eps / 255, cfg.step / 255, cfg.steps, start="normal",
+                             loss_fn=loss_fn)  # no host sync: a CUDA graph may hold it
 
 
 def train_step(net, model: BranchModel, x, y, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:

@@ -217,3 +217,23 @@ def test_autoattack_attacks_that_are_neither_a_str_nor_a_list_are_named():
     with pytest.raises(HybridatError, match="AutoAttack attacks must be a comma-separated str or a list of names, "
                                             "got int"):
         attacks.robust_accuracy(BranchView(model, "adv"), x, y, "autoattack", 8 / 255, aa_attacks=5)
+
+
+def test_pgd_checks_its_batch_as_robust_accuracy_does():
+    """pgd, which the README names beside robust_accuracy, checked only the shapes and dtypes: float64 pixels and
+    a grayscale batch ended in torch's RuntimeError, label 10 in cross_entropy's IndexError, a NaN pixel came back
+    as NaN examples, generator=5 ended in uniform_'s TypeError."""
+    model = tiny().eval()
+    view = BranchView(model, "adv")
+    x, y = torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
+    nan = x.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    cases = [((x.double(), y), {}, "x is torch.float64, the model's weights are torch.float32"),
+             ((x[:, :1], y), {}, "x has 1 channels and the model takes 3"),
+             ((x, y + 10), {}, r"y holds labels in \[10, 10\]"),
+             ((nan, y), {}, "x holds NaN or infinite values"),
+             ((x, y), {"generator": 5}, "generator must be a torch.Generator or None, got int")]
+    for (xs, ys), kwargs, message in cases:
+        with pytest.raises(HybridatError, match=message):
+            attacks.pgd(view, xs, ys, 8 / 255, steps=1, **kwargs)
+    assert attacks.pgd(view, x, y, 8 / 255, steps=1, generator=torch.Generator().manual_seed(0)).shape == x.shape

@@ -10,7 +10,7 @@ import torchattacks
 from torch import nn
 
 from hybridat.attacks import (AA_VERSIONS, ATTACKS, AASettings, aa_settings, autoattack, default_step, fgsm, frozen,
-                              pgd, pgd_from, robust_accuracy)
+                              pgd, pgd_from, pgd_unchecked, robust_accuracy)
 from hybridat.errors import HybridatError
 
 EPS = 8 / 255
@@ -313,7 +313,7 @@ def test_bad_input_raises():
                              (dict(eps=EPS, norm="l1"), "unknown threat-model norm 'l1'; choose one of: linf, l2")]:
         with pytest.raises(HybridatError, match=fragment):
             pgd(model, x, y, **kwargs)
-    with pytest.raises(HybridatError, match=r"got \(4, 3, 8, 8\) and \(3,\)"):
+    with pytest.raises(HybridatError, match=r"y must have one label per image, shape \(4,\), got \(3,\)"):
         pgd(model, x, y[:3], EPS)
     with pytest.raises(HybridatError, match="not both"):
         autoattack(model, x, y, EPS, version="standard", attacks=["apgd-ce"])
@@ -505,14 +505,15 @@ def test_robust_accuracy_names_bad_input_in_one_line(case, fragment):
 
 
 def test_pgd_refuses_wrong_dtypes_and_linf_eps_above_1_without_a_sync():
+    """The training attack's checks (pgd_unchecked: no host sync; pgd checks the values too)."""
     model, (x, y) = tiny_net(), data(4)
     with pytest.raises(HybridatError, match="integer class labels"):
-        pgd(model, x, y.float(), EPS)
+        pgd_unchecked(model, x, y.float(), EPS)
     with pytest.raises(HybridatError, match=re.escape("expected float pixels x in [0, 1], got torch.uint8")):
-        pgd(model, (x * 255).to(torch.uint8), y, EPS)
+        pgd_unchecked(model, (x * 255).to(torch.uint8), y, EPS)
     with pytest.raises(HybridatError, match=re.escape("eps is in [0, 1] units here")):
-        pgd(model, x, y, 8.0)
-    x_adv = pgd(model, x, y, 2.0, 0.1, 1, norm="l2", start="none")  # an L2 radius may exceed 1
+        pgd_unchecked(model, x, y, 8.0)
+    x_adv = pgd_unchecked(model, x, y, 2.0, 0.1, 1, norm="l2", start="none")  # an L2 radius may exceed 1
     assert_in_ball(x_adv, x, 2.0, norm="l2")
 
 
