@@ -237,3 +237,13 @@ def test_pgd_checks_its_batch_as_robust_accuracy_does():
         with pytest.raises(HybridatError, match=message):
             attacks.pgd(view, xs, ys, 8 / 255, steps=1, **kwargs)
     assert attacks.pgd(view, x, y, 8 / 255, steps=1, generator=torch.Generator().manual_seed(0)).shape == x.shape
+
+
+def test_write_csv_refuses_rows_without_columns(tmp_path):
+    """write_csv([{}], path) wrote a CSV of two bare newlines, which load_runs then called unreadable: what
+    write_csv refuses for no rows at all."""
+    from hybridat.checkpoint import write_csv
+
+    with pytest.raises(HybridatError, match="the rows have no columns"):
+        write_csv([{}, {}], tmp_path / "e.csv")
+    assert not (tmp_path / "e.csv").exists()
