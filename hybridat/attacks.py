@@ -154,7 +154,12 @@ def pgd_from(model: nn.Module, x: torch.Tensor, y: torch.Tensor, adv: torch.Tens
     with frozen(model), torch.enable_grad():  # also callable from inside a caller's no_grad block
         for _ in range(steps):
             adv.requires_grad_(True)
-            grad = torch.autograd.grad(loss_fn(model(adv), y), adv)[0]
+            loss = loss_fn(model(adv), y)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:  # metadata only: no host sync
+                got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise HybridatError(f"loss_fn must return one number (a 0-dim tensor: sum or mean over the batch), "
+                                    f"got {got}")
+            grad = torch.autograd.grad(loss, adv)[0]
             if norm == "linf":  # torchattacks.PGD's arithmetic
                 adv = adv.detach() + step * grad.sign()
             else:  # torchattacks.PGDL2's arithmetic

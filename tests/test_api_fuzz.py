@@ -247,3 +247,15 @@ def test_write_csv_refuses_rows_without_columns(tmp_path):
     with pytest.raises(HybridatError, match="the rows have no columns"):
         write_csv([{}, {}], tmp_path / "e.csv")
     assert not (tmp_path / "e.csv").exists()
+
+
+def test_pgd_names_a_loss_that_is_not_one_number():
+    """A per-example loss_fn (cross_entropy(..., reduction="none")) ended in autograd's RuntimeError "grad can be
+    implicitly created only for scalar outputs"."""
+    import torch.nn.functional as F
+
+    model = tiny().eval()
+    x, y = torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(HybridatError, match=r"loss_fn must return one number .*got \(2,\)"):
+        attacks.pgd(BranchView(model, "adv"), x, y, 8 / 255, steps=1,
+                    loss_fn=lambda logits, t: F.cross_entropy(logits, t, reduction="none"))
