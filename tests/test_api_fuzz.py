@@ -259,3 +259,39 @@ def test_pgd_names_a_loss_that_is_not_one_number():
     with pytest.raises(HybridatError, match=r"loss_fn must return one number .*got \(2,\)"):
         attacks.pgd(BranchView(model, "adv"), x, y, 8 / 255, steps=1,
                     loss_fn=lambda logits, t: F.cross_entropy(logits, t, reduction="none"))
+
+
+def test_the_api_sweep_covers_every_parameter_of_every_function_the_readme_names(data_dir, tmp_path):
+    """scripts/fuzz_api.py (~3 minutes, not part of `make test`) keeps up with the library: every function of
+    hybridat's API and every parameter of each gets hostile values, and a new parameter of a kind the sweep does not
+    know fails here rather than there."""
+    import inspect
+    import types
+
+    import pandas as pd
+
+    import hybridat
+    from hybridat.checkpoint import load_checkpoint, save_checkpoint
+
+    from conftest import script
+
+    fuzz = script("fuzz_api")
+    swept = {fuzz.SPECS[s][0].rsplit(".", 1)[1] for s in fuzz.SPECS}
+    named = set(hybridat._API) - {"HybridatError"} | {"evaluate", "recombine", "cross", "swap_ap", "reestimate",
+                                                       "pgd", "robust_accuracy"}
+    assert swept == named
+    for name, model in (("m", tiny()), ("bn", tiny("bn"))):
+        save_checkpoint(model.eval(), tmp_path / f"{name}.safetensors", train={"eps": 8}, seed=0)
+    split = load_split("cifar10", train=False, data_dir=data_dir, n=4)
+    ckpt = load_checkpoint(tmp_path / "m.safetensors")
+    ctx = types.SimpleNamespace(ws=tmp_path, ckpt=ckpt, bn=load_checkpoint(tmp_path / "bn.safetensors"),
+                                split=split, train=split, x=to_float(split.images), y=split.labels,
+                                view=BranchView(ckpt.model, "adv"))
+    bases = {"frames": {"eval": pd.DataFrame({"accuracy": [50.0]})}, "rows": [{"a": 1}], "out": "o.csv"}
+    for spec, (dotted, _, _) in fuzz.SPECS.items():
+        for p in inspect.signature(fuzz._function(dotted)).parameters.values():
+            if p.name in fuzz.SKIP.get(spec, ()):
+                continue
+            cases = fuzz.values(spec.split("+")[0], p, ctx, bases.get(p.name, p.default))
+            assert cases, f"{spec}({p.name}) gets no hostile values"
+            assert len({label for label, _ in cases}) == len(cases), f"{spec}({p.name}): labels repeat"
