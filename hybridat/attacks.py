@@ -348,6 +348,9 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
     the end)."""
     if not isinstance(attack, str) or attack not in ATTACKS:  # a list: TypeError (unhashable)
         raise HybridatError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}")
+    if attack != "autoattack" and (aa_version, aa_attacks, aa_restarts) != (None, None, None):  # as evaluate
+        raise HybridatError(f"AutoAttack settings (aa_version, aa_attacks, aa_restarts) were given, but the attack "
+                            f"is {attack!r}")
     attacked_module(model)
     check_batch(model, x, y)  # pixels in [0, 1], one integer label per image, all on the model's device
     _check(x, y, eps)

@@ -156,9 +156,9 @@ def evaluate(ckpt: Checkpoint, split: Split, attacks: list[str], branches: list[
                     progress(0)
                 acc = robust_accuracy(BranchView(ckpt.model, branch), x, y, attack, eps=eps / 255,
                                       step=None if step is None else step / 255, steps=k or 1,
-                                      batch_size=batch_size, seed=seed, aa_version=aa_version,
-                                      aa_attacks=aa_attacks, aa_restarts=aa_restarts, graphs=graphs, amp=amp,
-                                      on_batch=progress)
+                                      batch_size=batch_size, seed=seed, graphs=graphs, amp=amp, on_batch=progress,
+                                      **(dict(aa_version=aa_version, aa_attacks=aa_attacks, aa_restarts=aa_restarts)
+                                         if attack == "autoattack" else {}))
                 done[key] = (acc, time.perf_counter() - t0)
             acc, seconds = done[key]
             row = _row(ckpt, branch, attack, k, eps, step, len(y), acc, seconds, seed, aa if attack == "autoattack"

@@ -295,3 +295,25 @@ def test_the_api_sweep_covers_every_parameter_of_every_function_the_readme_names
             cases = fuzz.values(spec.split("+")[0], p, ctx, bases.get(p.name, p.default))
             assert cases, f"{spec}({p.name}) gets no hostile values"
             assert len({label for label, _ in cases}) == len(cases), f"{spec}({p.name}): labels repeat"
+
+
+def test_robust_accuracy_refuses_autoattack_settings_for_another_attack():
+    """robust_accuracy(..., "pgd", aa_restarts=float("nan")) (or aa_version="bogus") measured PGD without a word
+    about the settings it ignored; evaluate refuses them unless autoattack is among its attacks."""
+    model = tiny().eval()
+    x, y = torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
+    for kwargs in ({"aa_restarts": float("nan")}, {"aa_version": "bogus"}, {"aa_attacks": "apgd-ce"}):
+        with pytest.raises(HybridatError, match="AutoAttack settings .* were given, but the attack is 'pgd'"):
+            attacks.robust_accuracy(BranchView(model, "adv"), x, y, "pgd", 8 / 255, steps=1, **kwargs)
+
+
+def test_evaluate_hands_autoattack_settings_to_autoattack_only(data_dir, tmp_path):
+    """evaluate passed aa_* to robust_accuracy for every attack; FGSM beside AutoAttack with its settings still
+    measures both now that robust_accuracy refuses AutoAttack settings for another attack."""
+    from hybridat.checkpoint import load_checkpoint, save_checkpoint
+    from hybridat.evaluate import evaluate
+
+    save_checkpoint(tiny().eval(), tmp_path / "m.safetensors", train={"eps": 8}, seed=0)
+    rows = evaluate(load_checkpoint(tmp_path / "m.safetensors"), load_split("cifar10", train=False,
+                    data_dir=data_dir, n=2), ["fgsm", "autoattack"], ["adv"], aa_attacks="apgd-ce", aa_restarts=1)
+    assert [r["attack"] for r in rows] == ["fgsm", "autoattack-custom"]
