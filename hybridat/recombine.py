@@ -9,6 +9,7 @@ Layer indices are positions in `norm_layers(model)` (depth order).
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Callable, Iterable
 
 import torch
@@ -132,6 +133,16 @@ def _copy_set(dst: BranchBatchNorm, dst_key: str, src: BranchBatchNorm, src_key:
 
 # the attack settings each --reestimate domain reads (the others it would ignore)
 DOMAIN_USES = {"clean": (), "noise": ("eps",), "adv": ("eps", "step", "steps")}
+
+
+def _is_default(value, default) -> bool:
+    """Whether `value` is `default` (8 for 8.0; never NaN, True for 1 or "adv" for a list)."""
+    if value is default:
+        return True
+    numbers = (int, float)
+    if isinstance(default, numbers) and not isinstance(default, bool):
+        return isinstance(value, numbers) and not isinstance(value, bool) and value == default
+    return type(value) is type(default) and value == default
 
 
 def check_reestimate(branch: str, domain: str, *, eps: float = 8.0, step: float = 2.0, steps: int = 10,
@@ -262,7 +273,15 @@ def swap_bn(ckpt: Checkpoint, out, *, cross: bool = False, swap_ap: bool = False
     if not isinstance(ckpt, Checkpoint):
         raise HybridatError(f"ckpt must be a hybridat Checkpoint (hybridat.load_checkpoint(path)), got "
                             f"{type(ckpt).__name__}")
-    if reestimate is not None:
+    if reestimate is None:  # as the command refuses --eps without --reestimate: swap_bn(cross=True, eps=nan) was ok
+        settings = {"split": split, "branch": branch, "n_images": n_images, "eps": eps, "step": step, "steps": steps,
+                    "batch_size": batch_size, "seed": seed}  # on_batch: a progress bar with nothing to follow
+        defaults = inspect.signature(swap_bn).parameters
+        given = [k for k, v in settings.items() if not _is_default(v, defaults[k].default)]
+        if given:
+            raise HybridatError(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to reestimate; "
+                                f"{chosen[0]} does not use {'them' if len(given) > 1 else 'it'}")
+    else:
         check_reestimate(branch, reestimate, eps=eps, step=step, steps=steps, batch_size=batch_size, seed=seed,
                          n_images=n_images)
         if split is None:

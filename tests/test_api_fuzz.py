@@ -317,3 +317,20 @@ def test_evaluate_hands_autoattack_settings_to_autoattack_only(data_dir, tmp_pat
     rows = evaluate(load_checkpoint(tmp_path / "m.safetensors"), load_split("cifar10", train=False,
                     data_dir=data_dir, n=2), ["fgsm", "autoattack"], ["adv"], aa_attacks="apgd-ce", aa_restarts=1)
     assert [r["attack"] for r in rows] == ["fgsm", "autoattack-custom"]
+
+
+def test_swap_bn_refuses_reestimate_settings_without_reestimate(tmp_path):
+    """swap_bn(ckpt, out, cross=True, eps=float("nan")) (or steps=0, n_images=inf, a split) wrote the crossed
+    model and ignored the settings, which the command refuses (`--eps only applies to --reestimate`)."""
+    from hybridat.checkpoint import load_checkpoint, save_checkpoint
+    from hybridat.recombine import swap_bn
+
+    save_checkpoint(tiny().eval(), tmp_path / "m.safetensors", train={"eps": 8}, seed=0)
+    ckpt = load_checkpoint(tmp_path / "m.safetensors")
+    for kwargs, given in [({"eps": float("nan")}, "eps only applies"), ({"steps": 0, "seed": 1}, "steps, seed only "
+                                                                       "apply"), ({"n_images": float("inf")}, "n_images")]:
+        with pytest.raises(HybridatError, match=f"{given}.*reestimate; cross does not use"):
+            swap_bn(ckpt, tmp_path / "o.safetensors", cross=True, **kwargs)
+    assert not (tmp_path / "o.safetensors").exists()
+    swap_bn(ckpt, tmp_path / "o.safetensors", cross=True, eps=8, steps=10)  # the defaults, as given by the command
+    assert (tmp_path / "o.safetensors").exists()
