@@ -54,6 +54,12 @@ def check_frames(frames) -> None:
         missing = sorted(SCHEMAS[kind] - set(frame.columns))
         if missing:
             raise HybridatError(f"{kind} rows lack the column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    if "eval" in frames:  # as load_runs checks a file's: a NaN accuracy (rows made in Python) left its seed out
+        accuracy = pd.to_numeric(frames["eval"]["accuracy"], errors="coerce")
+        bad = accuracy[accuracy.isna() | (accuracy < 0) | (accuracy > 1)]
+        if len(bad):
+            raise HybridatError(f"the eval rows' accuracy must lie in [0, 1], got "
+                                f"{frames['eval']['accuracy'][bad.index[0]]} (row {bad.index[0]})")
 
 
 def check_report_out(out_dir: Path, inputs=()) -> None:

@@ -334,3 +334,20 @@ def test_swap_bn_refuses_reestimate_settings_without_reestimate(tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
     swap_bn(ckpt, tmp_path / "o.safetensors", cross=True, eps=8, steps=10)  # the defaults, as given by the command
     assert (tmp_path / "o.safetensors").exists()
+
+
+def test_write_report_refuses_eval_rows_of_a_nan_accuracy(data_dir, tmp_path):
+    """load_runs refuses a CSV whose accuracy is NaN (its seed would silently drop out of its cell); frames made or
+    edited in Python went into write_report unchecked and the report was written."""
+    from hybridat.checkpoint import load_checkpoint, save_checkpoint, write_csv
+    from hybridat.evaluate import evaluate
+    from hybridat.report import load_runs, write_report
+
+    save_checkpoint(tiny().eval(), tmp_path / "m.safetensors", train={"eps": 8}, seed=0)
+    write_csv(evaluate(load_checkpoint(tmp_path / "m.safetensors"), load_split("cifar10", train=False,
+                       data_dir=data_dir, n=2), ["clean"], ["adv"]), tmp_path / "runs" / "eval.csv")
+    frames = load_runs([tmp_path / "runs"])
+    frames["eval"]["accuracy"] = float("nan")
+    with pytest.raises(HybridatError, match=r"the eval rows' accuracy must lie in \[0, 1\], got nan \(row 0\)"):
+        write_report(frames, tmp_path / "rep")
+    assert not (tmp_path / "rep").exists()
