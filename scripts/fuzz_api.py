@@ -134,7 +134,6 @@ def values(fn: str, p: inspect.Parameter, c: Ctx, base) -> list[tuple[str, objec
     """(label, value) for each hostile value of parameter p of function fn; `base` is its valid value."""
     name = p.name
     ann = p.annotation if isinstance(p.annotation, str) else inspect.formatannotation(p.annotation)
-    ws = c.ws
     pixel_eps = fn not in ("pgd", "robust_accuracy")
     if name.startswith("on_"):
         return _callbacks("evaluate" if (fn, name) == ("evaluate", "on_batch") else name)
@@ -415,7 +414,7 @@ def run_case(case, timeout: float, pristine: Path) -> dict:
             result, detail = "BAD", f"HybridatError of {text.count(chr(10)) + 1} lines: {text[:300]!r}"
     except CallbackError as e:
         result, detail = "raised", str(e)
-    except BaseException as e:  # noqa: BLE001: what the sweep is for
+    except BaseException as e:  # noqa: BLE001 -- what the sweep is for
         if isinstance(e, TypeError) and "no_arguments()" in str(e):  # the callback's own signature
             result, detail = "raised", str(e)
         tb = traceback.extract_tb(e.__traceback__)

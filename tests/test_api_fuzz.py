@@ -327,8 +327,9 @@ def test_swap_bn_refuses_reestimate_settings_without_reestimate(tmp_path):
 
     save_checkpoint(tiny().eval(), tmp_path / "m.safetensors", train={"eps": 8}, seed=0)
     ckpt = load_checkpoint(tmp_path / "m.safetensors")
-    for kwargs, given in [({"eps": float("nan")}, "eps only applies"), ({"steps": 0, "seed": 1}, "steps, seed only "
-                                                                       "apply"), ({"n_images": float("inf")}, "n_images")]:
+    cases = [({"eps": float("nan")}, "eps only applies"), ({"steps": 0, "seed": 1}, "steps, seed only apply"),
+             ({"n_images": float("inf")}, "n_images")]
+    for kwargs, given in cases:
         with pytest.raises(HybridatError, match=f"{given}.*reestimate; cross does not use"):
             swap_bn(ckpt, tmp_path / "o.safetensors", cross=True, **kwargs)
     assert not (tmp_path / "o.safetensors").exists()
