@@ -346,8 +346,7 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
     amp: FGSM and PGD craft their examples in bf16 (`crafting`); the accuracy is counted in fp32 on `model`.
     on_batch(images done so far) is called after each batch, for a progress bar (no host sync; AutoAttack: once, at
     the end)."""
-    if not isinstance(attack, str) or attack not in ATTACKS:  # a list: TypeError (unhashable)
-        raise HybridatError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}")
+    check_choice(attack, ATTACKS, "attack")
     if attack != "autoattack" and (aa_version, aa_attacks, aa_restarts) != (None, None, None):  # as evaluate
         raise HybridatError(f"AutoAttack settings (aa_version, aa_attacks, aa_restarts) were given, but the attack "
                             f"is {attack!r}")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import HybridatError, check_number
+from .errors import HybridatError, check_choice, check_number
 from .files import as_path
 from .inputs import check_flag
 from .runtime import resolve_device
@@ -153,9 +153,7 @@ DATASETS: dict[str, DatasetInfo] = {
 
 
 def _info(name: str) -> DatasetInfo:
-    if not isinstance(name, str) or name not in DATASETS:  # a list: TypeError (unhashable)
-        raise HybridatError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    return DATASETS[name]
+    return DATASETS[check_choice(name, DATASETS, "dataset")]
 
 
 def num_classes(name: str) -> int:

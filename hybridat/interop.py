@@ -307,8 +307,8 @@ def match(state: dict[str, torch.Tensor], *, arch: str | None = None, layout: st
     naming the first missing or unmapped keys of the closest candidate."""
     if adv_split not in ("aux", "main"):
         raise HybridatError(f"adv split must be 'aux' or 'main', got {adv_split!r}")
-    if arch is not None and (not isinstance(arch, str) or arch not in ARCHS):
-        raise HybridatError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+    if arch is not None:
+        check_choice(arch, ARCHS, "arch")
     if num_classes is not None:  # 0 was taken for "not given" and the head's classes used instead
         check_number("num_classes", num_classes, 2, 100_000, integer=True)
     if norm is not None:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import HybridatError
+from .errors import HybridatError, check_choice
 
 BRANCHES = ("adv", "clean")
 SHARED = "shared"
@@ -363,6 +363,4 @@ for _name, _groups in _GROUPS.items():
 
 
 def get_norm(name: str) -> NormSpec:
-    if not isinstance(name, str) or name not in NORMS:  # a list: TypeError (unhashable)
-        raise HybridatError(f"unknown norm {name!r}; choose one of: {', '.join(NORMS)}")
-    return NORMS[name]
+    return NORMS[check_choice(name, NORMS, "norm")]
