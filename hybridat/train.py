@@ -96,11 +96,17 @@ def loss_weights(loss: str, clean_weight: float | None = None, trades_beta: floa
     elsewhere."""
     check_choice(loss, LOSSES, "loss")
     given = {"clean_weight": clean_weight, "trades_beta": trades_beta}
-    for name, value in given.items():
-        if value is not None and LOSS_WEIGHTS[name] != loss:
-            raise HybridatError(f"--{name.replace('_', '-')} weighs a term of --loss {LOSS_WEIGHTS[name]}; --loss "
-                                f"{loss} has none, so it would be ignored")
+    _refuse_unread_weights(loss, [name for name, value in given.items() if value is not None], "--")
     return {name: getattr(TrainConfig, name) if value is None else value for name, value in given.items()}
+
+
+def _refuse_unread_weights(loss: str, given: list[str], prefix: str = "") -> None:
+    """One line if a weight in `given` belongs to a loss other than `loss` (`prefix` "--" names the flags)."""
+    for name in given:
+        if LOSS_WEIGHTS[name] != loss:
+            flag = prefix + (name.replace("_", "-") if prefix else name)
+            raise HybridatError(f"{flag} weighs a term of {prefix}loss {LOSS_WEIGHTS[name]}; {prefix}loss {loss} "
+                                f"has none, so it would be ignored")
 
 
 def check_config(cfg: TrainConfig, norm: str) -> None:
@@ -123,6 +129,9 @@ def check_config(cfg: TrainConfig, norm: str) -> None:
     check_number("weight decay", cfg.weight_decay, 0)
     check_number("clean weight", cfg.clean_weight, 0, 1)
     check_number("trades beta", cfg.trades_beta, 0)
+    # a weight set away from its default for a loss that never reads it (TrainConfig(trades_beta=3) trained hybrid)
+    _refuse_unread_weights(cfg.loss, [name for name in LOSS_WEIGHTS
+                                      if getattr(cfg, name) != getattr(TrainConfig, name)])
     check_number("seed", cfg.seed, 0, 2**63 - 1, integer=True)
     if cfg.train_subset is not None:
         check_number("train subset", cfg.train_subset, 1, integer=True)

@@ -124,6 +124,17 @@ def test_bad_numbers_are_rejected():
     check_config(TrainConfig(), "bn")  # the defaults pass
 
 
+@pytest.mark.parametrize("cfg, fragment", [
+    (TrainConfig(loss="hybrid", trades_beta=3), "trades_beta weighs a term of loss trades; loss hybrid has none"),
+    (TrainConfig(loss="madry", clean_weight=0.3), "clean_weight weighs a term of loss hybrid; loss madry has none"),
+    (TrainConfig(loss="trades", clean_weight=0.3), "clean_weight weighs a term of loss hybrid; loss trades has none")])
+def test_a_weight_the_loss_never_reads_is_refused(cfg, fragment):
+    with pytest.raises(HybridatError, match=fragment):  # it would train, and its checkpoint record a weight unused
+        check_config(cfg, "bn")
+    check_config(TrainConfig(loss=cfg.loss, clean_weight=0.3 if cfg.loss == "hybrid" else 0.5,
+                             trades_beta=3 if cfg.loss == "trades" else 6.0), "bn")  # each loss's own weight is fine
+
+
 def test_training_is_deterministic_for_a_seed_and_learns():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=g)
