@@ -246,6 +246,8 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 in [0, 255] -> float32 in [0, 1], same shape and device."""
+    if not isinstance(images, torch.Tensor):  # a list or None: "'list' object has no attribute 'dtype'"
+        raise HybridatError(f"to_float expects a uint8 tensor of images, got {type(images).__name__}")
     if images.dtype != torch.uint8:
         raise HybridatError(f"to_float expects uint8 images, got {images.dtype}")
     return images.float().div_(255)

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import HybridatError, check_number
-from .norms import BranchAdapter, BranchBatchNorm, BranchLinear, BranchNorm, NormSpec, Routed, Router, get_norm
+from .errors import HybridatError, check_choice, check_number
+from .norms import (BRANCHES, BranchAdapter, BranchBatchNorm, BranchLinear, BranchNorm, NormSpec, Routed, Router,
+                    get_norm)
 
 Route = str | tuple[int, int]
 MAX_WIDTH = 16.0  # --width above this is a typo, not a model: ResNet-18 at 16x has ~3e9 parameters
@@ -164,7 +165,10 @@ class BranchView(nn.Module):
 
     def __init__(self, model: BranchModel, branch: str):
         super().__init__()
-        self.model, self.branch = model, branch
+        if not isinstance(model, BranchModel):  # a str or a torchvision model failed at the first call, untold
+            raise HybridatError(f"BranchView takes a hybridat model (load_checkpoint(path).model), got "
+                                f"{type(model).__name__}; another network maps pixels to logits as it is")
+        self.model, self.branch = model, check_choice(branch, BRANCHES, "branch")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x, self.branch)

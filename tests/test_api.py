@@ -264,3 +264,19 @@ def test_a_checkpoint_or_a_model_where_a_path_is_meant_is_named(ckpt, tmp_path):
     for call, message in cases:
         with pytest.raises(HybridatError, match=message):
             call()
+
+
+def test_to_float_and_branch_view_name_what_they_take(ckpt):
+    """README (From Python) names hybridat.data.to_float(split.images) and BranchView(ckpt.model, "adv"): a list
+    given to to_float ended in "'list' object has no attribute 'dtype'", a torchvision model or a path given to
+    BranchView in a TypeError at its first call."""
+    with pytest.raises(HybridatError, match="to_float expects a uint8 tensor of images, got list"):
+        to_float([[0, 255]])
+    with pytest.raises(HybridatError, match="to_float expects a uint8 tensor of images, got NoneType"):
+        to_float(None)
+    for model in ("m.safetensors", torchvision.models.resnet18(num_classes=10)):
+        with pytest.raises(HybridatError, match="BranchView takes a hybridat model"):
+            BranchView(model, "adv")
+    with pytest.raises(HybridatError, match="unknown branch 'both'"):
+        BranchView(ckpt.model, "both")
+    assert BranchView(ckpt.model, "clean").branch == "clean"
