@@ -165,7 +165,8 @@ class BranchView(nn.Module):
 
     def __init__(self, model: BranchModel, branch: str):
         super().__init__()
-        if not isinstance(model, BranchModel):  # a str or a torchvision model failed at the first call, untold
+        inner = getattr(model, "_orig_mod", getattr(model, "module", model))  # torch.compile, DDP: wrappers of one
+        if not isinstance(inner, BranchModel):  # a str or a torchvision model failed at the first call, untold
             raise HybridatError(f"BranchView takes a hybridat model (load_checkpoint(path).model), got "
                                 f"{type(model).__name__}; another network maps pixels to logits as it is")
         self.model, self.branch = model, check_choice(branch, BRANCHES, "branch")

@@ -280,3 +280,4 @@ def test_to_float_and_branch_view_name_what_they_take(ckpt):
     with pytest.raises(HybridatError, match="unknown branch 'both'"):
         BranchView(ckpt.model, "both")
     assert BranchView(ckpt.model, "clean").branch == "clean"
+    assert BranchView(torch.compile(ckpt.model), "adv").branch == "adv"  # a wrapper of a hybridat model is one
