@@ -317,20 +317,25 @@ def train_cmd(
     # started at the first step, so that every check (and its one-line error) comes first
     progress = _progress(quiet)
     task = progress.add_task("train", total=None, epoch=0, stats="")
-    t0 = [time.perf_counter()]
+    # where the pace counts from: the end of the run's first step (before it: reading the data, building the model,
+    # cuDNN's search; counted in, they made the first epoch's ETA several times too long), then each epoch's start
+    clock: dict = {}
 
     def on_step(epoch, i, n, sums):
         if not progress.live.is_started:
             progress.start()
         if i == 1 or i % 10 == 0 or i == n:  # a host sync, so not every step; a full-width step can take a minute
-            s, spent = summary(sums), time.perf_counter() - t0[0]
-            left = spent / i * (n - i + (epochs - epoch) * n)  # this epoch's steps at its pace so far, then the rest
-            progress.update(task, epoch=f"{epoch}/{epochs}", completed=i, total=n, stats=f"ETA {_eta(left)}  loss "
-                            f"{s['loss']:.3f}  acc adv {_acc(s['acc_adv'])} clean {_acc(s['acc_clean'])}  "
-                            f"{s['images'] / spent:.0f} img/s")
+            s, now = summary(sums), time.perf_counter()
+            if not clock:
+                clock.update(t=now, step=i, images=s["images"])
+            steps, spent = i - clock["step"], now - clock["t"]
+            pace = f"ETA {_eta(spent / steps * (n - i + (epochs - epoch) * n))}  " if steps else "ETA -  "
+            speed = f"  {(s['images'] - clock['images']) / spent:.0f} img/s" if steps else ""
+            progress.update(task, epoch=f"{epoch}/{epochs}", completed=i, total=n, stats=f"{pace}loss "
+                            f"{s['loss']:.3f}  acc adv {_acc(s['acc_adv'])} clean {_acc(s['acc_clean'])}{speed}")
 
     def on_epoch(row):
-        t0[0] = time.perf_counter()
+        clock.update(t=time.perf_counter(), step=0, images=0)
 
     try:
         result = run_training(out, config, cfg, dataset=dataset, data_dir=data_dir, device=_device(device),
