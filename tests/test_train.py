@@ -11,8 +11,8 @@ from hybridat.attacks import pgd
 from hybridat.data import Split
 from hybridat.errors import HybridatError
 from hybridat.models import BranchView
-from hybridat.train import (LOSSES, TrainConfig, check_config, craft, lr_factor, lr_milestones, train,
-                            train_step)
+from hybridat.train import (LOSSES, TrainConfig, check_config, craft, lr_factor, lr_milestones, make_optimizer,
+                            step_sums, summary, train, train_step)
 
 from conftest import perturb, tiny
 
@@ -214,3 +214,73 @@ def test_trades_training_attack_maximizes_the_kl_to_the_clean_branch():
     assert torch.equal(got, crafted["clean || adv"]) and not torch.equal(got, crafted["adv || clean"])
     torch.manual_seed(5)
     assert not torch.equal(got, craft(model, x, y, TrainConfig(loss="hybrid", steps=2)))  # cross-entropy's
+
+
+@pytest.mark.parametrize("loss", ["hybrid", "trades"])
+def test_fused_step_routes_adversarial_rows_to_adv_and_clean_rows_to_clean(loss):
+    """The step's adv logits are the adv branch's on x_adv and its clean logits the clean branch's on x (train mode,
+    one fused forward = two passes for dual-bn): swapping the halves trained each branch on the other domain."""
+    model = perturb(tiny("dual-bn")).train()
+    x, y = batch()
+    cfg = TrainConfig(loss=loss, steps=2)
+    torch.manual_seed(3)
+    x_adv = craft(copy.deepcopy(model), x, y, cfg)
+    assert not torch.equal(x_adv, x)
+    adv_pass, clean_pass = copy.deepcopy(model), copy.deepcopy(model)
+    torch.manual_seed(3)
+    _, logits = train_step(model, model, x, y, cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(logits["adv"], adv_pass(x_adv, "adv"))
+        torch.testing.assert_close(logits["clean"], clean_pass(x, "clean"))
+        assert not torch.allclose(logits["adv"], copy.deepcopy(adv_pass)(x, "adv"), atol=1e-3)
+
+
+@pytest.mark.parametrize("norm", ["dual-linear", "dual-adapter"])
+def test_training_attack_goes_through_the_adv_branch_where_folding_cannot_hide_it(norm):
+    """Folding every norm as the adv branch sees it makes dual-bn's two views one network, so the test above cannot
+    tell the branches apart through the norms alone; a per-branch head or adapter is not folded, so here the
+    examples are the adv view's and not the clean view's."""
+    model = perturb(tiny(norm)).train()
+    x, y = batch()
+    torch.manual_seed(5)
+    got = craft(model, x, y, TrainConfig(steps=2))
+    reference = copy.deepcopy(model).eval()
+    views = {}
+    for branch in ("adv", "clean"):
+        torch.manual_seed(5)
+        views[branch] = pgd(BranchView(reference, branch), x, y, 8 / 255, 2 / 255, 2, start="normal")
+    torch.testing.assert_close(got, views["adv"], atol=1e-6, rtol=0)
+    assert (got - views["clean"]).abs().max() > 1e-3
+
+
+def test_optimizer_is_sgd_with_the_configs_momentum_and_weight_decay_on_every_parameter():
+    """SPEC's SGD: lr, momentum 0.9 and weight decay 5e-4 over all parameters; one step moves a weight by the decay
+    term even where its loss gradient is zero."""
+    model = tiny("dual-bn")
+    cfg = TrainConfig(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    optimizer = make_optimizer(model, cfg)
+    assert isinstance(optimizer, torch.optim.SGD)
+    group, = optimizer.param_groups
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.1, 0.9, 5e-4)
+    assert {id(p) for p in group["params"]} == {id(p) for p in model.parameters()}
+    p = next(model.parameters())
+    before = p.detach().clone()
+    p.grad = torch.zeros_like(p)
+    optimizer.step()
+    torch.testing.assert_close(p.detach(), before * (1 - 0.1 * 5e-4))
+
+
+def test_epoch_metrics_are_per_image_means_over_batches_of_any_size():
+    """The epoch row's loss, per-branch loss and accuracy are means over images: a batch of 5 weighs 5/8 against a
+    batch of 3, as the loss of one batch of all 8 would."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (8,), generator=g)
+    logits = {b: torch.randn(8, 10, generator=g) for b in ("adv", "clean")}
+    sums = sum(step_sums(F.cross_entropy(logits["adv"][k], y[k]), {b: v[k] for b, v in logits.items()}, y[k])
+               for k in (slice(0, 5), slice(5, 8)))
+    row = summary(sums)
+    assert row["images"] == 8
+    torch.testing.assert_close(torch.tensor(row["loss"]), F.cross_entropy(logits["adv"], y))
+    torch.testing.assert_close(torch.tensor(row["loss_adv"]), F.cross_entropy(logits["adv"], y))
+    torch.testing.assert_close(torch.tensor(row["loss_clean"]), F.cross_entropy(logits["clean"], y))
+    assert row["acc_clean"] == pytest.approx((logits["clean"].argmax(1) == y).float().mean().item())
