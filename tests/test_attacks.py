@@ -1,5 +1,6 @@
 """Attacks: threat-model bounds, no trace left on the model, exact agreement with torchattacks, behaviour."""
 
+import copy
 import logging
 import re
 
@@ -532,3 +533,19 @@ def test_robust_accuracy_pgd_is_the_evaluation_protocol_batch_by_batch(trained):
         with torch.no_grad():
             correct += (model(x_adv).argmax(1) == yb).sum().item()
     assert robust_accuracy(model, x, y, "pgd", eps, steps=steps, batch_size=size, seed=seed) == correct / len(x)
+
+
+@pytest.mark.parametrize("attack", ["clean", "fgsm", "pgd"])
+def test_robust_accuracy_counts_in_eval_mode_and_leaves_a_train_mode_model_as_it_was(trained, attack):
+    """robust_accuracy counts in eval mode (running NS), whatever mode the caller left the model in; a count in
+    train mode normalized each batch with its own statistics and moved BN's running NS."""
+    model, x, y = trained
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model[1].running_mean.add_(0.3)  # running NS far from any batch's: eval and train mode now differ
+    want = robust_accuracy(model, x, y, attack, 0.02, steps=3, batch_size=32, seed=1)
+    model.train()
+    before = snapshot(model)
+    assert robust_accuracy(model, x, y, attack, 0.02, steps=3, batch_size=32, seed=1) == want
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(m.training for m in model.modules())
