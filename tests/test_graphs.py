@@ -130,3 +130,25 @@ def test_pgd_from_is_pgd_after_its_start():
     frozen_start = start.clone()
     assert torch.equal(attacks.pgd_from(model, x, y, start, 8 / 255, 2 / 255, 3), full)
     assert torch.equal(start, frozen_start) and not start.requires_grad  # the caller's start is left as it was
+
+
+def test_pgd_accuracy_attacks_each_batch_from_the_eager_paths_start(monkeypatch):
+    """Not just the same count: every batch's examples are the eager path's, batch i started from a generator seeded
+    seed + i (a count of 23 images can agree by chance with every batch started from one seed)."""
+    model, x, y = _attackable()
+    counted = {}
+
+    def record(path):
+        def count(net, x_adv, yb):
+            counted.setdefault(path, []).append(x_adv.clone())
+            return count_correct(net, x_adv, yb)
+        return count
+
+    count_correct = attacks._count_correct
+    monkeypatch.setattr(attacks, "_count_correct", record("eager"))
+    robust_accuracy(model, x, y, "pgd", 2 / 255, 0.5 / 255, steps=3, batch_size=8, seed=7)
+    monkeypatch.setattr(attacks, "_count_correct", record("static"))
+    pgd_accuracy(model, x, y, 2 / 255, 0.5 / 255, 3, batch_size=8, seed=7, capture=False)
+    assert [len(b) for b in counted["eager"]] == [len(b) for b in counted["static"]] == [8, 8, 7]
+    for eager, static in zip(counted["eager"], counted["static"]):
+        assert torch.equal(eager, static)
