@@ -10,8 +10,8 @@ from hybridat.checkpoint import load_checkpoint, save_checkpoint
 from hybridat.data import Split, train_batches
 from hybridat.errors import HybridatError
 from hybridat.models import BranchView, ModelConfig, build_model, norm_layers
-from hybridat.norms import AP_PARAMS, BRANCHES, NS_BUFFERS, set_name
-from hybridat.recombine import cross, deeper_than, recombine, reestimate, save_derived, swap_ap
+from hybridat.norms import AP_PARAMS, BRANCHES, NS_BUFFERS, get_norm, set_name
+from hybridat.recombine import cross, deeper_than, recombine, reestimate, save_derived, swap_ap, swap_bn
 
 NS_NAMES = {set_name(base, b) for base in NS_BUFFERS for b in BRANCHES}
 AP_NAMES = {set_name(base, b) for base in AP_PARAMS for b in BRANCHES}
@@ -233,3 +233,36 @@ def test_reestimate_reports_its_progress_batch_by_batch():
     new = reestimate(model, "adv", "adv", tiny_split(10), batch_size=4, steps=1, on_batch=done.append)
     assert done == [0, 4, 8, 10]
     assert same_state(new, reestimate(model, "adv", "adv", tiny_split(10), batch_size=4, steps=1))
+
+
+@pytest.mark.parametrize("kwargs,op", [
+    (dict(cross=True), cross),
+    (dict(swap_ap=True), swap_ap),
+    (dict(cross=True, from_layer=12), lambda m: cross(m, deeper_than(m, 12))),
+    (dict(swap_ap=True, from_layer=12), lambda m: swap_ap(m, deeper_than(m, 12))),
+    (dict(ns={"adv": "clean"}, ap={"clean": "adv"}), lambda m: recombine(m, ns={"adv": "clean"}, ap={"clean": "adv"})),
+])
+def test_swap_bn_writes_the_model_of_the_operation_it_records(tmp_path, kwargs, op):
+    """`swap_bn` (what `hybridat swap-bn` runs) writes the very model `cross`, `swap_ap` or `recombine` makes, in the
+    layers it records: --swap-ap exchanging the NS instead, or --from-layer ignored, wrote a model whose recorded
+    operation is not the one applied."""
+    save_checkpoint(make("dual-bn"), tmp_path / "parent.safetensors", run="r")
+    parent = load_checkpoint(tmp_path / "parent.safetensors")
+    swap_bn(parent, tmp_path / "child.safetensors", **kwargs)
+    child = load_checkpoint(tmp_path / "child.safetensors")
+    assert same_state(child.model, op(parent.model))
+    assert not same_state(child.model, parent.model)
+
+
+@pytest.mark.parametrize("norm", ["cross-bn", "cross-bn-adv", "cross-bn-swap"])
+def test_a_reestimated_cross_bn_model_still_trains_as_its_variant(norm):
+    """The pass of `reestimate` normalizes a Cross-BN layer's one-domain rows with their own statistics
+    (`train_pass`), and only for the pass: the returned model, in train mode, still normalizes every row with the
+    statistics of its variant's domain, as the same weights loaded into a fresh model of the config do."""
+    new = reestimate(make(norm), "adv", "noise", tiny_split(), batch_size=8, n_images=8, eps=8, steps=1)
+    assert [m.batch_ns for _, m in norm_layers(new)] == [get_norm(norm).batch_ns] * len(norm_layers(new))
+    fresh = build_model(new.config)
+    fresh.load_state_dict(new.state_dict())
+    x = inputs(8)
+    with torch.no_grad():
+        assert torch.equal(new.train()(x, (4, 4)), fresh.train()(x, (4, 4)))
