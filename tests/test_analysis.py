@@ -15,7 +15,7 @@ from scipy.stats import wasserstein_distance
 
 from hybridat.analysis import (ap_gap, batch_ns, channels_figure, domain_batches, gap_by_depth_figure, mad,
                                measured_layers, ns_gap, perturb, plot_channels, plot_gap_by_depth, protocol_text,
-                               wasserstein_1d)
+                               running_ns, wasserstein_1d)
 from hybridat.errors import HybridatError
 from hybridat.models import ModelConfig, build_model, norm_layers
 
@@ -454,3 +454,16 @@ def test_fix_ap_routes_every_domain_through_the_chosen_branch():
         for through in ("clean", "adv"):
             same = all(torch.equal(means[i], mean) for i, _, mean, _ in batch_ns(model, data[domain], through))
             assert same == (through == "clean"), (domain, through)
+
+
+@pytest.mark.parametrize("branch", ["adv", "clean"])
+def test_running_reference_of_cross_bn_swap_is_the_set_the_branch_reads(branch):
+    """cross-bn-swap's branch reads the other domain's running set in eval mode (`eval_key`): the running
+    reference is that set, the one the branch is normalized with, not the branch's own domain's."""
+    model = make("cross-bn-swap")
+    other = "clean" if branch == "adv" else "adv"
+    for i, name, mean, std in running_ns(model, branch):
+        layer = norm_layers(model)[i][1]
+        assert torch.equal(mean, getattr(layer, f"running_mean_{other}"))
+        assert torch.equal(std, getattr(layer, f"running_var_{other}").sqrt())
+        assert not torch.equal(mean, getattr(layer, f"running_mean_{branch}"))
