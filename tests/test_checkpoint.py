@@ -96,3 +96,28 @@ def test_a_file_that_is_not_safetensors_is_pointed_at_hybridat_import(tmp_path, 
         path.write_bytes(b"" if kind == "empty" else bytes(random.Random(0).randrange(256) for _ in range(4096)))
     with pytest.raises(HybridatError, match=re.escape(message) + ".*`hybridat import`"):
         load_checkpoint(path)
+
+
+def test_the_hash_tells_apart_configs_whose_weights_look_alike(tmp_path):
+    """bn and bn-mix (dual-bn and cross-bn-swap) have the same tensor names and shapes: the same weights saved under
+    either config are two different models, and every CSV row names a model by this hash, so it covers the config."""
+    for a, b in (("bn", "bn-mix"), ("dual-bn", "cross-bn-swap")):
+        model = perturb(tiny(a))
+        twin = tiny(b)
+        twin.load_state_dict(model.state_dict())
+        hashes = [save_checkpoint(m, tmp_path / f"{m.config.norm}.safetensors") for m in (model, twin)]
+        assert hashes[0] != hashes[1]
+        assert [load_checkpoint(tmp_path / f"{n}.safetensors").hash for n in (a, b)] == hashes
+
+
+def test_row_ids_name_the_model_its_parent_and_its_training(tmp_path):
+    """What every eval and ns-gap row says of its checkpoint: each id from the field it names (the training ε from
+    train.eps, not its PGD step)."""
+    model = perturb(tiny("dual-bn"))
+    op = {"op": "cross", "layers": None}
+    digest = save_checkpoint(model, tmp_path / "m.safetensors", seed="3", parent="0123456789abcdef", operation=op,
+                             train={"loss": "trades", "eps": 16, "step": 4, "steps": 10})
+    ids = load_checkpoint(tmp_path / "m.safetensors").row_ids()
+    assert ids == {"checkpoint_hash": digest, "parent_hash": "0123456789abcdef", "operation": json.dumps(op),
+                   "norm": "dual-bn", "arch": "resnet18", "width": 0.0625, "seed": 3, "train_eps": 16,
+                   "loss_name": "trades"}
