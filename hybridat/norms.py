@@ -148,7 +148,7 @@ class BranchBatchNorm(BranchNorm):
         if self.training and self.batch_ns in ("own", "mixed"):
             return self._train_native(x, groups)
         if self.training:
-            stats = self._batch_stats(x, groups)
+            stats = self._batch_stats(groups)
         else:
             stats = {b: self.running(self.eval_key(b)) for b in groups}
         scale, shift = {}, {}
@@ -189,12 +189,9 @@ class BranchBatchNorm(BranchNorm):
         running_mean, running_var = self.running(key)
         return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, self.eps)
 
-    def _batch_stats(self, x: torch.Tensor, groups: dict) -> dict:
-        """Per-branch (mean, biased var) used in training; updates the running sets as a side effect."""
-        if self.batch_ns == "mixed":
-            mixed = _mean_var(x)
-            self._update(SHARED, mixed, x)
-            return {b: mixed for b in groups}
+    def _batch_stats(self, groups: dict) -> dict:
+        """Per-branch (mean, biased var) that the cross variants normalize with in training (a branch's own or the
+        mixed batch's NS take `_train_native`); updates the running sets as a side effect."""
         if self.batch_ns in BRANCHES:  # one domain's rows normalize every row
             if self.batch_ns not in groups:
                 raise HybridatError(f"this norm normalizes every row with the {self.batch_ns} rows' batch statistics, "
@@ -202,11 +199,9 @@ class BranchBatchNorm(BranchNorm):
             source = _mean_var(groups[self.batch_ns])
             self._update(self.ns_key(self.batch_ns), source, groups[self.batch_ns])
             return {b: source for b in groups}
-        own = {b: _mean_var(g) for b, g in groups.items()}
+        own = {b: _mean_var(g) for b, g in groups.items()}  # "other": each half with the other half's
         for b, g in groups.items():  # adv first, as in two passes adv then clean
             self._update(self.ns_key(b), own[b], g)
-        if self.batch_ns == "own":
-            return own
         if len(groups) < 2:
             raise HybridatError("cross-bn-swap normalizes each branch with the other branch's batch statistics, "
                                 "so in train mode it needs both branches in one batch")
