@@ -310,3 +310,26 @@ def test_evaluate_measures_each_branch_through_that_branch(tmp_path):
     assert want["adv"] != want["clean"]
     rows = evaluate(load_checkpoint(tmp_path / "m.safetensors"), s, ["clean"], ["adv", "clean"])
     assert {r["branch"]: r["accuracy"] for r in rows} == want
+
+
+def test_evaluate_rows_record_what_was_measured_in_pixel_units(ckpt, monkeypatch):
+    """Each row records the radius and PGD step in 1/255 units as given (step eps/4 by default), n = every image of
+    the split (not a batch), and the attack ran at that radius and step divided by 255: a row saying eps=4 for an
+    attack at 4/255² (or a step of 2 run as 2/255², or one batch's images) puts a wrong number in the tables."""
+    import hybridat.evaluate as ev
+
+    calls = []
+
+    def spy(model, x, y, attack, **kw):
+        calls.append((attack, kw["eps"], kw["step"], kw["steps"], len(y)))
+        return real(model, x, y, attack, **kw)
+
+    real = ev.robust_accuracy
+    monkeypatch.setattr(ev, "robust_accuracy", spy)
+    s = split(10)
+    rows = evaluate(ckpt, s, ["clean", "pgd"], ["adv"], eps=4, steps=[1], batch_size=4)
+    rows += evaluate(ckpt, s, ["pgd"], ["adv"], eps=4, step=2, steps=[3], batch_size=4)
+    got = [(r["attack"], r["eps"], r["step"], r["steps"], r["n"]) for r in rows]
+    assert got == [("clean", 4, None, None, 10), ("pgd", 4, 1.0, 1, 10), ("pgd", 4, 2, 3, 10)]
+    assert calls == [("clean", 4 / 255, None, 1, 10), ("pgd", 4 / 255, None, 1, 10), ("pgd", 4 / 255, 2 / 255, 3, 10)]
+    assert [r["eps"] for r in evaluate(ckpt, s, ["clean"], ["adv"])] == [8]  # a clean row records the default ε
