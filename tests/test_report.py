@@ -726,3 +726,18 @@ def test_training_plot_of_many_curves_stays_readable(frames):
 def test_a_figure_limit_that_is_not_a_whole_number_of_panels_is_one_clear_error(frames, plot, limit):
     with pytest.raises(HybridatError, match=f"a whole number, at least 1; got {limit!r}"):
         getattr(report, plot)(frames, limit=limit)
+
+
+def test_robust_rows_at_another_eps_stay_out_of_the_training_eps_cell(frames):
+    """Tables show robust accuracy at the model's training ε: a PGD-10 at ε 16 (or 4) of a model trained at ε 8,
+    measured after the ε-8 one, neither replaces nor joins its ε-8 cell; it is named among the rows left out."""
+    ev = frames["eval"]
+    eight = ev[(ev.run == "run-d0") & (ev.operation == "")]
+    assert set(eight.train_eps) == {8}
+    robust = eight[eight.attack != "clean"]
+    other = pd.concat([robust.assign(eps=e, accuracy=0.01) for e in (16, 4)], ignore_index=True)
+    both = {"eval": pd.concat([eight, other], ignore_index=True)}
+    t = build_tables(both)["ns-vs-ap"].set_index("norm").loc["dual-bn"]
+    want = build_tables({"eval": eight})["ns-vs-ap"].set_index("norm").loc["dual-bn"]
+    assert t["ε=8 adv: PGD-10"] == want["ε=8 adv: PGD-10"] != "—"
+    assert any("at ε=16 on models trained at ε=8" in line for line in report.left_out(both))
