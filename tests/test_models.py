@@ -37,6 +37,8 @@ def test_every_arch_runs_both_branches(arch, norms):
 def test_width_scales_channels():
     assert build_model(ModelConfig("resnet18", "bn", width=0.25)).conv1.out_channels == 16
     assert build_model(ModelConfig("wrn28-10", "bn", width=0.1)).fc.in_features == 64
+    # 16 x 0.1 rounds to 2 channels (not truncated to 1): the shapes that checkpoints of this width hold
+    assert build_model(ModelConfig("wrn28-10", "bn", width=0.1)).conv1.out_channels == 2
 
 
 @pytest.mark.parametrize("route", ["both", (3, 3), (-1, 5), (2, 1)])
