@@ -44,7 +44,7 @@ from .files import Terminated, check_outputs, os_error_line, signals_interrupt
 from .interop import LAYOUTS, PLAIN
 from .models import ARCHS, ModelConfig
 from .norms import BRANCHES, NORMS
-from .runtime import exit_process, resolve_device, tune_host
+from .runtime import bf16_note, exit_process, resolve_device, tune_host
 from .train import LOSSES, TrainConfig, loss_weights, summary
 
 # typer vendors click; its usage errors (an unknown command or flag, a value of the wrong type, a missing argument)
@@ -320,8 +320,15 @@ def train_cmd(
     # where the pace counts from: the end of the run's first step (before it: reading the data, building the model,
     # cuDNN's search; counted in, they made the first epoch's ETA several times too long), then each epoch's start
     clock: dict = {}
+    dev = _device(device)
+    # said at the first step, once every check has passed; by rank 0 only
+    note = [bf16_note(dev)] if amp and os.environ.get("RANK", "0") == "0" else []
 
     def on_step(epoch, i, n, sums):
+        if note and note[0]:
+            say(note.pop())
+        if quiet:
+            return
         if not progress.live.is_started:
             progress.start()
         if i == 1 or i % 10 == 0 or i == n:  # a host sync, so not every step; a full-width step can take a minute
@@ -338,8 +345,8 @@ def train_cmd(
         clock.update(t=time.perf_counter(), step=0, images=0)
 
     try:
-        result = run_training(out, config, cfg, dataset=dataset, data_dir=data_dir, device=_device(device),
-                              resume=resume, overwrite=overwrite, on_step=None if quiet else on_step,
+        result = run_training(out, config, cfg, dataset=dataset, data_dir=data_dir, device=dev,
+                              resume=resume, overwrite=overwrite, on_step=on_step if not quiet or any(note) else None,
                               on_epoch=on_epoch, graphs=graphs)
     finally:
         if progress.live.is_started:  # stopping a bar that never started prints an empty line
@@ -400,6 +407,8 @@ def attack_cmd(
     check_outputs([out], [checkpoint, *split_files(_dataset_of(ckpt, dataset), False, data_dir)])
     check_csv_name(out)
     split = _split_for(ckpt, data_dir, train=False, n=n, dataset=dataset)
+    if amp and (note := bf16_note(split.images.device)):
+        say(note)
     with ImagesBar() as bar:
         rows = evaluate(ckpt, split, attack, branches, **evaluate_args, on_row=_print_row, graphs=graphs,
                         on_batch=bar)

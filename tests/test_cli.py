@@ -425,3 +425,26 @@ def test_under_parallel_make_torch_loads_with_waiting_openmp_threads_asleep(make
     done = subprocess.run([sys.executable, "-c", _TORCH_LOADS_WITH], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(policy)
+
+
+def test_amp_on_a_cpu_of_emulated_bf16_says_so_once_work_has_begun(monkeypatch, trained, tmp_path, data_dir):
+    """On a CPU without native bf16 (AVX2 only) --amp ran a full-width training step 22x slower than fp32, with
+    nothing said; now train (at its first step, --quiet too), attack and bench say so in one line. Bad input still
+    gets its one error line alone: the note comes once every check has passed."""
+    import hybridat.cli
+    from hybridat.runtime import bf16_note
+
+    assert bf16_note(torch.device("cuda")) is None  # asked of CPUs only, without touching CUDA
+    assert (bf16_note(torch.device("cpu")) is None) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    monkeypatch.setattr(hybridat.cli, "bf16_note", lambda device: "note: emulated bf16 here")
+    small = [*SMALL[:5], "1", *SMALL[6:]]  # one epoch
+    for args, notes in ((["--amp"], 1), ([], 0)):
+        result = invoke("train", "--data-dir", data_dir, "--out", tmp_path / f"run{notes}", *small, *args)
+        assert result.exit_code == 0, result.output
+        assert result.output.count("note: emulated bf16 here") == notes, result.output
+    result = invoke("attack", trained / "model.safetensors", "--n", "8", "--steps", "1", "--amp", "--data-dir",
+                    data_dir, "--device", "cpu", "--out", tmp_path / "e.csv")
+    assert result.exit_code == 0 and result.output.count("note: emulated bf16 here") == 1, result.output
+    result = invoke("train", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "bad", *small, "--amp")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith("error:"), result.output
