@@ -348,7 +348,7 @@ def run_bench(device: str | torch.device = "auto", quick: bool = False, out: Pat
     say = console.print if console is not None else print
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     tune_host(device)
-    if note := bf16_note(device):  # the bf16 rows (pgd_bf16 always, the step with amp) time emulated bf16 here
+    if note := bf16_note(device, "the bf16 rows (pgd_bf16 always, the step with --amp) time that"):
         say(note)
     size, repeat = size_for("quick" if quick else "full", device)
     rounds = rounds or size.rounds

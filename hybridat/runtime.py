@@ -60,7 +60,7 @@ def autocast(device: torch.device, enabled: bool):
                           cache_enabled=not capturing)
 
 
-def bf16_note(device: torch.device) -> str | None:
+def bf16_note(device: torch.device, advice: str = "leave --amp out") -> str | None:
     """A line for `--amp` on a CPU whose bf16 arithmetic is emulated (no AVX-512 BF16 or AMX, as oneDNN reports);
     None where bf16 is native or this torch cannot tell. There bf16 is many times slower than fp32: a full-width
     training step ran 22x slower (0.41 vs 9.1 images/s) on a 2-core AVX2 EPYC."""
@@ -69,7 +69,7 @@ def bf16_note(device: torch.device) -> str | None:
     except (AttributeError, RuntimeError):  # a torch without that op: say nothing
         return None
     return ("note: this CPU has no native bf16 (no AVX-512 BF16 or AMX), so bf16 runs many times slower than fp32 "
-            "here (22x for a full-width training step on an AVX2 CPU); leave --amp out") if emulated else None
+            f"here (22x for a full-width training step on an AVX2 CPU); {advice}") if emulated else None
 
 
 def physical_cores() -> int:
