@@ -49,10 +49,12 @@ def rows_frame(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
     anything but a list of dicts or a DataFrame."""
     if rows is None or (isinstance(rows, (list, tuple, pd.DataFrame)) and len(rows) == 0):
         raise HybridatError("no rows to write")
-    if not isinstance(rows, (list, tuple, pd.DataFrame)) or (not isinstance(rows, pd.DataFrame)
-                                                              and not all(isinstance(r, dict) for r in rows)):
-        raise HybridatError(f"rows must be a list of dicts (one per row) or a DataFrame, got {type(rows).__name__}")
-    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows).convert_dtypes()
+    frame = rows
+    if not isinstance(rows, pd.DataFrame):
+        if not isinstance(rows, (list, tuple)) or not all(isinstance(r, dict) for r in rows):
+            raise HybridatError(f"rows must be a list of dicts (one per row) or a DataFrame, got "
+                                f"{type(rows).__name__}")
+        frame = pd.DataFrame(rows).convert_dtypes()
     if frame.columns.empty:  # [{}]: a CSV of bare newlines, as unreadable as no rows
         raise HybridatError("the rows have no columns: nothing to write")
     return frame

@@ -322,11 +322,13 @@ def train_cmd(
     clock: dict = {}
     dev = _device(device)
     # said at the first step, once every check has passed; by rank 0 only
-    note = [bf16_note(dev)] if amp and os.environ.get("RANK", "0") == "0" else []
+    note = bf16_note(dev) if amp and os.environ.get("RANK", "0") == "0" else None
 
     def on_step(epoch, i, n, sums):
-        if note and note[0]:
-            say(note.pop())
+        nonlocal note
+        if note:
+            say(note)
+            note = None
         if quiet:
             return
         if not progress.live.is_started:
@@ -346,7 +348,7 @@ def train_cmd(
 
     try:
         result = run_training(out, config, cfg, dataset=dataset, data_dir=data_dir, device=dev,
-                              resume=resume, overwrite=overwrite, on_step=on_step if not quiet or any(note) else None,
+                              resume=resume, overwrite=overwrite, on_step=on_step if not quiet or note else None,
                               on_epoch=on_epoch, graphs=graphs)
     finally:
         if progress.live.is_started:  # stopping a bar that never started prints an empty line
