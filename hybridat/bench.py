@@ -42,7 +42,7 @@ from .data import Split, to_float, train_batches
 from .errors import check_number
 from .files import check_outputs
 from .models import BranchView, ModelConfig, build_model, fused
-from .runtime import autocast, bf16_note, resolve_device, tune_host
+from .runtime import autocast, bf16_emulated, bf16_note, resolve_device, tune_host
 from .train import LOSSES, Stepper, TrainConfig, craft, make_optimizer, train
 
 COLUMNS = ("comparison", "ours", "theirs", "unit", "ratio", "device")
@@ -336,8 +336,9 @@ def run_bench(device: str | torch.device = "auto", quick: bool = False, out: Pat
               amp: bool = False, rounds: int | None = None, ablate: bool = False) -> list[dict]:
     """Time hybridat against the references on `device`; print a table; write `out` (CSV) if given.
 
-    amp: bf16 autocast in hybridat's training step (`hybridat train --amp`); PGD evaluation is timed in fp32, and
-    in bf16 for its own row (pgd_bf16_vs_torchattacks) whatever `amp` says.
+    amp: bf16 autocast in hybridat's training step (`hybridat train --amp`). PGD evaluation is timed in fp32, and
+    in bf16 for its own row (pgd_bf16_vs_torchattacks) where the device has native bf16 or `amp` asks for bf16: a
+    CPU that emulates bf16 would spend most of the run on a row that only says "much slower" (bench says so).
     ablate: also time our step with each technique of ABLATIONS in use turned off, one at a time.
     Returns one row per comparison with COLUMNS."""
     if rounds is not None:
@@ -348,7 +349,9 @@ def run_bench(device: str | torch.device = "auto", quick: bool = False, out: Pat
     say = console.print if console is not None else print
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     tune_host(device)
-    if note := bf16_note(device, "the bf16 rows (pgd_bf16 always, the step with --amp) time that"):
+    time_bf16 = amp or not bf16_emulated(device)
+    if note := bf16_note(device, "the bf16 rows time that" if amp else
+                         "the pgd_bf16_vs_torchattacks row is left out (--amp times it, and the step, in bf16)"):
         say(note)
     size, repeat = size_for("quick" if quick else "full", device)
     rounds = rounds or size.rounds
@@ -363,7 +366,7 @@ def run_bench(device: str | torch.device = "auto", quick: bool = False, out: Pat
     ours, theirs = _our_step(model, split, cfg), _reference_step(reference, split, cfg, device)
     x_eval, y_eval = to_float(split.images[:size.eval_batch]), split.labels[:size.eval_batch]
     x_eval, y_eval = x_eval.repeat(repeat, 1, 1, 1), y_eval.repeat(repeat)  # `repeat` batches per call
-    pgd = _pgd_tasks(model, copy.deepcopy(reference), x_eval, y_eval, size.eval_steps, size.eval_batch)
+    pgd = _pgd_tasks(model, copy.deepcopy(reference), x_eval, y_eval, size.eval_steps, size.eval_batch, time_bf16)
     floor, pgd_floor = record_floor(eager), record_floor(pgd["pgd_eager"])  # also the first warm-up of both
     steps = {"ours": ours, "eager": eager, "reference": theirs}
     tasks = {name: _repeated(task, repeat) for name, task in steps.items()}
@@ -376,10 +379,9 @@ def run_bench(device: str | torch.device = "auto", quick: bool = False, out: Pat
         task()
     precision = "bf16 autocast" if cfg.amp else "fp32"
     say(f"bench ({'quick' if quick else 'full'}): ResNet-18 width {size.width}, dual-bn, Hybrid-AT PGD-{size.steps}, "
-        f"batch {size.batch} per branch, ours {precision}; PGD-{size.eval_steps} evaluation (fp32; bf16 in its own "
-        f"row) on "
-        f"{len(y_eval)} images in batches of {size.eval_batch}; {rounds} interleaved rounds of {repeat} step(s) "
-        f"per task on {device_name(device)}")
+        f"batch {size.batch} per branch, ours {precision}; PGD-{size.eval_steps} evaluation "
+        f"({'fp32; bf16 in its own row' if time_bf16 else 'fp32'}) on {len(y_eval)} images in batches of "
+        f"{size.eval_batch}; {rounds} interleaved rounds of {repeat} step(s) per task on {device_name(device)}")
     times = interleaved(tasks, rounds, sync, lambda r, t: say(
         f"  round {r}/{rounds}: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items())))
     med = {k: statistics.median(v) / (repeat if k in steps else 1) for k, v in times.items()}  # seconds per step
@@ -443,12 +445,12 @@ def _reference_step(reference, split: Split, cfg: TrainConfig, device) -> Callab
     return step
 
 
-def _pgd_tasks(model, reference, x, y, steps: int, batch: int) -> dict[str, Callable[[], None]]:
+def _pgd_tasks(model, reference, x, y, steps: int, batch: int, bf16: bool = True) -> dict[str, Callable[[], None]]:
     """PGD-20 evaluation over x in batches of `batch`, uniform start, step eps/4, through the adv branch:
     hybridat's (`robust_accuracy` as `hybridat attack` runs it: CUDA graphs on a GPU; "pgd_eager" without them,
-    "pgd_bf16" as `attack --amp` crafts) and torchattacks.PGD with an accuracy pass in eval mode, on the same
-    network ("pgd_torchattacks") and on the same weights in `reference`, the network as research code writes it
-    ("pgd_torchattacks_reference")."""
+    "pgd_bf16" as `attack --amp` crafts, if `bf16`) and torchattacks.PGD with an accuracy pass in eval mode, on
+    the same network ("pgd_torchattacks") and on the same weights in `reference`, the network as research code
+    writes it ("pgd_torchattacks_reference")."""
     import torchattacks  # only the benchmark needs it
 
     view = BranchView(model, "adv")
@@ -470,8 +472,9 @@ def _pgd_tasks(model, reference, x, y, steps: int, batch: int) -> dict[str, Call
                     correct += (net(x_adv).argmax(1) == yb).sum()
             correct.item()
         return run
-    return {"pgd_ours": ours(), "pgd_eager": ours(graphs=False), "pgd_bf16": ours(amp=True),
-            "pgd_torchattacks": theirs(view), "pgd_torchattacks_reference": theirs(reference)}
+    tasks = {"pgd_ours": ours(), "pgd_eager": ours(graphs=False), "pgd_bf16": ours(amp=True),
+             "pgd_torchattacks": theirs(view), "pgd_torchattacks_reference": theirs(reference)}
+    return tasks if bf16 else {k: v for k, v in tasks.items() if k != "pgd_bf16"}
 
 
 # ---- leave-one-out: our step with one technique turned off ---------------------------------------------------
@@ -521,7 +524,7 @@ def ablation_table(med: dict, batch: int, names: list[str]) -> str:
 
 def _rows(med: dict, size: BenchSize, epoch_images: int, eval_images: int, device: str) -> list[dict]:
     """The comparisons from median seconds per step (per `epoch` of `epoch_images`, per PGD call over
-    `eval_images`)."""
+    `eval_images`); pgd_bf16_vs_torchattacks only where `med` has "pgd_bf16"."""
     def row(comparison, ours, theirs):
         return {"comparison": comparison, "ours": ours, "theirs": theirs, "unit": "images/s",
                 "ratio": ours / theirs, "device": device}
@@ -533,7 +536,8 @@ def _rows(med: dict, size: BenchSize, epoch_images: int, eval_images: int, devic
             row("pgd_vs_torchattacks", eval_images / med["pgd_ours"], eval_images / med["pgd_torchattacks"]),
             row("pgd_vs_torchattacks_reference", eval_images / med["pgd_ours"],
                 eval_images / med["pgd_torchattacks_reference"]),
-            row("pgd_bf16_vs_torchattacks", eval_images / med["pgd_bf16"], eval_images / med["pgd_torchattacks"]),
+            *([row("pgd_bf16_vs_torchattacks", eval_images / med["pgd_bf16"], eval_images / med["pgd_torchattacks"])]
+              if "pgd_bf16" in med else []),
             row("pgd_graphs_vs_eager", eval_images / med["pgd_ours"], eval_images / med["pgd_eager"])]
 
 

@@ -613,8 +613,9 @@ def report_cmd(
 @cli_errors
 def bench_cmd(
     out: Annotated[Optional[Path], _path_option(help="CSV: comparison, ours, theirs, unit, ratio, device")] = None,
-    quick: Annotated[bool, typer.Option(help="batch 32 instead of 128: under 3 minutes on a 2-core CPU")] = False,
-    amp: Annotated[bool, typer.Option(help="time hybridat's step with `train --amp` (bf16 autocast)")] = False,
+    quick: Annotated[bool, typer.Option(help="batch 32 instead of 128: 3 to 8 minutes on a 2-core CPU")] = False,
+    amp: Annotated[bool, typer.Option(help="time hybridat's step with `train --amp` (bf16 autocast); on a CPU "
+                                      "without native bf16, also the bf16 PGD row (left out there otherwise)")] = False,
     rounds: Annotated[Optional[int], typer.Option(help="interleaved rounds, >= 1", show_default="3")] = None,
     ablate: Annotated[bool, typer.Option(help="also time our step with each speed technique turned off")] = False,
     device: DeviceOpt = "auto",

@@ -60,16 +60,20 @@ def autocast(device: torch.device, enabled: bool):
                           cache_enabled=not capturing)
 
 
-def bf16_note(device: torch.device, advice: str = "leave --amp out") -> str | None:
-    """A line for `--amp` on a CPU whose bf16 arithmetic is emulated (no AVX-512 BF16 or AMX, as oneDNN reports);
-    None where bf16 is native or this torch cannot tell. There bf16 is many times slower than fp32: a full-width
-    training step ran 22x slower (0.41 vs 9.1 images/s) on a 2-core AVX2 EPYC."""
+def bf16_emulated(device: torch.device) -> bool:
+    """Whether `device` is a CPU whose bf16 arithmetic is emulated (no AVX-512 BF16 or AMX, as oneDNN reports);
+    False where bf16 is native or this torch cannot tell."""
     try:
-        emulated = device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
     except (AttributeError, RuntimeError):  # a torch without that op: say nothing
-        return None
+        return False
+
+
+def bf16_note(device: torch.device, advice: str = "leave --amp out") -> str | None:
+    """A line for `--amp` where bf16_emulated(device), else None. There bf16 is many times slower than fp32: a
+    full-width training step ran 22x slower (0.41 vs 9.1 images/s) on a 2-core AVX2 EPYC."""
     return ("note: this CPU has no native bf16 (no AVX-512 BF16 or AMX), so bf16 runs many times slower than fp32 "
-            f"here (22x for a full-width training step on an AVX2 CPU); {advice}") if emulated else None
+            f"here (22x for a full-width training step on an AVX2 CPU); {advice}") if bf16_emulated(device) else None
 
 
 def physical_cores() -> int:

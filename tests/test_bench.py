@@ -155,7 +155,14 @@ def test_floor_lines_divide_the_flops_by_the_floors_own_seconds():
                    "its convolutions and matmuls alone")
 
 
-def test_run_bench_writes_one_row_per_comparison(tmp_path, monkeypatch):
+@pytest.mark.parametrize("amp, emulated", [(True, False), (False, True)])
+def test_run_bench_writes_one_row_per_comparison(tmp_path, monkeypatch, amp, emulated):
+    """Every comparison, each with the images/s its medians give; the bf16 PGD row where bf16 is native or --amp
+    asks for it, and left out, with a line that says so, on a CPU that emulates bf16 (it would take most of the
+    run there)."""
+    import hybridat.runtime
+    for module in (bench, hybridat.runtime):  # what bench decides by, and what its note line says by
+        monkeypatch.setattr(module, "bf16_emulated", lambda device: emulated)
     micro = bench.BenchSize(width=WIDTH, batch=8, steps=1, eval_batch=8, eval_steps=2, rounds=3, images=24)
     monkeypatch.setitem(bench.SIZES, "quick", micro)
     monkeypatch.setattr(bench, "size_for", lambda name, device: (bench.SIZES[name], 2))  # 2 steps per call, as a GPU
@@ -173,15 +180,19 @@ def test_run_bench_writes_one_row_per_comparison(tmp_path, monkeypatch):
     printed = []
     console = type("Console", (), {"print": lambda self, *a, **k: printed.append(" ".join(map(str, a)))})()
     out = tmp_path / "sub" / "bench.csv"
-    rows = bench.run_bench("cpu", quick=True, out=out, console=console, amp=True, ablate=True)
+    rows = bench.run_bench("cpu", quick=True, out=out, console=console, amp=amp, ablate=True)
     with open(out, newline="") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == bench.COLUMNS
         written = list(reader)
     assert [r["comparison"] for r in written] == ["train_vs_reference", "train_vs_floor", "train_graphs_vs_eager",
                                                   "train_epoch_vs_step", "pgd_vs_torchattacks",
-                                                  "pgd_vs_torchattacks_reference", "pgd_bf16_vs_torchattacks",
-                                                  "pgd_graphs_vs_eager"]
+                                                  "pgd_vs_torchattacks_reference",
+                                                  *["pgd_bf16_vs_torchattacks"] * amp, "pgd_graphs_vs_eager"]
+    assert ("pgd_bf16" in seconds) == amp
+    notes = [line for line in printed if line.startswith("note: this CPU has no native bf16")]
+    assert [note.split("; ")[-1] for note in notes] == (
+        ["the pgd_bf16_vs_torchattacks row is left out (--amp times it, and the step, in bf16)"] if emulated else [])
     for r, w in zip(rows, written):
         assert r["ours"] > 0 and r["theirs"] > 0 and r["unit"] == "images/s"
         assert r["ratio"] == pytest.approx(r["ours"] / r["theirs"])
@@ -196,7 +207,8 @@ def test_run_bench_writes_one_row_per_comparison(tmp_path, monkeypatch):
     assert by_name["pgd_vs_torchattacks"]["theirs"] == pytest.approx(16 / step["pgd_torchattacks"])
     assert graphs == [False, True]  # the eager step, then ours (graphs wherever the device has them)
     assert any("train_vs_floor" in line for line in printed)
-    assert any(all(f"| {name} |" in line for name in bench.ABLATIONS) for line in printed)
+    ablated = [name for name in bench.ABLATIONS if amp or name != "bf16 autocast"]
+    assert any(all(f"| {name} |" in line for name in ablated) for line in printed)
     assert not list(tmp_path.glob("sub/*.tmp"))
 
 

@@ -1,7 +1,6 @@
 """The command line on real CIFAR-10: train -> attack -> info, and one-line errors for bad input."""
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
