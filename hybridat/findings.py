@@ -166,8 +166,9 @@ def _ns_rows(ns: pd.DataFrame, training: str, ratio_margin: float) -> list[dict]
     for norm in norms:
         rows = ns[ns.norm == norm]
         eps_values = sorted(set(rows.eps.dropna())) or [math.nan]
-        fixed = sorted(set(rows.branch[rows.fix & (rows.kind == "ns")]))
-        fixed_branch = "adv" if not fixed or "adv" in fixed else fixed[0]  # the paper fixes the adv branch
+        fixed_branches = sorted(set(rows.branch[rows.fix & (rows.kind == "ns")]))
+        # the paper fixes the adv branch's AP
+        fixed_branch = "adv" if not fixed_branches or "adv" in fixed_branches else fixed_branches[0]
         adv, noise = ns_pairs(rows)  # against the clean batch, or the running NS (one reference per training)
         measured = rows.layer[rows.kind == "ns"].dropna()
         depths = depth_thirds(int(measured.max()) + 1 if len(measured) else 20)  # 20: ResNet-18's, for empty rows
