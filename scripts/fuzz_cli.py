@@ -449,6 +449,8 @@ def prepare(opts, build=build_workspace) -> tuple[Path, Path, int | None]:
         print("warning: running as root: the read-only folder stops nothing (see the docstring)", file=sys.stderr)
     root = opts.root or Path(tempfile.mkdtemp(prefix="hybridat-fuzz-"))
     root.mkdir(parents=True, exist_ok=True)
+    if user is not None:  # mkdtemp makes it 0700: `user` must pass through it to its case folders
+        root.chmod(0o755)
     os.environ.setdefault("MPLCONFIGDIR", str(root / "mpl"))
     os.environ["HOME"] = str(root / "home")  # the cases' own (torch, matplotlib caches), writable by `user`
     for folder in (root / "mpl", root / "home"):
