@@ -42,7 +42,7 @@ from .data import Split, to_float, train_batches
 from .errors import check_number
 from .files import check_outputs
 from .models import BranchView, ModelConfig, build_model, fused
-from .runtime import autocast, bf16_emulated, bf16_note, resolve_device, tune_host
+from .runtime import autocast, bf16_note, resolve_device, tune_host
 from .train import LOSSES, Stepper, TrainConfig, craft, make_optimizer, train
 
 COLUMNS = ("comparison", "ours", "theirs", "unit", "ratio", "device")
@@ -349,10 +349,11 @@ def run_bench(device: str | torch.device = "auto", quick: bool = False, out: Pat
     say = console.print if console is not None else print
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     tune_host(device)
-    time_bf16 = amp or not bf16_emulated(device)
-    if note := bf16_note(device, "the bf16 rows time that" if amp else
-                         "the pgd_bf16_vs_torchattacks row is left out (--amp times it, and the step, in bf16)"):
+    note = bf16_note(device, "the bf16 rows time that" if amp else  # None where bf16 is native
+                     "the pgd_bf16_vs_torchattacks row is left out (--amp times it, and the step, in bf16)")
+    if note:
         say(note)
+    time_bf16 = amp or note is None
     size, repeat = size_for("quick" if quick else "full", device)
     rounds = rounds or size.rounds
     cfg = TrainConfig(batch_size=size.batch, steps=size.steps, amp=amp)

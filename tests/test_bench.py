@@ -161,8 +161,7 @@ def test_run_bench_writes_one_row_per_comparison(tmp_path, monkeypatch, amp, emu
     asks for it, and left out, with a line that says so, on a CPU that emulates bf16 (it would take most of the
     run there)."""
     import hybridat.runtime
-    for module in (bench, hybridat.runtime):  # what bench decides by, and what its note line says by
-        monkeypatch.setattr(module, "bf16_emulated", lambda device: emulated)
+    monkeypatch.setattr(hybridat.runtime, "bf16_emulated", lambda device: emulated)
     micro = bench.BenchSize(width=WIDTH, batch=8, steps=1, eval_batch=8, eval_steps=2, rounds=3, images=24)
     monkeypatch.setitem(bench.SIZES, "quick", micro)
     monkeypatch.setattr(bench, "size_for", lambda name, device: (bench.SIZES[name], 2))  # 2 steps per call, as a GPU
