@@ -19,8 +19,8 @@ trap 'rm -rf "$DATA"' EXIT  # the synthetic CIFAR-10 and the runs trained on it
 SECTIONS=${SECTIONS:-checks epochs attack grid bench}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 DEVICE=${DEVICE:-cuda}
-if [ -n "${SMOKE:-}" ]; then  # toy scale: a 1/16-width model, 4 steps of 16 per epoch, PGD-20 on 48 images
-  SCALE=smoke PER_FILE=64 TRAIN=(--width 0.0625 --train-subset 64 --batch-size 16) ATTACK=(--n 48) BENCH=(--quick)
+if [ -n "${SMOKE:-}" ]; then  # toy scale: a 1/16-width model, 2 steps of 16 per epoch, PGD-20 on 48 images
+  SCALE=smoke PER_FILE=64 TRAIN=(--width 0.0625 --train-subset 32 --batch-size 16) ATTACK=(--n 48) BENCH=(--quick)
 else  # the scale: full CIFAR-10, ResNet-18, batch 128 per branch; PGD-20 on the 10,000 test images
   SCALE=gpu PER_FILE=10000 TRAIN=() ATTACK=() BENCH=()
 fi

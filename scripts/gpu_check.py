@@ -35,7 +35,7 @@ class Scale:
 
 
 SCALES = {"gpu": Scale(width=1.0, batch=128, steps=12, pgd_n=2000, pgd_batch=500),
-          "smoke": Scale(width=0.0625, batch=16, steps=2, pgd_n=48, pgd_batch=16)}
+          "smoke": Scale(width=0.0625, batch=16, steps=2, pgd_n=32, pgd_batch=16)}
 
 
 def write_synthetic_cifar(root: Path, seed: int = 0, per_file: int = 10_000) -> None:
