@@ -473,9 +473,9 @@ def _pgd_tasks(model, reference, x, y, steps: int, batch: int, bf16: bool = True
                     correct += (net(x_adv).argmax(1) == yb).sum()
             correct.item()
         return run
-    tasks = {"pgd_ours": ours(), "pgd_eager": ours(graphs=False), "pgd_bf16": ours(amp=True),
-             "pgd_torchattacks": theirs(view), "pgd_torchattacks_reference": theirs(reference)}
-    return tasks if bf16 else {k: v for k, v in tasks.items() if k != "pgd_bf16"}
+    bf16_task = {"pgd_bf16": ours(amp=True)} if bf16 else {}
+    return {"pgd_ours": ours(), "pgd_eager": ours(graphs=False), **bf16_task,
+            "pgd_torchattacks": theirs(view), "pgd_torchattacks_reference": theirs(reference)}
 
 
 # ---- leave-one-out: our step with one technique turned off ---------------------------------------------------
