@@ -100,7 +100,7 @@ def test_a_renamed_flag_is_caught():
 
 # the README's sizes -> a toy size, each found exactly once (a README example resized goes on being checked)
 TOY_SIZES = {"epochs=2, train_subset=1024, batch_size=64": "epochs=1, train_subset=64, batch_size=32",
-             'width=0.125': 'width=0.0625', "n=500": "n=48",
+             "width=0.125": "width=0.0625", "n=500": "n=48",
              "test.images[:256]), test.labels[:256]": "test.images[:32]), test.labels[:32]"}
 
 
